@@ -1,0 +1,30 @@
+"""leanops: GPU kernels for cheaper AI (int8/int4 quantised matmul, 2:4 sparsity, fused
+attention) as PyTorch custom ops and drop-in modules, measured for speed and energy.
+
+    import leanops
+    leanops.quantize_(model, leanops.Int4WeightOnlyConfig(group_size=128))
+    leanops.save_quantized(model, "m.safetensors")
+"""
+
+from leanops._version import __version__
+from leanops.backends import backends, use_backend
+from leanops import ops  # noqa: F401  (defines the torch.ops.leanops.* ops)
+from leanops.api import load_quantized, quantize_, save_quantized
+from leanops.nn import Int4WeightOnlyLinear, Int8Linear, Int8WeightOnlyLinear
+from leanops.quant.config import Int4WeightOnlyConfig, Int8DynamicConfig, Int8WeightOnlyConfig
+
+__all__ = [
+    "Int4WeightOnlyConfig",
+    "Int4WeightOnlyLinear",
+    "Int8DynamicConfig",
+    "Int8Linear",
+    "Int8WeightOnlyConfig",
+    "Int8WeightOnlyLinear",
+    "__version__",
+    "backends",
+    "load_quantized",
+    "ops",
+    "quantize_",
+    "save_quantized",
+    "use_backend",
+]

@@ -1,0 +1,199 @@
+"""Whole-model entry points: quantize_ (swap nn.Linear layers in place) and save/load of
+quantised models through safetensors (no pickle)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Callable
+
+import torch
+from torch import nn
+
+from leanops._version import FORMAT_VERSION, __version__
+from leanops.nn.linear import (
+    Int4WeightOnlyLinear,
+    Int8Linear,
+    Int8WeightOnlyLinear,
+    QuantizedLinear,
+    quantized_linear_from_spec,
+)
+from leanops.quant import int4 as int4_format
+from leanops.quant.config import (
+    Int4WeightOnlyConfig,
+    Int8DynamicConfig,
+    Int8WeightOnlyConfig,
+    QuantConfig,
+)
+from leanops.quant.smoothquant import collect_activation_amax, smoothing_factors
+
+logger = logging.getLogger("leanops")
+
+FilterFn = Callable[[nn.Module, str], bool]
+
+
+def _why_not_quantizable(name: str, linear: nn.Linear, config: QuantConfig, mha_children: set) -> str | None:
+    if name in mha_children:
+        return "nn.MultiheadAttention reads this projection's weight directly, not through forward()"
+    if type(linear).forward is not nn.Linear.forward:
+        return f"{type(linear).__name__} overrides nn.Linear.forward; replacing it would drop that behaviour"
+    w = linear.weight
+    if w.is_meta:
+        return "its weight is on the meta device (not materialised)"
+    if w.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"weight dtype {w.dtype} is not float16/bfloat16/float32"
+    if isinstance(config, Int4WeightOnlyConfig):
+        group_size = config.group_size_for(linear.in_features)
+        try:
+            int4_format.check_group_size(group_size, linear.in_features)
+        except ValueError as exc:
+            return f"int4 needs {exc}"
+    return None
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child, new)
+
+
+def quantize_(
+    model: nn.Module,
+    config: QuantConfig,
+    filter_fn: FilterFn | None = None,
+    calibrate: Callable[[nn.Module], object] | None = None,
+) -> nn.Module:
+    """Replace, in place, every nn.Linear of `model` that `filter_fn(module, name)` accepts (all,
+    by default) with the quantised module of `config`; return the model.
+
+    Layers the kernels cannot take (a group size that does not divide in_features, a non-float
+    weight, a projection read directly by nn.MultiheadAttention, ...) are left dense and each is
+    logged with its reason on the "leanops" logger. `calibrate(model)` runs sample inputs through
+    the model; it is needed by Int8DynamicConfig(smoothquant_alpha=...).
+    """
+    if not isinstance(config, QuantConfig):
+        raise TypeError(
+            "config must be Int8DynamicConfig(), Int8WeightOnlyConfig() or "
+            f"Int4WeightOnlyConfig(...), got {type(config).__name__}"
+        )
+    if isinstance(model, nn.Linear):
+        raise ValueError(
+            "quantize_ swaps layers inside a model; to quantise a single nn.Linear use "
+            "Int8Linear/Int8WeightOnlyLinear/Int4WeightOnlyLinear.from_linear(layer)"
+        )
+    smoothquant = isinstance(config, Int8DynamicConfig) and config.smoothquant_alpha is not None
+    if smoothquant and calibrate is None:
+        raise ValueError(
+            "Int8DynamicConfig(smoothquant_alpha=...) needs calibrate=, a callable that runs "
+            "sample inputs through the model, e.g. calibrate=lambda m: m(sample_batch)"
+        )
+
+    mha_children = {
+        f"{name}.{child}" if name else child
+        for name, m in model.named_modules()
+        if isinstance(m, nn.MultiheadAttention)
+        for child, _ in m.named_children()
+    }
+    targets: dict[str, nn.Linear] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        if filter_fn is not None and not filter_fn(module, name):
+            continue
+        reason = _why_not_quantizable(name, module, config, mha_children)
+        if reason is not None:
+            logger.warning("quantize_: left %s dense: %s", name, reason)
+            continue
+        targets[name] = module
+
+    act_amax = collect_activation_amax(model, targets, calibrate) if smoothquant else {}
+
+    for name, linear in targets.items():
+        if isinstance(config, Int8DynamicConfig):
+            smoothing = None
+            if smoothquant:
+                smoothing = smoothing_factors(act_amax[name], linear.weight, config.smoothquant_alpha)
+            new = Int8Linear.from_linear(linear, smoothing=smoothing)
+        elif isinstance(config, Int8WeightOnlyConfig):
+            new = Int8WeightOnlyLinear.from_linear(linear)
+        elif isinstance(config, Int4WeightOnlyConfig):
+            new = Int4WeightOnlyLinear.from_linear(
+                linear, config.group_size_for(linear.in_features), config.symmetric
+            )
+        else:
+            raise TypeError(f"quantize_: unsupported config {type(config).__name__}")
+        new.train(linear.training)
+        _replace(model, name, new)
+    logger.info("quantize_: %d layer(s) quantised with %s", len(targets), config)
+    return model
+
+
+# ------------------------------------------------------------------------------ save / load
+
+_FORMAT_KEY = "leanops_format_version"
+
+
+def save_quantized(model: nn.Module, path: str | os.PathLike) -> None:
+    """Write the model's whole state_dict to a .safetensors file, with metadata describing each
+    quantised layer so load_quantized can rebuild them. Tied (shared) tensors are stored once."""
+    from safetensors.torch import save_model
+
+    layers = {name: m.spec() for name, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    metadata = {
+        _FORMAT_KEY: str(FORMAT_VERSION),
+        "leanops_version": __version__,
+        "leanops_layers": json.dumps(layers, sort_keys=True),
+    }
+    save_model(model, os.fspath(path), metadata=metadata)
+
+
+def load_quantized(model: nn.Module, path: str | os.PathLike, strict: bool = True) -> nn.Module:
+    """Load a file written by save_quantized into `model`, a freshly built model of the same
+    architecture (dense, or already quantised the same way): its nn.Linear layers that were
+    quantised are first replaced by empty quantised modules on the same device, then every
+    tensor is loaded. Returns the model."""
+    from safetensors import safe_open
+    from safetensors.torch import load_model
+
+    path = os.fspath(path)
+    with safe_open(path, framework="pt") as f:
+        metadata = f.metadata() or {}
+    if _FORMAT_KEY not in metadata:
+        raise ValueError(
+            f"{path} carries no leanops metadata: it was not written by leanops.save_quantized"
+        )
+    version = metadata[_FORMAT_KEY]
+    if version != str(FORMAT_VERSION):
+        raise ValueError(
+            f"{path} was written in leanops format version {version} (by leanops "
+            f"{metadata.get('leanops_version', '?')}); this leanops {__version__} reads version "
+            f"{FORMAT_VERSION} only"
+        )
+    for name, spec in json.loads(metadata["leanops_layers"]).items():
+        try:
+            current = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"{path} holds a quantised layer {name!r} that the model does not have") from None
+        if isinstance(current, QuantizedLinear):
+            if current.spec() != spec:
+                raise ValueError(
+                    f"layer {name!r} is already quantised as {current.spec()}, but {path} holds {spec}"
+                )
+            continue
+        if not isinstance(current, nn.Linear):
+            raise ValueError(
+                f"{path} holds a quantised linear layer {name!r}, but the model's {name!r} is a "
+                f"{type(current).__name__}"
+            )
+        if (current.in_features, current.out_features) != (spec["in_features"], spec["out_features"]):
+            raise ValueError(
+                f"layer {name!r}: the model's nn.Linear is {current.in_features}->"
+                f"{current.out_features} but {path} holds {spec['in_features']}->{spec['out_features']}"
+            )
+        if not name:
+            raise ValueError("load_quantized cannot replace the model itself; pass its parent module")
+        new = quantized_linear_from_spec(spec, device=current.weight.device)
+        new.train(current.training)
+        _replace(model, name, new)
+    load_model(model, path, strict=strict)
+    return model

@@ -1,0 +1,310 @@
+"""Which kernels run: the three backends, how one is chosen, and the report of what is available.
+
+Backends, fastest first:
+  "cuda"       hand-written CUDA C++ kernels in the compiled extension leanops._C (CUDA tensors)
+  "triton"     Triton kernels in leanops.triton (CUDA tensors; CPU tensors only under the Triton
+               interpreter, TRITON_INTERPRET=1, which is how CI tests them)
+  "reference"  PyTorch math, any device: the CPU path and the ground truth the tests compare with
+
+With no backend forced, an op on CUDA tensors takes the first of cuda -> triton that has a kernel
+for it and supports the arguments; if neither can run it falls back to the reference with a
+one-time warning (never a silent slow path). `use_backend(name)` forces one, for tests and
+benchmarks; a forced backend that cannot run the call raises instead of falling back.
+
+The C++ kernels are registered under the private op namespace `leanops_C` (schemas in
+kernels/leanops_C.cpp); the public ops in namespace `leanops` are defined in Python
+(leanops/ops/) so they exist, with fake kernels and autograd, even when _C is missing or broken.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import importlib
+import importlib.util
+import os
+import warnings
+import torch
+
+BACKENDS = ("cuda", "triton", "reference")
+
+# None means "auto". A ContextVar rather than a global so threads and asyncio tasks that force a
+# backend for a benchmark do not leak it into each other.
+_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("leanops_backend", default=None)
+
+# The minimum compute capability our GPU kernels are built and tuned for (sm_80: Ampere).
+MIN_CAPABILITY = (8, 0)
+
+
+def _load_extension():
+    """Import leanops._C once; never raise. Returns (module or None, reason if None)."""
+    try:
+        module = importlib.import_module("leanops._C")
+    except Exception as exc:  # ImportError, OSError (undefined symbol from another torch), ...
+        reason = f"leanops._C could not be imported ({type(exc).__name__}: {exc})"
+        warnings.warn(
+            f"{reason}; the CUDA C++ kernels are disabled and leanops uses its Triton and "
+            "reference paths. Rebuild with `pip install --no-build-isolation -e .` against the "
+            "installed torch.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None, reason
+    return module, None
+
+
+_C, _C_error = _load_extension()
+
+
+def extension():
+    """The compiled extension module leanops._C, or None if it could not be loaded."""
+    return _C
+
+
+class use_backend(contextlib.ContextDecorator):
+    """Force the backend of every leanops op run inside the block (or the decorated function).
+
+    >>> with leanops.use_backend("triton"):
+    ...     y = model(x)
+
+    `None` restores automatic choice. A forced backend that cannot run a call raises a
+    RuntimeError that says why, instead of falling back.
+    """
+
+    def __init__(self, name: str | None):
+        if name is not None and name not in BACKENDS:
+            raise ValueError(f"use_backend: name must be one of {BACKENDS} or None, got {name!r}")
+        self.name = name
+        self._tokens: list[contextvars.Token] = []
+
+    def __enter__(self):
+        self._tokens.append(_forced.set(self.name))
+        return self
+
+    def __exit__(self, *exc):
+        _forced.reset(self._tokens.pop())
+        return False
+
+
+def forced_backend() -> str | None:
+    return _forced.get()
+
+
+def triton_interpreter_active() -> bool:
+    # Read at call time: Triton itself reads it when a @triton.jit function is defined, so it has
+    # to be set before leanops.triton is first imported (tests/conftest.py does).
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.cache
+def _triton_import_error() -> str | None:
+    if importlib.util.find_spec("triton") is None:
+        return "the triton package is not installed"
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:
+        return f"import triton failed ({type(exc).__name__}: {exc})"
+    return None
+
+
+@functools.cache
+def _gpu_capability_error(device_index: int) -> str | None:
+    cap = torch.cuda.get_device_capability(device_index)
+    if cap < MIN_CAPABILITY:
+        name = torch.cuda.get_device_name(device_index)
+        return (
+            f"{name} is sm_{cap[0]}{cap[1]}; leanops GPU kernels need sm_"
+            f"{MIN_CAPABILITY[0]}{MIN_CAPABILITY[1]} or newer"
+        )
+    return None
+
+
+def _device_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def triton_unavailable(device: torch.device) -> str | None:
+    """Why the Triton backend cannot run on `device`, or None if it can."""
+    err = _triton_import_error()
+    if err:
+        return err
+    if device.type == "cuda":
+        if triton_interpreter_active():
+            return "TRITON_INTERPRET=1 is set: Triton runs in the CPU interpreter, not on CUDA tensors"
+        return _gpu_capability_error(_device_index(device))
+    if device.type == "cpu":
+        if not triton_interpreter_active():
+            return "Triton runs on CPU tensors only under the interpreter (TRITON_INTERPRET=1)"
+        return None
+    return f"Triton kernels do not run on {device.type} tensors"
+
+
+def cuda_unavailable(device: torch.device, op: str | None = None) -> str | None:
+    """Why the CUDA C++ backend cannot run (op `op`) on `device`, or None if it can."""
+    if _C is None:
+        return _C_error
+    if not getattr(_C, "with_cuda", False):
+        return "leanops._C was built without a CUDA toolkit (CppExtension): no CUDA kernels"
+    if device.type != "cuda":
+        return f"CUDA kernels need CUDA tensors, got {device.type} tensors"
+    if op is not None and not torch._C._dispatch_has_kernel_for_dispatch_key(
+        f"leanops_C::{op}", "CUDA"
+    ):
+        return f"leanops._C has no CUDA kernel for {op}"
+    return _gpu_capability_error(_device_index(device))
+
+
+def cuda_ops() -> list[str]:
+    """Ops for which the loaded extension registers a CUDA kernel."""
+    if _C is None or not getattr(_C, "with_cuda", False):
+        return []
+    names = []
+    for schema in torch._C._jit_get_all_schemas():
+        if schema.name.startswith("leanops_C::") and torch._C._dispatch_has_kernel_for_dispatch_key(
+            schema.name, "CUDA"
+        ):
+            names.append(schema.name.split("::", 1)[1])
+    return sorted(set(names))
+
+
+def backends() -> dict[str, dict]:
+    """What can run here and, where something cannot, why not.
+
+    Returns {"cuda": {...}, "triton": {...}, "reference": {...}, "device": {...}}; each backend
+    entry has "available" (bool) and "reason" (str or None), plus details such as versions and,
+    for "cuda", the ops with a compiled kernel.
+    """
+    gpu = torch.device("cuda") if torch.cuda.is_available() else None
+    report: dict[str, dict] = {}
+
+    cuda_reason = cuda_unavailable(gpu) if gpu is not None else (
+        _C_error
+        if _C is None
+        else "no CUDA GPU is visible (torch.cuda.is_available() is False)"
+    )
+    report["cuda"] = {
+        "available": cuda_reason is None,
+        "reason": cuda_reason,
+        "extension_loaded": _C is not None,
+        "extension_with_cuda": bool(getattr(_C, "with_cuda", False)),
+        "compiled_archs": getattr(_C, "cuda_archs", None),
+        "ops": cuda_ops(),
+    }
+
+    if gpu is not None:
+        triton_reason = triton_unavailable(gpu)
+    elif triton_interpreter_active():
+        triton_reason = triton_unavailable(torch.device("cpu"))
+    else:
+        triton_reason = _triton_import_error() or "no CUDA GPU is visible (and TRITON_INTERPRET is unset)"
+    triton_version = None
+    if _triton_import_error() is None:
+        import triton
+
+        triton_version = triton.__version__
+    report["triton"] = {
+        "available": triton_reason is None,
+        "reason": triton_reason,
+        "version": triton_version,
+        "interpreter": triton_interpreter_active(),
+    }
+    report["reference"] = {"available": True, "reason": None}
+    report["device"] = {
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "gpu": torch.cuda.get_device_name() if gpu is not None else None,
+        "capability": (
+            "sm_{}{}".format(*torch.cuda.get_device_capability()) if gpu is not None else None
+        ),
+        "forced_backend": forced_backend(),
+    }
+    return report
+
+
+class OpBackends:
+    """The kernels of one public op and the rule that picks one for a call.
+
+    `triton` and `cuda` are lazy references "module:function" so importing leanops never imports
+    Triton; `cuda` names an op in the leanops_C namespace. `cuda_supports` / `triton_supports`
+    take the call's arguments and return None or the reason that kernel cannot take them.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        reference,
+        triton: str | None = None,
+        triton_supports=None,
+        cuda_supports=None,
+    ):
+        self.name = name
+        self.reference = reference
+        self._triton_ref = triton
+        self._triton_fn = None
+        self.triton_supports = triton_supports
+        self.cuda_supports = cuda_supports
+        self._warned: set[str] = set()
+
+    def triton(self):
+        if self._triton_fn is None:
+            module, fn = self._triton_ref.split(":")
+            self._triton_fn = getattr(importlib.import_module(module), fn)
+        return self._triton_fn
+
+    def cuda(self):
+        return getattr(torch.ops.leanops_C, self.name)
+
+    def _why_not(self, backend: str, device: torch.device, args) -> str | None:
+        if backend == "reference":
+            return None
+        if backend == "triton":
+            if self._triton_ref is None:
+                return f"leanops::{self.name} has no Triton kernel"
+            reason = triton_unavailable(device)
+            if reason is None and self.triton_supports is not None:
+                reason = self.triton_supports(*args)
+            return reason
+        reason = cuda_unavailable(device, self.name)
+        if reason is None and self.cuda_supports is not None:
+            reason = self.cuda_supports(*args)
+        return reason
+
+    def select(self, device: torch.device, args) -> str:
+        """The backend that runs this call: forced, or the first of cuda -> triton -> reference."""
+        forced = _forced.get()
+        if forced is not None:
+            reason = self._why_not(forced, device, args)
+            if reason is not None:
+                raise RuntimeError(
+                    f"leanops::{self.name}: the forced backend {forced!r} cannot run this call: "
+                    f"{reason}"
+                )
+            return forced
+        if device.type != "cuda":
+            return "reference"
+        reasons = []
+        for backend in ("cuda", "triton"):
+            reason = self._why_not(backend, device, args)
+            if reason is None:
+                return backend
+            reasons.append(f"{backend}: {reason}")
+        key = "; ".join(reasons)
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(
+                f"leanops::{self.name} runs its slow PyTorch reference on CUDA tensors ({key})",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        return "reference"
+
+    def __call__(self, *args):
+        device = args[0].device
+        backend = self.select(device, args)
+        if backend == "reference":
+            return self.reference(*args)
+        if backend == "triton":
+            return self.triton()(*args)
+        return self.cuda()(*args)
+

@@ -1,0 +1,257 @@
+"""Drop-in replacements for nn.Linear that hold quantised weights and call the leanops ops.
+
+Each module stores the packed tensors as buffers (so state_dict, .to(device) and safetensors see
+them) and the bias as a Parameter of the original layer's dtype. Inputs of any leading shape
+[..., in_features] are flattened to 2-D for the op; the output has the input's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from leanops.ops import int4_weight_mm, int8_dynamic_linear, int8_weight_mm
+from leanops.quant import int4 as int4_format
+from leanops.quant import int8 as int8_format
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+class QuantizedLinear(nn.Module):
+    """Shared shape handling, bias, repr and (de)serialisation spec of the quantised linears."""
+
+    format_description = "quantised"
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, device, dtype):
+        super().__init__()
+        if in_features <= 0 or out_features <= 0:
+            raise ValueError(
+                f"in_features and out_features must be positive, got {in_features}, {out_features}"
+            )
+        self.in_features = in_features
+        self.out_features = out_features
+        if bias:
+            dtype = dtype or torch.get_default_dtype()
+            self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype))
+        else:
+            self.register_parameter("bias", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"{type(self).__name__}: the input's last dimension must be in_features="
+                f"{self.in_features}, got input of shape {tuple(x.shape)}"
+            )
+        out = self._matmul(x.reshape(-1, self.in_features))
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The float dtype the layer was built for (bias, and int4 scales); follows .to(dtype)."""
+        return self.bias.dtype if self.bias is not None else torch.float32
+
+    def _matmul(self, x2d: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The dense [out_features, in_features] weight this layer multiplies by, in fp32."""
+        raise NotImplementedError
+
+    # -- serialisation spec: enough to rebuild an empty module that load_state_dict can fill --
+    def format_args(self) -> dict:
+        return {}
+
+    def spec(self) -> dict:
+        return {
+            "type": type(self).__name__,
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "bias": self.bias is not None,
+            "dtype": _dtype_name(self.dtype),
+            **self.format_args(),
+        }
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, format={self.format_description}, "
+            f"dtype={_dtype_name(self.dtype)}"
+        )
+
+    @staticmethod
+    def _copy_bias(linear: nn.Linear, module: "QuantizedLinear") -> None:
+        if linear.bias is not None:
+            module.bias.data.copy_(linear.bias.detach())
+            module.bias.requires_grad_(linear.bias.requires_grad)
+
+
+class Int8Linear(QuantizedLinear):
+    """Dynamic W8A8 linear: int8 per-channel weights, per-token int8 activations at run time.
+
+    Buffers: weight int8 [out, in], weight_scale fp32 [out], and with smoothquant=True
+    smooth fp32 [in], the per-input-channel multiplier (1/s) applied to activations inside the
+    quantisation kernel. Gradients reach the input through a straight-through estimate.
+    """
+
+    def __init__(self, in_features, out_features, bias=True, smoothquant=False, device=None, dtype=None):
+        super().__init__(in_features, out_features, bias, device, dtype)
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32, device=device))
+        if smoothquant:
+            self.register_buffer("smooth", torch.ones(in_features, dtype=torch.float32, device=device))
+        else:
+            self.smooth = None
+
+    @property
+    def format_description(self):
+        return "int8 W8A8 dynamic per-token" + (" smoothquant" if self.smooth is not None else "")
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, smoothing: torch.Tensor | None = None) -> "Int8Linear":
+        """Quantise `linear`. `smoothing` [in_features] is SmoothQuant's s: the weight is
+        quantised as W * s and activations are multiplied by 1/s before their quantisation."""
+        weight = linear.weight.detach()
+        module = cls(
+            linear.in_features, linear.out_features, linear.bias is not None,
+            smoothquant=smoothing is not None, device=weight.device, dtype=weight.dtype,
+        )
+        if smoothing is not None:
+            if smoothing.shape != (linear.in_features,) or not bool((smoothing > 0).all()):
+                raise ValueError(
+                    f"smoothing must be a positive tensor of shape ({linear.in_features},), got "
+                    f"{tuple(smoothing.shape)}"
+                )
+            weight = weight.float() * smoothing.float().to(weight.device)[None, :]
+            module.smooth.copy_(1.0 / smoothing.float())
+        q, scale = int8_format.quantize_int8_per_channel(weight)
+        module.weight.copy_(q)
+        module.weight_scale.copy_(scale)
+        cls._copy_bias(linear, module)
+        return module
+
+    def format_args(self):
+        return {"smoothquant": self.smooth is not None}
+
+    def _matmul(self, x2d):
+        return int8_dynamic_linear(x2d, self.weight, self.weight_scale, self.smooth, self.bias)
+
+    def dequantized_weight(self):
+        w = int8_format.dequantize_int8_per_channel(self.weight, self.weight_scale)
+        return w if self.smooth is None else w * self.smooth[None, :]
+
+
+class Int8WeightOnlyLinear(QuantizedLinear):
+    """W8A16 linear: int8 per-channel weights, 16-bit (or fp32) activations.
+
+    Buffers: weight int8 [out, in], weight_scale fp32 [out].
+    """
+
+    format_description = "int8 weight-only per-channel"
+
+    def __init__(self, in_features, out_features, bias=True, device=None, dtype=None):
+        super().__init__(in_features, out_features, bias, device, dtype)
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32, device=device))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "Int8WeightOnlyLinear":
+        weight = linear.weight.detach()
+        module = cls(
+            linear.in_features, linear.out_features, linear.bias is not None,
+            device=weight.device, dtype=weight.dtype,
+        )
+        q, scale = int8_format.quantize_int8_per_channel(weight)
+        module.weight.copy_(q)
+        module.weight_scale.copy_(scale)
+        cls._copy_bias(linear, module)
+        return module
+
+    def _matmul(self, x2d):
+        return int8_weight_mm(x2d, self.weight, self.weight_scale, self.bias)
+
+    def dequantized_weight(self):
+        return int8_format.dequantize_int8_per_channel(self.weight, self.weight_scale)
+
+
+class Int4WeightOnlyLinear(QuantizedLinear):
+    """W4A16 linear: group-wise int4 weights in the layout of leanops.quant.int4.
+
+    Buffers: weight_packed uint8 [out, in/2], weight_scale [out, in/group_size] in `dtype`, and
+    if not symmetric weight_zero uint8 [out, in/group_size].
+    """
+
+    def __init__(
+        self, in_features, out_features, bias=True, group_size=128, symmetric=True,
+        device=None, dtype=None,
+    ):
+        super().__init__(in_features, out_features, bias, device, dtype)
+        int4_format.check_group_size(group_size, in_features)
+        self.group_size = group_size
+        self.symmetric = symmetric
+        groups = in_features // group_size
+        self.register_buffer(
+            "weight_packed",
+            torch.full((out_features, in_features // 2), 0x88, dtype=torch.uint8, device=device),
+        )
+        self.register_buffer(
+            "weight_scale",
+            torch.ones(out_features, groups, dtype=dtype or torch.get_default_dtype(), device=device),
+        )
+        if symmetric:
+            self.weight_zero = None
+        else:
+            self.register_buffer(
+                "weight_zero",
+                torch.full((out_features, groups), int4_format.SYMMETRIC_ZERO, dtype=torch.uint8, device=device),
+            )
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.weight_scale.dtype
+
+    @property
+    def format_description(self):
+        return f"int4 weight-only g{self.group_size} {'sym' if self.symmetric else 'asym'}"
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group_size: int = 128, symmetric: bool = True):
+        weight = linear.weight.detach()
+        module = cls(
+            linear.in_features, linear.out_features, linear.bias is not None,
+            group_size=group_size, symmetric=symmetric, device=weight.device, dtype=weight.dtype,
+        )
+        packed, scales, zeros = int4_format.quantize_int4(weight, group_size, symmetric)
+        module.weight_packed.copy_(packed)
+        module.weight_scale.copy_(scales)
+        if zeros is not None:
+            module.weight_zero.copy_(zeros)
+        cls._copy_bias(linear, module)
+        return module
+
+    def format_args(self):
+        return {"group_size": self.group_size, "symmetric": self.symmetric}
+
+    def _matmul(self, x2d):
+        return int4_weight_mm(
+            x2d, self.weight_packed, self.weight_scale, self.weight_zero, self.group_size, self.bias
+        )
+
+    def dequantized_weight(self):
+        return int4_format.dequantize_int4(
+            self.weight_packed, self.weight_scale, self.weight_zero, self.group_size
+        ).float()
+
+
+QUANTIZED_LINEARS = {cls.__name__: cls for cls in (Int8Linear, Int8WeightOnlyLinear, Int4WeightOnlyLinear)}
+
+
+def quantized_linear_from_spec(spec: dict, device=None) -> QuantizedLinear:
+    """An empty module (to be filled by load_state_dict) from QuantizedLinear.spec()."""
+    spec = dict(spec)
+    name = spec.pop("type")
+    if name not in QUANTIZED_LINEARS:
+        raise ValueError(f"unknown quantised layer type {name!r}; known: {sorted(QUANTIZED_LINEARS)}")
+    dtype = getattr(torch, spec.pop("dtype"))
+    return QUANTIZED_LINEARS[name](**spec, device=device, dtype=dtype)

@@ -1,0 +1,54 @@
+"""Argument checks shared by the ops. Each raises ValueError naming the argument and what is
+allowed. They run in the fake (meta) kernels too, so torch.compile reports bad calls at trace
+time; they only look at metadata (shape, dtype, device, strides), never at values."""
+
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _names(dtypes) -> str:
+    return ", ".join(str(d).replace("torch.", "") for d in dtypes)
+
+
+def check_tensor(
+    op: str,
+    name: str,
+    t,
+    *,
+    dtypes=None,
+    dim: int | None = None,
+    shape: tuple | None = None,
+    contiguous: bool = False,
+) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a Tensor, got {type(t).__name__}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise ValueError(f"{op}: {name} must have dtype {_names(dtypes)}; got {t.dtype}")
+    if dim is not None and t.dim() != dim:
+        raise ValueError(f"{op}: {name} must be {dim}-D, got shape {tuple(t.shape)}")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{op}: {name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    if contiguous and not t.is_contiguous():
+        raise ValueError(
+            f"{op}: {name} must be contiguous (weights and their scales are stored packed); "
+            f"got strides {t.stride()} for shape {tuple(t.shape)}. Call .contiguous() once when "
+            "you build it, not per call."
+        )
+
+
+def check_same_device(op: str, **tensors) -> None:
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    first_name, first = next(iter(devices.items()))
+    for name, dev in devices.items():
+        if dev != first:
+            raise ValueError(
+                f"{op}: all tensors must be on one device; {first_name} is on {first} but {name} is on {dev}"
+            )
+
+
+def check_out_dtype(op: str, out_dtype) -> None:
+    if out_dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{op}: out_dtype must be one of {_names(FLOAT_DTYPES)}; got {out_dtype}")

@@ -1,0 +1,104 @@
+"""int4 op family: leanops::int4_weight_mm (W4A16, group-wise, symmetric or with zero points).
+
+The packed layout is documented in leanops.quant.int4. Numerics every backend follows (the
+reference below is the definition): the dense weight W = (q - z) * s is formed in the scales'
+dtype (one rounding), converted to x's dtype, and multiplied with fp32 accumulation; then
+out = (acc + bias) rounded once to x's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from leanops.backends import OpBackends
+from leanops.ops._autograd import register_weight_only_autograd
+from leanops.ops._checks import FLOAT_DTYPES, check_same_device, check_tensor
+from leanops.ops._library import register
+from leanops.quant import int4 as int4_format
+
+UINT8 = (torch.uint8,)
+
+
+def _check_int4_weight_mm(x, w_packed, scales, zeros, group_size, bias=None):
+    op = "leanops.int4_weight_mm"
+    check_tensor(op, "x", x, dtypes=FLOAT_DTYPES, dim=2)
+    check_tensor(op, "w_packed", w_packed, dtypes=UINT8, dim=2, contiguous=True)
+    k = x.shape[1]
+    n = w_packed.shape[0]
+    if w_packed.shape[1] * 2 != k:
+        raise ValueError(
+            f"{op}: w_packed must be uint8 [N, K/2] with K = {k} (the columns of x), got shape "
+            f"{tuple(w_packed.shape)}"
+        )
+    try:
+        int4_format.check_group_size(group_size, k)
+    except ValueError as exc:
+        raise ValueError(f"{op}: {exc}") from None
+    groups = k // group_size
+    check_tensor(op, "scales", scales, dtypes=FLOAT_DTYPES, shape=(n, groups), contiguous=True)
+    if zeros is not None:
+        check_tensor(op, "zeros", zeros, dtypes=UINT8, shape=(n, groups), contiguous=True)
+    if bias is not None:
+        check_tensor(op, "bias", bias, dtypes=FLOAT_DTYPES, shape=(n,), contiguous=True)
+    check_same_device(op, x=x, w_packed=w_packed, scales=scales, zeros=zeros, bias=bias)
+
+
+def _int4_weight_mm_reference(x, w_packed, scales, zeros, group_size, bias=None):
+    w = int4_format.dequantize_int4(w_packed, scales, zeros, group_size).to(x.dtype)
+    out = x.float() @ w.float().t()
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype)
+
+
+_int4_weight_mm_backends = OpBackends(
+    "int4_weight_mm",
+    reference=_int4_weight_mm_reference,
+    triton="leanops.triton.int4_weight_mm:int4_weight_mm",
+)
+
+
+def _int4_weight_mm_impl(x, w_packed, scales, zeros, group_size, bias=None):
+    _check_int4_weight_mm(x, w_packed, scales, zeros, group_size, bias)
+    if x.shape[0] == 0 or w_packed.shape[0] == 0:
+        return _int4_weight_mm_reference(x, w_packed, scales, zeros, group_size, bias)
+    return _int4_weight_mm_backends(x, w_packed, scales, zeros, group_size, bias)
+
+
+register(
+    "int4_weight_mm",
+    "(Tensor x, Tensor w_packed, Tensor scales, Tensor? zeros, int group_size, "
+    "Tensor? bias=None) -> Tensor",
+    _int4_weight_mm_impl,
+)
+
+
+@torch.library.register_fake("leanops::int4_weight_mm")
+def _int4_weight_mm_fake(x, w_packed, scales, zeros, group_size, bias=None):
+    _check_int4_weight_mm(x, w_packed, scales, zeros, group_size, bias)
+    return x.new_empty((x.shape[0], w_packed.shape[0]))
+
+
+register_weight_only_autograd(
+    "int4_weight_mm",
+    weight_indices=(1, 2, 3),
+    bias_index=5,
+    dense_weight=int4_format.dequantize_int4,
+)
+
+
+def int4_weight_mm(
+    x: torch.Tensor,
+    w_packed: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    group_size: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """W4A16 matmul: x @ W.T + bias with W the int4 weight dequantised group-wise, in x's dtype.
+
+    x [M, K] float16/bfloat16/float32 (any strides); w_packed uint8 [N, K/2], scales [N, K/g],
+    zeros uint8 [N, K/g] or None (symmetric): the layout of leanops.quant.int4. group_size is a
+    multiple of 32 dividing K. Differentiable w.r.t. x and bias (the weight is frozen).
+    """
+    return torch.ops.leanops.int4_weight_mm.default(x, w_packed, scales, zeros, group_size, bias)

@@ -1,0 +1,310 @@
+"""int8 op family: leanops::int8_mm (W8A8), leanops::int8_weight_mm (W8A16) and
+leanops::quantize_per_token_int8 (dynamic activation quantisation).
+
+Numerics every backend follows (the reference below is the definition):
+  int8_mm         acc = a @ b.T exactly in int32; out = (fp32(acc) * a_scale[m] * b_scale[n]
+                  + bias[n]) rounded once to out_dtype.
+  int8_weight_mm  acc = x @ w.T with w converted exactly to x's dtype and fp32 accumulation;
+                  out = (acc * w_scale[n] + bias[n]) rounded once to x's dtype.
+  quantize_per_token_int8   see leanops.quant.int8.quantize_per_token_int8.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from leanops.backends import OpBackends
+from leanops.ops._autograd import register_weight_only_autograd
+from leanops.ops._checks import FLOAT_DTYPES, check_out_dtype, check_same_device, check_tensor
+from leanops.ops._library import register
+from leanops.quant import int8 as int8_format
+
+INT8 = (torch.int8,)
+DEFAULT_OUT_DTYPE = torch.bfloat16
+
+
+# ---------------------------------------------------------------------------------------------
+# quantize_per_token_int8(x [M, K], smooth [K]?) -> (q int8 [M, K], scale fp32 [M])
+
+
+def _check_quantize_per_token(x, smooth=None):
+    op = "leanops.quantize_per_token_int8"
+    check_tensor(op, "x", x, dtypes=FLOAT_DTYPES, dim=2)
+    if x.shape[1] == 0:
+        raise ValueError(f"{op}: x must have at least one column, got shape {tuple(x.shape)}")
+    if smooth is not None:
+        check_tensor(op, "smooth", smooth, dtypes=FLOAT_DTYPES, shape=(x.shape[1],), contiguous=True)
+        check_same_device(op, x=x, smooth=smooth)
+
+
+def _quantize_per_token_reference(x, smooth=None):
+    return int8_format.quantize_per_token_int8(x, smooth)
+
+
+_quantize_per_token_backends = OpBackends(
+    "quantize_per_token_int8",
+    reference=_quantize_per_token_reference,
+    triton="leanops.triton.quantize:quantize_per_token_int8",
+)
+
+
+def _quantize_per_token_impl(x, smooth=None):
+    _check_quantize_per_token(x, smooth)
+    if x.shape[0] == 0:
+        return _quantize_per_token_reference(x, smooth)
+    return _quantize_per_token_backends(x, smooth)
+
+
+register(
+    "quantize_per_token_int8",
+    "(Tensor x, Tensor? smooth=None) -> (Tensor, Tensor)",
+    _quantize_per_token_impl,
+)
+
+
+@torch.library.register_fake("leanops::quantize_per_token_int8")
+def _quantize_per_token_fake(x, smooth=None):
+    _check_quantize_per_token(x, smooth)
+    return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((x.shape[0],), dtype=torch.float32)
+
+
+def quantize_per_token_int8(
+    x: torch.Tensor, smooth: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantise each row of x [M, K] to int8 with its own fp32 scale: (q [M, K], scale [M]).
+
+    `smooth` [K], if given, multiplies x per column first (SmoothQuant's 1/s), fused in the same
+    pass on GPU. Rows with NaN/Inf get scale NaN. Inference only (int8 outputs carry no gradient).
+    """
+    return torch.ops.leanops.quantize_per_token_int8.default(x, smooth)
+
+
+# ---------------------------------------------------------------------------------------------
+# int8_mm(a int8 [M, K], b int8 [N, K], a_scale [M], b_scale [N], bias [N]?, out_dtype?) -> [M, N]
+
+
+def _check_int8_mm(a, b, a_scale, b_scale, bias=None, out_dtype=None):
+    op = "leanops.int8_mm"
+    check_tensor(op, "a", a, dtypes=INT8, dim=2)
+    check_tensor(op, "b", b, dtypes=INT8, dim=2, contiguous=True)
+    m, k = a.shape
+    n = b.shape[0]
+    if b.shape[1] != k:
+        raise ValueError(
+            f"{op}: b must be [N, K] with the K of a ({k}); got b of shape {tuple(b.shape)}"
+        )
+    check_tensor(op, "a_scale", a_scale, dtypes=FLOAT_DTYPES, shape=(m,), contiguous=True)
+    check_tensor(op, "b_scale", b_scale, dtypes=FLOAT_DTYPES, shape=(n,), contiguous=True)
+    if bias is not None:
+        check_tensor(op, "bias", bias, dtypes=FLOAT_DTYPES, shape=(n,), contiguous=True)
+    check_out_dtype(op, DEFAULT_OUT_DTYPE if out_dtype is None else out_dtype)
+    check_same_device(op, a=a, b=b, a_scale=a_scale, b_scale=b_scale, bias=bias)
+
+
+def _int8_mm_reference(a, b, a_scale, b_scale, bias=None, out_dtype=None):
+    # float64 holds every int8 dot product of length < 2**38 exactly, on CPU and CUDA alike
+    # (CUDA has no int32 matmul); then the epilogue in the documented fp32 order.
+    acc = (a.double() @ b.double().t()).float()
+    out = acc * a_scale.float()[:, None] * b_scale.float()[None, :]
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(DEFAULT_OUT_DTYPE if out_dtype is None else out_dtype)
+
+
+_int8_mm_backends = OpBackends(
+    "int8_mm", reference=_int8_mm_reference, triton="leanops.triton.int8_mm:int8_mm"
+)
+
+
+def _int8_mm_impl(a, b, a_scale, b_scale, bias=None, out_dtype=None):
+    _check_int8_mm(a, b, a_scale, b_scale, bias, out_dtype)
+    if a.shape[0] == 0 or b.shape[0] == 0:
+        return _int8_mm_reference(a, b, a_scale, b_scale, bias, out_dtype)
+    return _int8_mm_backends(a, b, a_scale, b_scale, bias, out_dtype)
+
+
+register(
+    "int8_mm",
+    "(Tensor a, Tensor b, Tensor a_scale, Tensor b_scale, Tensor? bias=None, "
+    "ScalarType? out_dtype=None) -> Tensor",
+    _int8_mm_impl,
+)
+
+
+@torch.library.register_fake("leanops::int8_mm")
+def _int8_mm_fake(a, b, a_scale, b_scale, bias=None, out_dtype=None):
+    _check_int8_mm(a, b, a_scale, b_scale, bias, out_dtype)
+    dtype = DEFAULT_OUT_DTYPE if out_dtype is None else out_dtype
+    return a.new_empty((a.shape[0], b.shape[0]), dtype=dtype)
+
+
+def _int8_mm_setup(ctx, inputs, output):
+    a, b, a_scale, b_scale, bias, _ = inputs
+    if a_scale.requires_grad or b_scale.requires_grad:
+        raise NotImplementedError(
+            "leanops.int8_mm: a_scale/b_scale cannot require grad; only bias has a gradient "
+            "here (train scales with leanops.qat)"
+        )
+    ctx.bias_dtype = bias.dtype if bias is not None and bias.requires_grad else None
+
+
+def _int8_mm_backward(ctx, grad):
+    grad_bias = None if ctx.bias_dtype is None else grad.sum(0).to(ctx.bias_dtype)
+    return None, None, None, None, grad_bias, None
+
+
+torch.library.register_autograd(
+    "leanops::int8_mm", _int8_mm_backward, setup_context=_int8_mm_setup
+)
+
+
+def int8_mm(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    a_scale: torch.Tensor,
+    b_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """W8A8 matmul with the dequantisation fused: (a @ b.T) * a_scale[:, None] * b_scale + bias.
+
+    a int8 [M, K] (any strides), b int8 [N, K] contiguous, a_scale [M] (per token), b_scale [N]
+    (per output channel), bias [N] or None; the output [M, N] has out_dtype (default bfloat16).
+    """
+    return torch.ops.leanops.int8_mm.default(a, b, a_scale, b_scale, bias, out_dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# int8_weight_mm(x [M, K] float, w int8 [N, K], w_scale [N], bias [N]?) -> [M, N] in x.dtype
+
+
+def _check_int8_weight_mm(x, w, w_scale, bias=None):
+    op = "leanops.int8_weight_mm"
+    check_tensor(op, "x", x, dtypes=FLOAT_DTYPES, dim=2)
+    check_tensor(op, "w", w, dtypes=INT8, dim=2, contiguous=True)
+    if w.shape[1] != x.shape[1]:
+        raise ValueError(
+            f"{op}: w must be [N, K] with the K of x ({x.shape[1]}); got w of shape {tuple(w.shape)}"
+        )
+    check_tensor(op, "w_scale", w_scale, dtypes=FLOAT_DTYPES, shape=(w.shape[0],), contiguous=True)
+    if bias is not None:
+        check_tensor(op, "bias", bias, dtypes=FLOAT_DTYPES, shape=(w.shape[0],), contiguous=True)
+    check_same_device(op, x=x, w=w, w_scale=w_scale, bias=bias)
+
+
+def _int8_weight_mm_reference(x, w, w_scale, bias=None):
+    out = (x.float() @ w.float().t()) * w_scale.float()
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype)
+
+
+_int8_weight_mm_backends = OpBackends(
+    "int8_weight_mm",
+    reference=_int8_weight_mm_reference,
+    triton="leanops.triton.int8_weight_mm:int8_weight_mm",
+)
+
+
+def _int8_weight_mm_impl(x, w, w_scale, bias=None):
+    _check_int8_weight_mm(x, w, w_scale, bias)
+    if x.shape[0] == 0 or w.shape[0] == 0:
+        return _int8_weight_mm_reference(x, w, w_scale, bias)
+    return _int8_weight_mm_backends(x, w, w_scale, bias)
+
+
+register(
+    "int8_weight_mm",
+    "(Tensor x, Tensor w, Tensor w_scale, Tensor? bias=None) -> Tensor",
+    _int8_weight_mm_impl,
+)
+
+
+@torch.library.register_fake("leanops::int8_weight_mm")
+def _int8_weight_mm_fake(x, w, w_scale, bias=None):
+    _check_int8_weight_mm(x, w, w_scale, bias)
+    return x.new_empty((x.shape[0], w.shape[0]))
+
+
+register_weight_only_autograd(
+    "int8_weight_mm",
+    weight_indices=(1, 2),
+    bias_index=3,
+    dense_weight=int8_format.dequantize_int8_per_channel,
+)
+
+
+def int8_weight_mm(
+    x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """W8A16 matmul: x @ (w * w_scale[:, None]).T + bias, output in x's dtype.
+
+    x [M, K] float16/bfloat16/float32 (any strides), w int8 [N, K] contiguous, w_scale [N].
+    Differentiable w.r.t. x and bias (the weight is frozen).
+    """
+    return torch.ops.leanops.int8_weight_mm.default(x, w, w_scale, bias)
+
+
+# ---------------------------------------------------------------------------------------------
+# int8_dynamic_linear(x [M, K] float, w int8 [N, K], w_scale [N], smooth [K]?, bias [N]?)
+#   = int8_mm(quantize_per_token_int8(x, smooth), w, ...): the W8A8 linear layer as one op, so
+#   it can carry a gradient for x (straight-through: the int8 activations themselves have none).
+
+
+def _check_int8_dynamic_linear(x, w, w_scale, smooth=None, bias=None):
+    _check_int8_weight_mm(x, w, w_scale, bias)
+    if smooth is not None:
+        check_tensor(
+            "leanops.int8_dynamic_linear", "smooth", smooth, dtypes=FLOAT_DTYPES,
+            shape=(x.shape[1],), contiguous=True,
+        )
+        check_same_device("leanops.int8_dynamic_linear", x=x, smooth=smooth)
+
+
+def _int8_dynamic_linear_impl(x, w, w_scale, smooth=None, bias=None):
+    _check_int8_dynamic_linear(x, w, w_scale, smooth, bias)
+    q, q_scale = torch.ops.leanops.quantize_per_token_int8.default(x, smooth)
+    return torch.ops.leanops.int8_mm.default(q, w, q_scale, w_scale, bias, x.dtype)
+
+
+register(
+    "int8_dynamic_linear",
+    "(Tensor x, Tensor w, Tensor w_scale, Tensor? smooth=None, Tensor? bias=None) -> Tensor",
+    _int8_dynamic_linear_impl,
+)
+
+
+@torch.library.register_fake("leanops::int8_dynamic_linear")
+def _int8_dynamic_linear_fake(x, w, w_scale, smooth=None, bias=None):
+    _check_int8_dynamic_linear(x, w, w_scale, smooth, bias)
+    return x.new_empty((x.shape[0], w.shape[0]))
+
+
+def _smoothed_dense_weight(w, w_scale, smooth):
+    # out = (x * smooth) @ W'.T = x @ (W' * smooth).T: the straight-through gradient's weight.
+    dense = int8_format.dequantize_int8_per_channel(w, w_scale)
+    return dense if smooth is None else dense * smooth.float()[None, :]
+
+
+register_weight_only_autograd(
+    "int8_dynamic_linear",
+    weight_indices=(1, 2, 3),
+    bias_index=4,
+    dense_weight=_smoothed_dense_weight,
+)
+
+
+def int8_dynamic_linear(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    w_scale: torch.Tensor,
+    smooth: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The dynamic W8A8 linear layer: quantise x per token (after multiplying by `smooth`), then
+    int8_mm with w [N, K] int8 and w_scale [N]; output in x's dtype.
+
+    Gradients: x gets the straight-through estimate grad @ (W * smooth) and bias its sum; the
+    int8 weight is frozen.
+    """
+    return torch.ops.leanops.int8_dynamic_linear.default(x, w, w_scale, smooth, bias)

@@ -1,0 +1,30 @@
+"""Quantisation formats (packing, scales, zero points), algorithms and configs."""
+
+from leanops.quant.config import (
+    Int4WeightOnlyConfig,
+    Int8DynamicConfig,
+    Int8WeightOnlyConfig,
+    QuantConfig,
+)
+from leanops.quant.int4 import dequantize_int4, pack_int4, quantize_int4, unpack_int4
+from leanops.quant.int8 import (
+    dequantize_int8_per_channel,
+    quantize_int8_per_channel,
+    quantize_per_token_int8,
+)
+from leanops.quant.common import sqnr_db
+
+__all__ = [
+    "Int4WeightOnlyConfig",
+    "Int8DynamicConfig",
+    "Int8WeightOnlyConfig",
+    "QuantConfig",
+    "dequantize_int4",
+    "dequantize_int8_per_channel",
+    "pack_int4",
+    "quantize_int4",
+    "quantize_int8_per_channel",
+    "quantize_per_token_int8",
+    "sqnr_db",
+    "unpack_int4",
+]

@@ -1,0 +1,112 @@
+"""int4 group-wise weight format: the one packed layout every int4 kernel in leanops reads.
+
+For a weight W [N, K] (out_features N, in_features K) and a group size g (a multiple of 32 that
+divides K; g == K is per-channel), with G = K // g groups per row:
+
+  w_packed  uint8 [N, K // 2], row-major, contiguous. Byte (n, j) holds the codes of columns
+            k = 2j (low nibble, bits 0-3) and k = 2j + 1 (high nibble, bits 4-7). Codes are
+            unsigned, q in [0, 15].
+  scales    [N, G] float16 / bfloat16 / float32, contiguous (normally the model's dtype).
+  zeros     uint8 [N, G] codes in [0, 15], contiguous; or None for the symmetric format, whose
+            zero point is the constant 8 (codes 0..15 mean -8..7).
+
+  W[n, k] = (q[n, k] - z[n, k // g]) * s[n, k // g]
+
+The product is computed in the scales' dtype: (q - z) is a small integer and exact there, so it
+is a single rounding, identical in every kernel. Packing along K keeps a row's bytes contiguous
+for the dot-product loop; the CUDA tensor-core kernels may repack this once at load time into a
+shuffled layout of their own, but this is the format that is stored and passed around.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from leanops.quant.common import check_float_matrix, safe_scale
+
+SYMMETRIC_ZERO = 8
+QMAX = 15
+
+
+def check_group_size(group_size: int, in_features: int, name: str = "group_size") -> None:
+    """ValueError unless group_size is a positive multiple of 32 that divides in_features."""
+    if not isinstance(group_size, int) or group_size <= 0 or group_size % 32 != 0:
+        raise ValueError(
+            f"{name} must be a positive multiple of 32 (32, 64, 128, 256, ... or in_features "
+            f"for per-channel), got {group_size!r}"
+        )
+    if in_features % group_size != 0:
+        raise ValueError(
+            f"in_features (K={in_features}) must be divisible by {name}={group_size}"
+        )
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """uint8 codes [N, K] in [0, 15], K even -> packed uint8 [N, K // 2] (low nibble = even k)."""
+    if q.dtype != torch.uint8 or q.dim() != 2 or q.shape[1] % 2 != 0:
+        raise ValueError(f"pack_int4: q must be uint8 [N, K] with K even, got {q.dtype} {tuple(q.shape)}")
+    if bool((q > QMAX).any()):
+        raise ValueError("pack_int4: codes must be in [0, 15]")
+    return (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """packed uint8 [N, K // 2] -> uint8 codes [N, K]; the exact inverse of pack_int4."""
+    if packed.dtype != torch.uint8 or packed.dim() != 2:
+        raise ValueError(f"unpack_int4: packed must be uint8 [N, K/2], got {packed.dtype} {tuple(packed.shape)}")
+    low = packed & 0x0F
+    high = packed >> 4
+    return torch.stack((low, high), dim=-1).reshape(packed.shape[0], packed.shape[1] * 2)
+
+
+def quantize_int4(
+    w: torch.Tensor,
+    group_size: int,
+    symmetric: bool = True,
+    scale_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Group-wise RTN of w [N, K] -> (w_packed, scales, zeros or None) in the layout above.
+
+    Symmetric: s = amax / 7.5 so that -amax lands on code -8 and +amax rounds to 8 and clips to 7,
+    an error no larger than rounding's half step; all 16 codes are used.
+    Asymmetric: the range [min(w, 0), max(w, 0)] is split into 15 steps and the zero point is the
+    integer code of 0.0 (so zero is exact), as GPTQ and AWQ do.
+    """
+    check_float_matrix(w, "weight")
+    n, k = w.shape
+    check_group_size(group_size, k)
+    scale_dtype = scale_dtype or w.dtype
+    groups = w.detach().float().reshape(n, k // group_size, group_size)
+
+    if symmetric:
+        scales = safe_scale(groups.abs().amax(dim=-1) / 7.5, scale_dtype)
+        q = torch.round(groups / scales.float()[..., None]) + SYMMETRIC_ZERO
+        zeros = None
+    else:
+        lo = groups.amin(dim=-1).clamp(max=0)
+        hi = groups.amax(dim=-1).clamp(min=0)
+        scales = safe_scale((hi - lo) / QMAX, scale_dtype)
+        s32 = scales.float()
+        zeros = torch.round(-lo / s32).clamp_(0, QMAX)
+        q = torch.round(groups / s32[..., None]) + zeros[..., None]
+        zeros = zeros.to(torch.uint8).contiguous()
+    q = q.clamp_(0, QMAX).to(torch.uint8).reshape(n, k)
+    return pack_int4(q), scales.contiguous(), zeros
+
+
+def dequantize_int4(
+    w_packed: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    group_size: int,
+) -> torch.Tensor:
+    """The dense weight [N, K] in scales.dtype that the int4 kernels multiply by (see layout)."""
+    q = unpack_int4(w_packed)
+    n, k = q.shape
+    g = k // group_size
+    q = q.reshape(n, g, group_size).to(torch.int16)
+    z = SYMMETRIC_ZERO if zeros is None else zeros.to(torch.int16)[..., None]
+    # (q - z) is an integer in [-15, 15]: exact in every float dtype, so the multiply below is
+    # the format's single rounding.
+    w = (q - z).to(scales.dtype) * scales[..., None]
+    return w.reshape(n, k)

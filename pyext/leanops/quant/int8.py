@@ -1,0 +1,55 @@
+"""int8 formats: RTN per-channel weights and dynamic per-token activations.
+
+Both are symmetric with codes in [-127, 127] (not -128, so negation is exact and the grid is
+symmetric about zero), scale = amax / 127 in fp32, q = round-half-to-even(x / scale) with an IEEE
+division: the Triton and CUDA kernels reproduce this bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from leanops.quant.common import check_float_matrix, safe_scale
+
+INT8_QMAX = 127
+# Per-token scales are clamped to the smallest normal fp32 so an all-zero row (scale 0) divides
+# cleanly; the kernels use the same constant.
+FP32_TINY = torch.finfo(torch.float32).tiny
+
+
+def quantize_int8_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """RTN: w [N, K] float -> (q int8 [N, K], scale fp32 [N]) with w ~= q * scale[:, None]."""
+    check_float_matrix(w, "weight")
+    w32 = w.detach().float()
+    scale = safe_scale(w32.abs().amax(dim=1) / INT8_QMAX, torch.float32)
+    q = torch.round(w32 / scale[:, None]).clamp_(-INT8_QMAX, INT8_QMAX).to(torch.int8)
+    return q, scale
+
+
+def dequantize_int8_per_channel(
+    q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """q int8 [N, K], scale [N] -> float [N, K] in `dtype` (computed in fp32, rounded once)."""
+    return (q.float() * scale.float()[:, None]).to(dtype)
+
+
+def quantize_per_token_int8(
+    x: torch.Tensor, smooth: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic per-row (per-token) quantisation, the reference for leanops::quantize_per_token_int8.
+
+    x [M, K] float, smooth [K] or None -> (q int8 [M, K], scale fp32 [M]) with
+    x * smooth ~= q * scale[:, None]. `smooth` is the SmoothQuant factor 1/s multiplied into the
+    activations before quantising (the weights were multiplied by s). A row holding NaN or Inf
+    gets scale NaN (and zero codes) so the matmul output row is NaN, as it would be in dense math.
+    """
+    xs = x.float()
+    if smooth is not None:
+        xs = xs * smooth.float()
+    amax = xs.abs().amax(dim=-1)
+    nonfinite = ~torch.isfinite(amax)
+    scale = torch.clamp(amax / INT8_QMAX, min=FP32_TINY)
+    q = torch.round(xs / scale[:, None]).clamp_(-INT8_QMAX, INT8_QMAX)
+    q = torch.where(nonfinite[:, None], 0.0, q).to(torch.int8)
+    scale = torch.where(nonfinite, torch.nan, scale)
+    return q, scale

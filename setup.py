@@ -1,0 +1,100 @@
+"""Builds leanops._C from kernels/.
+
+A CUDAExtension whenever a CUDA toolkit is found, decided by the toolkit and never by a GPU, so a
+GPU-less CI machine still compiles (and so checks) every CUDA source. A CppExtension otherwise.
+
+Environment knobs:
+  CUDA_HOME            the toolkit to use (otherwise found from nvcc, see _find_cuda_home)
+  LEANOPS_CUDA_ARCHS   semicolon list of SM targets, default "80;89;90a" (sm_90a unlocks wgmma);
+                       a dev build for one GPU can say e.g. "90a" to compile a third as much
+  LEANOPS_NO_EXTENSION set to 1 to skip the extension (pure Python: Triton and reference paths)
+  MAX_JOBS             parallel compile jobs (ninja), honoured by torch's BuildExtension
+"""
+
+import glob
+import os
+import shutil
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_ARCHS = "80;89;90a"
+
+
+def _find_cuda_home():
+    """The toolkit root, or None. Prefer an explicit CUDA_HOME/CUDA_PATH; else follow nvcc.
+
+    torch guesses the root as dirname(dirname(which nvcc)), which is wrong when nvcc on PATH is a
+    wrapper script (e.g. /usr/local/bin/nvcc exec'ing /usr/local/cuda-13.0/bin/nvcc), so every
+    candidate is checked for the headers we actually need.
+    """
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    candidates += ["/usr/local/cuda"]
+    for root in candidates:
+        if root and os.path.exists(os.path.join(root, "bin", "nvcc")) and os.path.exists(
+            os.path.join(root, "include", "cuda_runtime.h")
+        ):
+            return root
+    return None
+
+
+def _gencode_flags():
+    flags = []
+    for arch in os.environ.get("LEANOPS_CUDA_ARCHS", DEFAULT_ARCHS).split(";"):
+        arch = arch.strip()
+        if arch:
+            flags.append(f"-gencode=arch=compute_{arch},code=sm_{arch}")
+    return flags
+
+
+def _extensions():
+    if os.environ.get("LEANOPS_NO_EXTENSION") == "1":
+        return [], {}
+    cuda_home = _find_cuda_home()
+    if cuda_home:
+        # Must be set before torch.utils.cpp_extension is imported: it reads CUDA_HOME once.
+        os.environ["CUDA_HOME"] = cuda_home
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+    # Relative paths: setuptools refuses absolute source paths in an editable/wheel build.
+    cpp_sources = sorted(glob.glob("kernels/*.cpp") + glob.glob("kernels/cpu/*.cpp"))
+    cu_sources = sorted(glob.glob("kernels/cuda/*.cu"))
+    cxx_flags = ["-O3", "-std=c++17"]
+    if cuda_home:
+        nvcc_flags = [
+            "-O3",
+            "-std=c++17",
+            "--expt-relaxed-constexpr",
+            # no --use_fast_math: the quantisation kernels must round exactly like the reference
+            *_gencode_flags(),
+        ]
+        ext = CUDAExtension(
+            "leanops._C",
+            cpp_sources + cu_sources,
+            define_macros=[("LEANOPS_WITH_CUDA", "1")],
+            extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+        )
+    else:
+        ext = CppExtension("leanops._C", cpp_sources, extra_compile_args={"cxx": cxx_flags})
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _extensions()
+
+setup(
+    package_dir={"": "pyext"},
+    packages=[
+        "leanops",
+        "leanops.ops",
+        "leanops.triton",
+        "leanops.quant",
+        "leanops.nn",
+        "leanops.bench",
+        "leanops.models",
+    ],
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)

@@ -1,0 +1,41 @@
+"""Test-wide setup.
+
+On a machine without a CUDA GPU the Triton kernels run in Triton's CPU interpreter, which must be
+switched on before Triton is first imported (Triton reads TRITON_INTERPRET when a kernel is
+defined). On a GPU machine the interpreter stays off so Triton compiles for the GPU; the
+interpreter tests then skip (bench/gpu_check.sh runs them in a separate GPU-less process).
+"""
+
+import os
+
+import torch
+
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+
+import leanops  # noqa: E402,F401
+
+HAS_CUDA = torch.cuda.is_available()
+INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_cuda = pytest.mark.skip(reason="needs an NVIDIA GPU (torch.cuda.is_available() is False)")
+    for item in items:
+        if "cuda" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_cuda)
+
+
+@pytest.fixture
+def interpreter():
+    """Tests that run Triton kernels on CPU tensors through the interpreter."""
+    if not INTERPRETER:
+        pytest.skip("Triton interpreter is off (a GPU is present); see bench/gpu_check.sh")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    # Fresh but reproducible random inputs per test.
+    torch.manual_seed(1234)

@@ -48,7 +48,7 @@ def _why_not_quantizable(name: str, linear: nn.Linear, config: QuantConfig, mha_
         try:
             int4_format.check_group_size(group_size, linear.in_features)
         except ValueError as exc:
-            return f"int4 needs {exc}"
+            return f"int4: {exc}"
     return None
 
 

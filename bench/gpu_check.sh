@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# Validate everything that needs a GPU, in one call, on a fresh GPU machine (no network):
+#
+#   bash bench/gpu_check.sh [OUT_DIR] [PHASES]
+#
+# OUT_DIR defaults to $OUT (the device tool's return folder) or ./gpu_check_out. PHASES is a
+# comma list, default "install,test,sanitize,bench,demo":
+#   install   build the extension for this GPU's arch only, pip install -e (uses the machine's
+#             own torch/triton; installs nothing from the network)
+#   test      the whole test suite on the GPU (cuda tests included), then the Triton-interpreter
+#             tests in a separate GPU-less process (CUDA_VISIBLE_DEVICES= TRITON_INTERPRET=1)
+#   sanitize  compute-sanitizer memcheck on a small suite of every CUDA C++ and Triton kernel
+#   bench     the matmul suite (Llama-7B shapes, M = 1,16,128,2048) vs dense, with energy
+#   demo      the README demo (TinyLlama dense vs quantised: size, error, speed, energy)
+#
+# Results: OUT_DIR/summary.txt (what passed, versions, device), OUT_DIR/logs.tar.gz (every log),
+# OUT_DIR/matmul.json + matmul.csv, OUT_DIR/demo.json: at most 8 files, as the device tool
+# returns. Commit them under bench/results/<gpu>/ with the date.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+out=${1:-${OUT:-./gpu_check_out}}
+phases=${2:-install,test,sanitize,bench,demo}
+mkdir -p "$out"
+logs=$(mktemp -d)
+summary=$out/summary.txt
+: > "$summary"
+py=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+
+note() { echo "$*" | tee -a "$summary"; }
+want() { [[ ",$phases," == *",$1,"* ]]; }
+run_phase() {  # name, command...: run, log, record status and duration
+  local name=$1; shift
+  local start=$(date +%s)
+  "$@" > "$logs/$name.log" 2>&1
+  local rc=$?
+  note "$(printf '%-22s rc=%-3s %5ss  (log: %s.log)' "$name" "$rc" "$(( $(date +%s) - start ))" "$name")"
+  tail -n 5 "$logs/$name.log" | sed 's/^/    /' | tee -a "$summary"
+  return $rc
+}
+
+note "leanops gpu_check $(date -u +%Y-%m-%dT%H:%M:%SZ) phases=$phases"
+note "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (+uncommitted changes)')"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit --format=csv,noheader 2>&1 | sed 's/^/gpu: /' | tee -a "$summary"
+$py - <<'EOF' 2>&1 | tee -a "$summary"
+import torch, sys
+print(f"python {sys.version.split()[0]}, torch {torch.__version__} (cuda {torch.version.cuda})", end="")
+try:
+    import triton; print(f", triton {triton.__version__}")
+except Exception as e:
+    print(f", triton unavailable: {e}")
+EOF
+
+if want install; then
+  export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+  # Only this GPU's arch: a third of the compile time of the default three.
+  arch=$($py -c "import torch; c=torch.cuda.get_device_capability(); print(f'{c[0]}{c[1]}' + ('a' if c[0] == 9 else ''))")
+  export LEANOPS_CUDA_ARCHS=${LEANOPS_CUDA_ARCHS:-$arch} MAX_JOBS=${MAX_JOBS:-$(nproc)}
+  run_phase install $py -m pip install --no-build-isolation --no-deps -v -e . || { note "install failed: stopping"; tar -C "$logs" -czf "$out/logs.tar.gz" .; exit 1; }
+  $py -c "import json, leanops; print(json.dumps(leanops.backends(), indent=1))" > "$logs/backends.json" 2>&1
+  note "backends: $($py -c "import leanops; r=leanops.backends(); print({k: (v['available'], v['reason']) for k, v in r.items() if k != 'device'}, 'cuda ops:', r['cuda']['ops'])" 2>&1 | tail -1)"
+fi
+
+if want test; then
+  run_phase pytest_gpu $py -m pytest tests -q -rs --durations=20 -p no:cacheprovider
+  run_phase pytest_interpreter env CUDA_VISIBLE_DEVICES= TRITON_INTERPRET=1 \
+    $py -m pytest tests/test_triton_interpreter.py -q -rs -p no:cacheprovider
+fi
+
+if want sanitize; then
+  # memcheck on small shapes of every GPU kernel (CUDA C++ and Triton-compiled alike).
+  if command -v compute-sanitizer >/dev/null; then
+    run_phase sanitizer compute-sanitizer --tool memcheck --error-exitcode 9 --target-processes all \
+      $py -m pytest tests -q -m "cuda and not slow" -k "small or sanitize" -p no:cacheprovider
+  else
+    note "sanitize: compute-sanitizer not found on PATH"
+  fi
+fi
+
+if want bench; then
+  run_phase bench_matmul $py -m leanops.cli bench matmul --shapes llama-7b --batch 1,16,128,2048 \
+    --energy --energy-trials 2 --out "$out/matmul.json" --csv "$out/matmul.csv"
+  grep -E "speedup|x dense|^ *(dense|int|torch)" "$logs/bench_matmul.log" | tail -n 80 >> "$summary"
+fi
+
+if want demo; then
+  run_phase demo $py -m leanops.cli demo --json "$out/demo.json"
+  sed -n '/^variant/,$p' "$logs/demo.log" >> "$summary"
+fi
+
+tar -C "$logs" -czf "$out/logs.tar.gz" .
+note "done: $(ls "$out" | tr '\n' ' ')"

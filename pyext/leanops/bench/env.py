@@ -1,0 +1,43 @@
+"""What a benchmark row records about where it ran."""
+
+from __future__ import annotations
+
+import datetime
+import platform
+
+import torch
+
+
+def environment(device: torch.device) -> dict:
+    import leanops
+
+    info = {
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "leanops": leanops.__version__,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "device": str(device),
+        "gpu": None,
+        "capability": None,
+        "driver": None,
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except Exception:
+        info["triton"] = None
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["capability"] = "sm_{}{}".format(*torch.cuda.get_device_capability(device))
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            info["driver"] = pynvml.nvmlSystemGetDriverVersion()
+        except Exception:
+            pass
+    else:
+        info["cpu"] = platform.processor() or platform.machine()
+    return info

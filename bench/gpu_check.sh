@@ -55,8 +55,9 @@ EOF
 if want install; then
   export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
   # Only this GPU's arch: a third of the compile time of the default three.
-  arch=$($py -c "import torch; c=torch.cuda.get_device_capability(); print(f'{c[0]}{c[1]}' + ('a' if c[0] == 9 else ''))")
-  export LEANOPS_CUDA_ARCHS=${LEANOPS_CUDA_ARCHS:-$arch} MAX_JOBS=${MAX_JOBS:-$(nproc)}
+  arch=$($py -c "import torch; c=torch.cuda.get_device_capability() if torch.cuda.is_available() else None; print(f'{c[0]}{c[1]}' + ('a' if c[0] == 9 else '') if c else '')")
+  [ -n "$arch" ] && export LEANOPS_CUDA_ARCHS=${LEANOPS_CUDA_ARCHS:-$arch}
+  export MAX_JOBS=${MAX_JOBS:-$(nproc)}
   run_phase install $py -m pip install --no-build-isolation --no-deps -v -e . || { note "install failed: stopping"; tar -C "$logs" -czf "$out/logs.tar.gz" .; exit 1; }
   $py -c "import json, leanops; print(json.dumps(leanops.backends(), indent=1))" > "$logs/backends.json" 2>&1
   note "backends: $($py -c "import leanops; r=leanops.backends(); print({k: (v['available'], v['reason']) for k, v in r.items() if k != 'device'}, 'cuda ops:', r['cuda']['ops'])" 2>&1 | tail -1)"
@@ -64,15 +65,22 @@ fi
 
 if want test; then
   run_phase pytest_gpu $py -m pytest tests -q -rs --durations=20 -p no:cacheprovider
-  run_phase pytest_interpreter env CUDA_VISIBLE_DEVICES= TRITON_INTERPRET=1 \
-    $py -m pytest tests/test_triton_interpreter.py -q -rs -p no:cacheprovider
+  # Triton 3.6's interpreter breaks on numpy >= 2.4 (int() of 1-element arrays), whatever the
+  # kernel: there the interpreter tests say nothing about our code (CI runs them on Triton 3.8).
+  if $py -c "import sys, numpy, triton; v=lambda s: tuple(int(p) for p in s.split('.')[:2]); sys.exit(0 if v(triton.__version__) >= (3, 8) or v(numpy.__version__) < (2, 4) else 1)"; then
+    run_phase pytest_interpreter env CUDA_VISIBLE_DEVICES= TRITON_INTERPRET=1 \
+      $py -m pytest tests/test_triton_interpreter.py -q -rs -p no:cacheprovider
+  else
+    note "pytest_interpreter      skipped: Triton < 3.8 with numpy >= 2.4 (a Triton interpreter bug)"
+  fi
 fi
 
 if want sanitize; then
   # memcheck on small shapes of every GPU kernel (CUDA C++ and Triton-compiled alike).
   if command -v compute-sanitizer >/dev/null; then
-    run_phase sanitizer compute-sanitizer --tool memcheck --error-exitcode 9 --target-processes all \
-      $py -m pytest tests -q -m "cuda and not slow" -k "small or sanitize" -p no:cacheprovider
+    # One default config per shape (no autotuning): under the sanitizer every launch is slow.
+    run_phase sanitizer env LEANOPS_TRITON_AUTOTUNE=0 compute-sanitizer --tool memcheck \
+      --error-exitcode 9 --target-processes all $py -m pytest tests -q -m sanitize -p no:cacheprovider
   else
     note "sanitize: compute-sanitizer not found on PATH"
   fi

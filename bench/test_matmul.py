@@ -8,10 +8,9 @@ pytest-benchmark times with the wall clock, so each call is followed by a synchr
 device-event numbers with L2 flushing, roofline and energy come from `leanops bench matmul`.
 """
 
+import leanops
 import pytest
 import torch
-
-import leanops
 from leanops.bench.matmul import PROVIDERS, SHAPES, _cases
 
 GPU = torch.cuda.is_available()

@@ -3,15 +3,14 @@
 import json
 import logging
 
+import leanops
 import pytest
 import torch
-from safetensors.torch import save_file
-from torch import nn
-
-import leanops
 from leanops.models import tiny_llama
 from leanops.nn import Int4WeightOnlyLinear, Int8Linear, Int8WeightOnlyLinear, QuantizedLinear
 from leanops.quant import sqnr_db
+from safetensors.torch import save_file
+from torch import nn
 
 CONFIGS = {
     "int8_dynamic": (leanops.Int8DynamicConfig(), Int8Linear),

@@ -5,7 +5,6 @@ import json
 
 import pytest
 import torch
-
 from leanops import cli
 from leanops.bench.energy import EnergyResult, NvmlEnergyMeter, measure_energy
 from leanops.bench.report import format_table

@@ -1,14 +1,13 @@
 """Drop-in quantised linear modules: accuracy against nn.Linear, shapes, repr, state_dict round
 trip, gradients, SmoothQuant."""
 
+import leanops
 import pytest
 import torch
-from torch import nn
-
-import leanops
 from leanops.nn import Int4WeightOnlyLinear, Int8Linear, Int8WeightOnlyLinear
 from leanops.quant import sqnr_db
 from leanops.quant.smoothquant import smoothing_factors
+from torch import nn
 
 # Layer-output SQNR floors (dB) for N(0,1)-ish inputs and nn.Linear's default init, measured at
 # ~40 (int8 dynamic), ~42 (int8 weight-only), ~21 (int4 g32 asym), ~19 (int4 g128 sym); a broken

@@ -1,10 +1,9 @@
 """The op layer: schemas and fake kernels (opcheck), the reference numerics, argument errors that
 name the argument, backend selection, autograd."""
 
+import leanops
 import pytest
 import torch
-
-import leanops
 from leanops import ops
 from leanops.quant import dequantize_int4, quantize_int4, quantize_int8_per_channel
 
@@ -182,7 +181,7 @@ def test_forced_backend_that_cannot_run_raises_with_the_reason(monkeypatch):
 
 
 def test_use_backend_is_scoped_and_nests():
-    from leanops.backends import forced_backend
+    from leanops.dispatch import forced_backend
 
     assert forced_backend() is None
     with leanops.use_backend("reference"):

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from leanops.quant import (
     dequantize_int4,
     dequantize_int8_per_channel,

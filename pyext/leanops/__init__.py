@@ -6,10 +6,10 @@ attention) as PyTorch custom ops and drop-in modules, measured for speed and ene
     leanops.save_quantized(model, "m.safetensors")
 """
 
-from leanops._version import __version__
-from leanops.backends import backends, use_backend
 from leanops import ops  # noqa: F401  (defines the torch.ops.leanops.* ops)
+from leanops._version import __version__
 from leanops.api import load_quantized, quantize_, save_quantized
+from leanops.dispatch import backends, use_backend
 from leanops.nn import Int4WeightOnlyLinear, Int8Linear, Int8WeightOnlyLinear
 from leanops.quant.config import Int4WeightOnlyConfig, Int8DynamicConfig, Int8WeightOnlyConfig
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import math
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Callable
 
 import torch
 
@@ -31,7 +31,7 @@ class EnergyResult:
     sm_clock_mhz: float | None = None
 
     @classmethod
-    def unavailable(cls, reason: str) -> "EnergyResult":
+    def unavailable(cls, reason: str) -> EnergyResult:
         return cls(None, None, None, None, None, reason)
 
     def as_dict(self) -> dict:

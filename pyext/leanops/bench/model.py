@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -103,7 +103,7 @@ def run_model_comparison(
                 row["energy_reason"] = e_pre.reason
             rows.append(row)
             progress(f"  {name}: done")
-            del model
+
     base = rows[0]
     for row in rows:
         row["size_x"] = base["state_mb"] / row["state_mb"]

@@ -60,7 +60,7 @@ def format_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
     widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
     out = []
     for i, r in enumerate(cells):
-        out.append("  ".join(c.rjust(wd) if i else c.ljust(wd) for c, wd in zip(r, widths)))
+        out.append("  ".join(c.rjust(wd) if i else c.ljust(wd) for c, wd in zip(r, widths, strict=True)))
         if i == 0:
             out.append("  ".join("-" * wd for wd in widths))
     return "\n".join(out)

@@ -81,7 +81,7 @@ class QuantizedLinear(nn.Module):
         )
 
     @staticmethod
-    def _copy_bias(linear: nn.Linear, module: "QuantizedLinear") -> None:
+    def _copy_bias(linear: nn.Linear, module: QuantizedLinear) -> None:
         if linear.bias is not None:
             module.bias.data.copy_(linear.bias.detach())
             module.bias.requires_grad_(linear.bias.requires_grad)
@@ -109,7 +109,7 @@ class Int8Linear(QuantizedLinear):
         return "int8 W8A8 dynamic per-token" + (" smoothquant" if self.smooth is not None else "")
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, smoothing: torch.Tensor | None = None) -> "Int8Linear":
+    def from_linear(cls, linear: nn.Linear, smoothing: torch.Tensor | None = None) -> Int8Linear:
         """Quantise `linear`. `smoothing` [in_features] is SmoothQuant's s: the weight is
         quantised as W * s and activations are multiplied by 1/s before their quantisation."""
         weight = linear.weight.detach()
@@ -156,7 +156,7 @@ class Int8WeightOnlyLinear(QuantizedLinear):
         self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32, device=device))
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> "Int8WeightOnlyLinear":
+    def from_linear(cls, linear: nn.Linear) -> Int8WeightOnlyLinear:
         weight = linear.weight.detach()
         module = cls(
             linear.in_features, linear.out_features, linear.bias is not None,

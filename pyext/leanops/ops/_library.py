@@ -1,7 +1,7 @@
 """The `leanops` op namespace. Public op schemas live in Python, next to their fake kernels and
 autograd formulas (one module per op family in this package), so the ops exist even when the
 compiled extension does not load; the C++ kernels register under the private namespace
-`leanops_C` and are reached through leanops.backends.OpBackends."""
+`leanops_C` and are reached through leanops.dispatch.OpBackends."""
 
 import torch
 

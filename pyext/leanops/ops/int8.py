@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from leanops.backends import OpBackends
+from leanops.dispatch import OpBackends
 from leanops.ops._autograd import register_weight_only_autograd
 from leanops.ops._checks import FLOAT_DTYPES, check_out_dtype, check_same_device, check_tensor
 from leanops.ops._library import register

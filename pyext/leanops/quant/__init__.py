@@ -1,5 +1,6 @@
 """Quantisation formats (packing, scales, zero points), algorithms and configs."""
 
+from leanops.quant.common import sqnr_db
 from leanops.quant.config import (
     Int4WeightOnlyConfig,
     Int8DynamicConfig,
@@ -12,7 +13,6 @@ from leanops.quant.int8 import (
     quantize_int8_per_channel,
     quantize_per_token_int8,
 )
-from leanops.quant.common import sqnr_db
 
 __all__ = [
     "Int4WeightOnlyConfig",

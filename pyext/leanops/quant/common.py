@@ -24,6 +24,14 @@ def check_float_matrix(t: torch.Tensor, name: str) -> None:
         )
 
 
+def div_exact(t: torch.Tensor, divisor: float) -> torch.Tensor:
+    """t / divisor with an IEEE division on every device. On CUDA, torch computes
+    `tensor / python_number` as a multiply by the reciprocal, which differs from the division in
+    the last bit of a few percent of results; the kernels (and the CPU) divide, so the reference
+    must too. A same-device tensor divisor takes torch's true-division path."""
+    return t / torch.full_like(t, divisor)
+
+
 def safe_scale(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """`scale` (fp32, >= 0) rounded to the storage dtype, with no zero left in it.
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from leanops.quant.common import check_float_matrix, safe_scale
+from leanops.quant.common import check_float_matrix, div_exact, safe_scale
 
 SYMMETRIC_ZERO = 8
 QMAX = 15
@@ -79,13 +79,13 @@ def quantize_int4(
     groups = w.detach().float().reshape(n, k // group_size, group_size)
 
     if symmetric:
-        scales = safe_scale(groups.abs().amax(dim=-1) / 7.5, scale_dtype)
+        scales = safe_scale(div_exact(groups.abs().amax(dim=-1), 7.5), scale_dtype)
         q = torch.round(groups / scales.float()[..., None]) + SYMMETRIC_ZERO
         zeros = None
     else:
         lo = groups.amin(dim=-1).clamp(max=0)
         hi = groups.amax(dim=-1).clamp(min=0)
-        scales = safe_scale((hi - lo) / QMAX, scale_dtype)
+        scales = safe_scale(div_exact(hi - lo, QMAX), scale_dtype)
         s32 = scales.float()
         zeros = torch.round(-lo / s32).clamp_(0, QMAX)
         q = torch.round(groups / s32[..., None]) + zeros[..., None]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from leanops.quant.common import check_float_matrix, safe_scale
+from leanops.quant.common import check_float_matrix, div_exact, safe_scale
 
 INT8_QMAX = 127
 # Per-token scales are clamped to the smallest normal fp32 so an all-zero row (scale 0) divides
@@ -21,7 +21,7 @@ def quantize_int8_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     """RTN: w [N, K] float -> (q int8 [N, K], scale fp32 [N]) with w ~= q * scale[:, None]."""
     check_float_matrix(w, "weight")
     w32 = w.detach().float()
-    scale = safe_scale(w32.abs().amax(dim=1) / INT8_QMAX, torch.float32)
+    scale = safe_scale(div_exact(w32.abs().amax(dim=1), INT8_QMAX), torch.float32)
     q = torch.round(w32 / scale[:, None]).clamp_(-INT8_QMAX, INT8_QMAX).to(torch.int8)
     return q, scale
 
@@ -48,7 +48,7 @@ def quantize_per_token_int8(
         xs = xs * smooth.float()
     amax = xs.abs().amax(dim=-1)
     nonfinite = ~torch.isfinite(amax)
-    scale = torch.clamp(amax / INT8_QMAX, min=FP32_TINY)
+    scale = torch.clamp(div_exact(amax, INT8_QMAX), min=FP32_TINY)
     q = torch.round(xs / scale[:, None]).clamp_(-INT8_QMAX, INT8_QMAX)
     q = torch.where(nonfinite[:, None], 0.0, q).to(torch.int8)
     scale = torch.where(nonfinite, torch.nan, scale)

@@ -4,7 +4,7 @@ difficulty of outlier channels from the activations (divided by s) into the weig
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn

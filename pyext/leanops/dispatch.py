@@ -25,6 +25,7 @@ import importlib
 import importlib.util
 import os
 import warnings
+
 import torch
 
 BACKENDS = ("cuda", "triton", "reference")
@@ -140,6 +141,30 @@ def triton_unavailable(device: torch.device) -> str | None:
     return f"Triton kernels do not run on {device.type} tensors"
 
 
+def code_runs_on(arch: str, capability: tuple[int, int]) -> bool:
+    """Whether machine code compiled for `arch` ("80", "89", "90a") runs on a GPU of
+    `capability`: plain sm_XY code runs on later minors of its major (sm_80 on sm_86 and sm_89);
+    "a" (arch-specific: wgmma, setmaxnreg) code runs on exactly its arch. We ship no PTX, so
+    nothing else runs."""
+    digits = arch.rstrip("abcdefghijklmnopqrstuvwxyz")
+    num, cap = int(digits), capability[0] * 10 + capability[1]
+    if arch != digits:
+        return num == cap
+    return num // 10 == capability[0] and num <= cap
+
+
+@functools.cache
+def _arch_coverage_error(device_index: int) -> str | None:
+    archs = (getattr(_C, "cuda_archs", None) or "").split(";")
+    cap = torch.cuda.get_device_capability(device_index)
+    if not any(code_runs_on(a, cap) for a in archs if a):
+        return (
+            f"leanops._C was compiled for sm_{', sm_'.join(archs)}, which cannot run on this "
+            f"sm_{cap[0]}{cap[1]} GPU; rebuild with LEANOPS_CUDA_ARCHS including {cap[0]}{cap[1]}"
+        )
+    return None
+
+
 def cuda_unavailable(device: torch.device, op: str | None = None) -> str | None:
     """Why the CUDA C++ backend cannot run (op `op`) on `device`, or None if it can."""
     if _C is None:
@@ -152,7 +177,8 @@ def cuda_unavailable(device: torch.device, op: str | None = None) -> str | None:
         f"leanops_C::{op}", "CUDA"
     ):
         return f"leanops._C has no CUDA kernel for {op}"
-    return _gpu_capability_error(_device_index(device))
+    index = _device_index(device)
+    return _gpu_capability_error(index) or _arch_coverage_error(index)
 
 
 def cuda_ops() -> list[str]:
@@ -178,11 +204,14 @@ def backends() -> dict[str, dict]:
     gpu = torch.device("cuda") if torch.cuda.is_available() else None
     report: dict[str, dict] = {}
 
-    cuda_reason = cuda_unavailable(gpu) if gpu is not None else (
-        _C_error
-        if _C is None
-        else "no CUDA GPU is visible (torch.cuda.is_available() is False)"
-    )
+    if gpu is not None:
+        cuda_reason = cuda_unavailable(gpu)
+    elif _C is None:
+        cuda_reason = _C_error
+    elif not getattr(_C, "with_cuda", False):
+        cuda_reason = cuda_unavailable(torch.device("cpu"))  # says: built without a toolkit
+    else:
+        cuda_reason = "no CUDA GPU is visible (torch.cuda.is_available() is False)"
     report["cuda"] = {
         "available": cuda_reason is None,
         "reason": cuda_reason,

@@ -1,0 +1,61 @@
+// The Python module leanops._C, and the schema of every op in the private namespace leanops_C.
+//
+// The public ops (namespace `leanops`: schemas, fake kernels, autograd, backend choice) are
+// defined in Python, in leanops/ops/, so they exist even when this extension is missing. When
+// leanops.dispatch picks the "cuda" backend it calls torch.ops.leanops_C.<op>(*args) with exactly
+// the public op's arguments, so each schema here must match its public twin argument for
+// argument. All leanops_C schemas live here, in one place; each kernels/<op>.cpp only adds
+// implementations (TORCH_LIBRARY_IMPL) for the dispatch keys it has kernels for, guarded by
+// LEANOPS_WITH_CUDA for the CUDA ones, so a CppExtension build (no toolkit) still compiles and
+// imports, with schemas but no CUDA kernels.
+//
+// No pybind11: the module has no functions, only two attributes, and the pybind11 headers (via
+// torch/extension.h) would cost seconds of compile time per translation unit. Loading the shared
+// library runs the static registrars of TORCH_LIBRARY / TORCH_LIBRARY_IMPL, so `import
+// leanops._C` is what registers the ops.
+
+#include <Python.h>
+
+#include <torch/library.h>
+
+TORCH_LIBRARY(leanops_C, m) {
+  // Dynamic per-token int8 quantisation (kernels/quantize_per_token.cpp): x [M, K] float16,
+  // bfloat16 or float32, smooth [K] any float dtype -> (q int8 [M, K], scale fp32 [M]);
+  // bit-exact with leanops.quant.int8.quantize_per_token_int8.
+  m.def("quantize_per_token_int8(Tensor x, Tensor? smooth=None) -> (Tensor, Tensor)");
+}
+
+#if defined(LEANOPS_WITH_CUDA) && !defined(LEANOPS_CUDA_ARCHS)
+#error "setup.py defines LEANOPS_CUDA_ARCHS (the SM list) along with LEANOPS_WITH_CUDA"
+#endif
+
+namespace {
+
+PyModuleDef module_def = {
+    PyModuleDef_HEAD_INIT,
+    "_C",
+    "leanops' compiled kernels. Importing it registers the torch.ops.leanops_C.* ops.\n\n"
+    "with_cuda   True if built with a CUDA toolkit (CUDAExtension), so CUDA kernels exist\n"
+    "cuda_archs  the SM targets compiled, e.g. '80;89;90a', or None without CUDA\n",
+    -1,       // no per-module state
+    nullptr,  // no functions
+};
+
+}  // namespace
+
+PyMODINIT_FUNC PyInit__C(void) {
+  PyObject* module = PyModule_Create(&module_def);
+  if (module == nullptr) return nullptr;
+#ifdef LEANOPS_WITH_CUDA
+  const int failed = PyModule_AddObjectRef(module, "with_cuda", Py_True) < 0 ||
+                     PyModule_AddStringConstant(module, "cuda_archs", LEANOPS_CUDA_ARCHS) < 0;
+#else
+  const int failed = PyModule_AddObjectRef(module, "with_cuda", Py_False) < 0 ||
+                     PyModule_AddObjectRef(module, "cuda_archs", Py_None) < 0;
+#endif
+  if (failed) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
+}

@@ -1,0 +1,143 @@
+"""W4A16 group-wise matmul in Triton: out = (x @ W.T + bias) rounded once to x's dtype, with
+W[n, k] = (q[n, k] - z[n, k // g]) * s[n, k // g] formed in the scales' dtype, then converted to
+x's dtype (the layout and numerics of leanops.quant.int4 / leanops.ops.int4).
+
+The packed weight is streamed as stored (uint8 [N, K/2], byte j of a row holding columns 2j in
+its low nibble and 2j+1 in its high nibble) and dequantised in registers, so HBM traffic for the
+weight is half a byte per value plus the group scales.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from leanops.triton import _common as C
+from leanops.triton._common import k_slice, tile_ids
+
+
+@triton.jit
+def _int4_weight_mm_kernel(
+    x_ptr, w_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr, ws_ptr,
+    M, N, K, M_BUCKET,
+    stride_xm, stride_xk, stride_wn, stride_om, stride_on, stride_ws_s,
+    HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, GROUP_SIZE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    # BLOCK_K divides GROUP_SIZE (keep() enforces it), so a K tile lies inside one group: one
+    # scale (and zero) per weight row per tile, a [BLOCK_N] vector instead of a gather. K is a
+    # multiple of the group size, hence of BLOCK_K: no K tail, no K mask.
+    tl.static_assert(GROUP_SIZE % BLOCK_K == 0)
+    pid_m, pid_n = tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    k_first, k_end = k_slice(tl.program_id(1), K, BLOCK_K, SPLIT_K)
+
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_kp = tl.arange(0, BLOCK_K // 2)
+    # Edge tiles re-read row 0 (unmasked, vectorised loads); the store mask drops those rows.
+    rm = tl.where(offs_m < M, offs_m, 0)
+    rn = tl.where(offs_n < N, offs_n, 0)
+    groups = K // GROUP_SIZE  # scales / zeros are [N, groups] contiguous
+    k0 = k_first.to(tl.int64) * BLOCK_K
+    x_ptrs = x_ptr + rm[:, None] * stride_xm + (k0 + offs_k)[None, :] * stride_xk
+    # The packed tile as the [BLOCK_K/2, BLOCK_N] operand layout of x @ W.T (bytes contiguous
+    # along K within a weight row).
+    w_ptrs = w_ptr + rn[None, :] * stride_wn + (k0 // 2 + offs_kp)[:, None]
+    sz_ptrs = rn * groups  # row starts in scales / zeros
+    x_step = tl.cast(stride_xk, tl.int64) * BLOCK_K
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for t in range(k_first, k_end):
+        x = tl.load(x_ptrs)
+        packed = tl.load(w_ptrs)
+        # Nibbles back to codes in K order: join puts (low, high) of byte j side by side in a new
+        # last axis, the permute moves that axis next to j, and the reshape flattens (j, 2) into
+        # k = 2j + {0, 1} (the unpacking of Triton's own int4 mixed-matmul test).
+        lo = packed & 0xF
+        hi = packed >> 4
+        q = tl.reshape(tl.permute(tl.join(lo, hi), (0, 2, 1)), (BLOCK_K, BLOCK_N))
+        g = (t * BLOCK_K) // GROUP_SIZE
+        s = tl.load(scales_ptr + sz_ptrs + g)
+        if HAS_ZEROS:
+            z = tl.load(zeros_ptr + sz_ptrs + g).to(tl.int8)
+        else:
+            z = tl.full((BLOCK_N,), 8, dtype=tl.int8)
+        # (q - z) is an integer in [-15, 15], exact in every float dtype; the product with the
+        # scale is then the format's single rounding, done in the scales' dtype as the reference
+        # does, and the conversion to x's dtype is the reference's second step.
+        w = ((q.to(tl.int8) - z[None, :]).to(s.dtype) * s[None, :]).to(x.dtype)
+        acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
+        x_ptrs += x_step
+        w_ptrs += BLOCK_K // 2
+
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    if SPLIT_K == 1:
+        out = acc
+        if HAS_BIAS:
+            out = out + tl.load(bias_ptr + rn).to(tl.float32)[None, :]
+        out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        ws_ptrs = (ws_ptr + tl.program_id(1).to(tl.int64) * stride_ws_s
+                   + offs_m[:, None] * N + offs_n[None, :])
+        tl.store(ws_ptrs, acc, mask=mask)
+
+
+_kernel = _int4_weight_mm_kernel
+
+# BLOCK_K 32..256 filtered by the group size (it must divide it): g = 32 streams 16 bytes of
+# packed weight per row per tile, g >= 128 can use 64-128 byte runs.
+SMALL_CONFIGS = C.small_m_configs(block_ks=(32, 64, 128, 256))
+LARGE_CONFIGS = C.large_m_configs(block_ks=(32, 64))
+CONFIGS = SMALL_CONFIGS + LARGE_CONFIGS
+
+
+def _valid(cfg, args):
+    return args["GROUP_SIZE"] % cfg.kwargs["BLOCK_K"] == 0
+
+
+def _keep(cfg, args):
+    return C.keep_matmul(
+        cfg, args, x_bytes=args["x_ptr"].element_size(), w_bytes=0.5, valid=_valid
+    )
+
+
+_tuned = C.autotune(
+    CONFIGS, key=["M_BUCKET", "N", "K", "GROUP_SIZE"], keep=_keep
+)(_kernel)
+
+FAMILY = C.register_family(
+    C.MatmulFamily(
+        kernel=_kernel, tuned=_tuned, configs=CONFIGS, keep=_keep, ws_dtype=torch.float32,
+        valid=_valid,
+    )
+)
+
+
+def _launch(x, w_packed, scales, zeros, group_size, bias=None, cfg=None):
+    M, K = x.shape
+    N = w_packed.shape[0]
+    out = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    return C.run_matmul(
+        FAMILY,
+        (x, w_packed, scales, scales if zeros is None else zeros, scales if bias is None else bias),
+        out, M, N, K,
+        (x.stride(0), x.stride(1), w_packed.stride(0), out.stride(0), out.stride(1)),
+        meta={
+            "HAS_ZEROS": zeros is not None,
+            "HAS_BIAS": bias is not None,
+            "GROUP_SIZE": int(group_size),
+            "DOT_PRECISION": C.dot_precision(x.dtype),
+        },
+        epilogue={"bias": bias},
+        cfg=cfg,
+    )
+
+
+def int4_weight_mm(x, w_packed, scales, zeros, group_size, bias=None):
+    """Triton kernel of leanops::int4_weight_mm (arguments validated by the op)."""
+    return _launch(x, w_packed, scales, zeros, group_size, bias)

@@ -47,11 +47,15 @@ OPCHECK_CASES = {
 }
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
 @pytest.mark.parametrize("case", sorted(OPCHECK_CASES))
-def test_opcheck(case):
+def test_opcheck(case, backend, request):
+    if backend == "triton":
+        request.getfixturevalue("interpreter")  # Triton on CPU tensors: interpreter only
     name = case.split("_nobias")[0].split("_grad")[0].split("_asym")[0].split("_sym")[0].split("_smooth")[0]
     op = getattr(torch.ops.leanops, name).default
-    torch.library.opcheck(op, OPCHECK_CASES[case]())
+    with leanops.use_backend(backend):
+        torch.library.opcheck(op, OPCHECK_CASES[case]())
 
 
 def test_int8_mm_reference_is_exact_integer_math_then_fp32_epilogue():

@@ -7,7 +7,7 @@ import leanops
 import pytest
 import torch
 from leanops.models import tiny_llama
-from leanops.nn import Int4WeightOnlyLinear, Int8Linear, Int8WeightOnlyLinear, QuantizedLinear
+from leanops.nn import Int4WeightOnlyLinear, Int8Linear, Int8WeightOnlyLinear, PackedLinear
 from leanops.quant import sqnr_db
 from safetensors.torch import save_file
 from torch import nn
@@ -63,7 +63,7 @@ def test_skipped_layers_are_logged_with_their_reason(caplog):
 
 def test_filter_fn_selects_layers():
     model, _ = _quantised("int8_weight_only", filter_fn=lambda mod, name: "mlp" in name)
-    quantised = {n for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    quantised = {n for n, m in model.named_modules() if isinstance(m, PackedLinear)}
     assert quantised == {f"layers.{i}.mlp.{p}" for i in range(2) for p in ("gate_proj", "up_proj", "down_proj")}
     assert type(model.lm_head) is nn.Linear
 
@@ -127,8 +127,8 @@ def test_save_then_load_into_a_fresh_dense_model_is_exact(name, tmp_path):
     leanops.load_quantized(fresh, path)
     with torch.no_grad():
         assert torch.equal(fresh(tokens), model(tokens))
-    assert {n: m.spec() for n, m in fresh.named_modules() if isinstance(m, QuantizedLinear)} == {
-        n: m.spec() for n, m in model.named_modules() if isinstance(m, QuantizedLinear)
+    assert {n: m.spec() for n, m in fresh.named_modules() if isinstance(m, PackedLinear)} == {
+        n: m.spec() for n, m in model.named_modules() if isinstance(m, PackedLinear)
     }
     # Loading again into the now-quantised model is allowed (same specs).
     leanops.load_quantized(fresh, path)

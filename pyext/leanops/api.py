@@ -12,13 +12,8 @@ import torch
 from torch import nn
 
 from leanops._version import FORMAT_VERSION, __version__
-from leanops.nn.linear import (
-    Int4WeightOnlyLinear,
-    Int8Linear,
-    Int8WeightOnlyLinear,
-    QuantizedLinear,
-    quantized_linear_from_spec,
-)
+from leanops.nn.packed import PackedLinear, packed_linear_from_spec
+from leanops.nn.quantized import Int4WeightOnlyLinear, Int8Linear, Int8WeightOnlyLinear
 from leanops.quant import int4 as int4_format
 from leanops.quant.config import (
     Int4WeightOnlyConfig,
@@ -138,7 +133,7 @@ def save_quantized(model: nn.Module, path: str | os.PathLike) -> None:
     quantised layer so load_quantized can rebuild them. Tied (shared) tensors are stored once."""
     from safetensors.torch import save_model
 
-    layers = {name: m.spec() for name, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    layers = {name: m.spec() for name, m in model.named_modules() if isinstance(m, PackedLinear)}
     metadata = {
         _FORMAT_KEY: str(FORMAT_VERSION),
         "leanops_version": __version__,
@@ -174,7 +169,7 @@ def load_quantized(model: nn.Module, path: str | os.PathLike, strict: bool = Tru
             current = model.get_submodule(name)
         except AttributeError:
             raise ValueError(f"{path} holds a quantised layer {name!r} that the model does not have") from None
-        if isinstance(current, QuantizedLinear):
+        if isinstance(current, PackedLinear):
             if current.spec() != spec:
                 raise ValueError(
                     f"layer {name!r} is already quantised as {current.spec()}, but {path} holds {spec}"
@@ -192,7 +187,7 @@ def load_quantized(model: nn.Module, path: str | os.PathLike, strict: bool = Tru
             )
         if not name:
             raise ValueError("load_quantized cannot replace the model itself; pass its parent module")
-        new = quantized_linear_from_spec(spec, device=current.weight.device)
+        new = packed_linear_from_spec(spec, device=current.weight.device)
         new.train(current.training)
         _replace(model, name, new)
     load_model(model, path, strict=strict)

@@ -1,10 +1,13 @@
 """Drop-in nn.Module replacements backed by leanops ops."""
 
-from leanops.nn.linear import (
-    Int4WeightOnlyLinear,
-    Int8Linear,
-    Int8WeightOnlyLinear,
-    QuantizedLinear,
-)
+from leanops.nn.packed import PackedLinear, packed_linear_from_spec, register_packed_linear
+from leanops.nn.quantized import Int4WeightOnlyLinear, Int8Linear, Int8WeightOnlyLinear
 
-__all__ = ["Int4WeightOnlyLinear", "Int8Linear", "Int8WeightOnlyLinear", "QuantizedLinear"]
+__all__ = [
+    "Int4WeightOnlyLinear",
+    "Int8Linear",
+    "Int8WeightOnlyLinear",
+    "PackedLinear",
+    "packed_linear_from_spec",
+    "register_packed_linear",
+]

@@ -1,93 +1,20 @@
 """Drop-in replacements for nn.Linear that hold quantised weights and call the leanops ops.
-
-Each module stores the packed tensors as buffers (so state_dict, .to(device) and safetensors see
-them) and the bias as a Parameter of the original layer's dtype. Inputs of any leading shape
-[..., in_features] are flattened to 2-D for the op; the output has the input's dtype.
-"""
+Inputs of any leading shape [..., in_features] are flattened to 2-D for the op; the output has
+the input's dtype (see leanops.nn.packed for what every such layer shares)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from leanops.nn.packed import PackedLinear, register_packed_linear
 from leanops.ops import int4_weight_mm, int8_dynamic_linear, int8_weight_mm
 from leanops.quant import int4 as int4_format
 from leanops.quant import int8 as int8_format
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
-
-
-class QuantizedLinear(nn.Module):
-    """Shared shape handling, bias, repr and (de)serialisation spec of the quantised linears."""
-
-    format_description = "quantised"
-
-    def __init__(self, in_features: int, out_features: int, bias: bool, device, dtype):
-        super().__init__()
-        if in_features <= 0 or out_features <= 0:
-            raise ValueError(
-                f"in_features and out_features must be positive, got {in_features}, {out_features}"
-            )
-        self.in_features = in_features
-        self.out_features = out_features
-        if bias:
-            dtype = dtype or torch.get_default_dtype()
-            self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype))
-        else:
-            self.register_parameter("bias", None)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.in_features:
-            raise ValueError(
-                f"{type(self).__name__}: the input's last dimension must be in_features="
-                f"{self.in_features}, got input of shape {tuple(x.shape)}"
-            )
-        out = self._matmul(x.reshape(-1, self.in_features))
-        return out.reshape(*x.shape[:-1], self.out_features)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """The float dtype the layer was built for (bias, and int4 scales); follows .to(dtype)."""
-        return self.bias.dtype if self.bias is not None else torch.float32
-
-    def _matmul(self, x2d: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def dequantized_weight(self) -> torch.Tensor:
-        """The dense [out_features, in_features] weight this layer multiplies by, in fp32."""
-        raise NotImplementedError
-
-    # -- serialisation spec: enough to rebuild an empty module that load_state_dict can fill --
-    def format_args(self) -> dict:
-        return {}
-
-    def spec(self) -> dict:
-        return {
-            "type": type(self).__name__,
-            "in_features": self.in_features,
-            "out_features": self.out_features,
-            "bias": self.bias is not None,
-            "dtype": _dtype_name(self.dtype),
-            **self.format_args(),
-        }
-
-    def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"bias={self.bias is not None}, format={self.format_description}, "
-            f"dtype={_dtype_name(self.dtype)}"
-        )
-
-    @staticmethod
-    def _copy_bias(linear: nn.Linear, module: QuantizedLinear) -> None:
-        if linear.bias is not None:
-            module.bias.data.copy_(linear.bias.detach())
-            module.bias.requires_grad_(linear.bias.requires_grad)
-
-
-class Int8Linear(QuantizedLinear):
+@register_packed_linear
+class Int8Linear(PackedLinear):
     """Dynamic W8A8 linear: int8 per-channel weights, per-token int8 activations at run time.
 
     Buffers: weight int8 [out, in], weight_scale fp32 [out], and with smoothquant=True
@@ -142,7 +69,8 @@ class Int8Linear(QuantizedLinear):
         return w if self.smooth is None else w * self.smooth[None, :]
 
 
-class Int8WeightOnlyLinear(QuantizedLinear):
+@register_packed_linear
+class Int8WeightOnlyLinear(PackedLinear):
     """W8A16 linear: int8 per-channel weights, 16-bit (or fp32) activations.
 
     Buffers: weight int8 [out, in], weight_scale fp32 [out].
@@ -175,7 +103,8 @@ class Int8WeightOnlyLinear(QuantizedLinear):
         return int8_format.dequantize_int8_per_channel(self.weight, self.weight_scale)
 
 
-class Int4WeightOnlyLinear(QuantizedLinear):
+@register_packed_linear
+class Int4WeightOnlyLinear(PackedLinear):
     """W4A16 linear: group-wise int4 weights in the layout of leanops.quant.int4.
 
     Buffers: weight_packed uint8 [out, in/2], weight_scale [out, in/group_size] in `dtype`, and
@@ -242,16 +171,3 @@ class Int4WeightOnlyLinear(QuantizedLinear):
         return int4_format.dequantize_int4(
             self.weight_packed, self.weight_scale, self.weight_zero, self.group_size
         ).float()
-
-
-QUANTIZED_LINEARS = {cls.__name__: cls for cls in (Int8Linear, Int8WeightOnlyLinear, Int4WeightOnlyLinear)}
-
-
-def quantized_linear_from_spec(spec: dict, device=None) -> QuantizedLinear:
-    """An empty module (to be filled by load_state_dict) from QuantizedLinear.spec()."""
-    spec = dict(spec)
-    name = spec.pop("type")
-    if name not in QUANTIZED_LINEARS:
-        raise ValueError(f"unknown quantised layer type {name!r}; known: {sorted(QUANTIZED_LINEARS)}")
-    dtype = getattr(torch, spec.pop("dtype"))
-    return QUANTIZED_LINEARS[name](**spec, device=device, dtype=dtype)

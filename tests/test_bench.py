@@ -1,72 +1,52 @@
-"""The benchmark library and the CLI: energy meters never invent numbers, outputs are valid."""
+"""The `leanops` CLI end to end on the CPU: `leanops bench --quick` (what CI runs), the suites
+at tiny sizes, JSON/CSV/PNG outputs whose energy fields are meter numbers or null with a reason,
+the demo, and the pytest-benchmark suites. Meters themselves: test_bench_energy.py; the runner:
+test_bench_runner.py."""
 
 import csv
 import json
+import math
+import os
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 from leanops import cli
-from leanops.bench.energy import EnergyResult, NvmlEnergyMeter, measure_energy
-from leanops.bench.report import format_table
+from leanops.bench import runner as runner_module
+from leanops.bench.energy import EnergyMeter
+from leanops.bench.report import CSV_HEADER, format_table
 
-
-class FakeNvml:
-    """Stands in for pynvml: an energy counter (mJ) that advances with the wall clock."""
-
-    class NVMLError_NotSupported(Exception):
-        pass
-
-    def __init__(self, watts=300.0, supported=True):
-        import time
-
-        self.watts, self.supported, self.time = watts, supported, time
-
-    def nvmlInit(self):
-        pass
-
-    def nvmlDeviceGetHandleByIndex(self, index):
-        return index
-
-    def nvmlDeviceGetTotalEnergyConsumption(self, handle):
-        if not self.supported:
-            raise self.NVMLError_NotSupported("Not Supported")
-        return int(self.time.perf_counter() * self.watts * 1000)
-
-    def nvmlDeviceGetTemperature(self, handle, sensor):
-        return 40
-
-    def nvmlDeviceGetClockInfo(self, handle, clock):
-        return 1980
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture
-def cpu_index(monkeypatch):
-    # NvmlEnergyMeter maps a CUDA index to NVML's; without a GPU pretend index 0 maps to 0.
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(torch.cuda, "_get_nvml_device_index", lambda i: i)
+def no_rapl(tmp_path, monkeypatch):
+    """CPU energy: no powercap tree (so energy is null with a reason on any host)."""
+    monkeypatch.setenv("LEANOPS_POWERCAP_ROOT", str(tmp_path / "no-powercap"))
 
 
-def test_nvml_meter_measures_from_the_counter(cpu_index):
-    meter = NvmlEnergyMeter(torch.device("cuda", 0), nvml=FakeNvml(watts=250.0))
-    assert meter.reason is None
-    result = measure_energy(lambda: None, torch.device("cpu"), meter, min_seconds=0.05, trials=2, idle_power_w=50.0)
-    # The fake draws 250 W whatever runs: the measured average power must say so.
-    assert result.avg_power_w == pytest.approx(250.0, rel=0.05)
-    assert result.idle_power_w == 50.0
-    assert result.joules_per_call > 0 and result.dynamic_joules_per_call > 0
-    assert result.source.startswith("nvml") and result.reason is None
-    assert result.temperature_c == 40 and result.sm_clock_mhz == 1980
+class ClockMeter(EnergyMeter):
+    """A counter that follows the wall clock at 65 W (a CPU package under load, say)."""
+
+    source = "fake rapl-like counter"
+    min_seconds = 0.0
+
+    def read_joules(self):
+        return time.perf_counter() * 65.0
 
 
-def test_unreadable_counter_gives_null_with_reason(cpu_index):
-    meter = NvmlEnergyMeter(torch.device("cuda", 0), nvml=FakeNvml(supported=False))
-    assert "NVML energy counter not readable" in meter.reason and "Not Supported" in meter.reason
-
-
-def test_no_meter_on_cpu_is_null_not_an_estimate():
-    result = measure_energy(lambda: None, torch.device("cpu"))
-    assert result == EnergyResult.unavailable(result.reason)
-    assert result.joules_per_call is None and result.avg_power_w is None and result.reason
+def check_energy_fields(rows):
+    """Every energy number comes with its source; every missing one with a reason."""
+    for row in rows:
+        j = row["energy_joules_per_call"]
+        if j is None:
+            assert row["energy_reason"] and row["energy_source"] is None
+            assert row["energy_avg_power_w"] is None and row["tflop_per_joule"] is None
+        else:
+            assert isinstance(j, float) and j > 0 and row["energy_source"] and row["energy_reason"] is None
+            assert row["energy_kind"] in ("counter", "integrated power")
 
 
 def test_format_table_prints_missing_values_as_dashes():
@@ -75,28 +55,140 @@ def test_format_table_prints_missing_values_as_dashes():
     assert lines[0].split() == ["A", "B"] and lines[2].split() == ["x", "1.2"] and lines[3].split() == ["yy", "-"]
 
 
-def test_cli_info_prints_the_backend_report(capsys):
+def test_cli_info_prints_the_backend_report(capsys, no_rapl):
     assert cli.main(["info"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["reference"]["available"] is True
+    assert report["energy"]["source"] is None and "no RAPL energy counters" in report["energy"]["reason"]
 
 
-def test_cli_bench_matmul_writes_valid_json_and_csv(tmp_path, capsys):
+def test_bench_quick_on_cpu_writes_valid_json_and_csv(tmp_path, capsys, no_rapl):
+    """The CI smoke test: every op family vs its dense baseline, tiny sizes, exit 0."""
     out, table = tmp_path / "r.json", tmp_path / "r.csv"
-    assert cli.main(["bench", "matmul", "--shapes", "tiny", "--batch", "3", "--energy",
-                     "--providers", "dense,int4_weight_mm,int8_mm", "--out", str(out), "--csv", str(table)]) == 0
+    assert cli.main(["bench", "--quick", "--progress", "plain", "--out", str(out), "--csv", str(table)]) == 0
+    text = capsys.readouterr().out
+    assert "energy: not measured" in text and "no RAPL energy counters" in text
+    data = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+    assert data["format"] == "leanops-bench/1" and data["suites"] == ["matmul", "attention", "model"]
+    assert data["environment"]["torch"] == torch.__version__ and data["failed"] == []
+    rows = data["rows"]
+    assert {r["suite"] for r in rows} == {"matmul", "attention", "model"}
+    ops = {r["op"] for r in rows}
+    assert {"dense", "int4_weight_mm", "int8_weight_mm", "int8_mm", "int8_dynamic_linear", "attention",
+            "tiny-llama prefill", "tiny-llama decode", "mini-encoder forward"} <= ops
+    for row in rows:
+        assert row["median_ms"] > 0 and row["speedup_vs_dense"] > 0 and row["baseline"]
+        assert row["timing_method"] == "wall clock (CPU)"
+    check_energy_fields(rows)
+    assert all("no RAPL energy counters" in r["energy_reason"] for r in rows)
+    # each family's baseline is in it: dense F.linear, SDPA's own choice, the dense model
+    baselines = {(r["suite"], r["baseline"]) for r in rows}
+    assert baselines == {("matmul", "torch:F.linear"), ("attention", "torch:sdpa"), ("model", "dense")}
+    # what cannot run on a CPU is listed with the reason, not silently left out
+    skipped = {s["provider"]: s["reason"] for s in data["skipped"]}
+    assert "GPU" in skipped["torch:_int_mm+dequant"] and "sm_80" in skipped["torch:semi-structured"]
+
+    lines = list(csv.DictReader(table.open()))
+    assert list(lines[0]) == CSV_HEADER
+    metrics = {r["metric"] for r in lines}
+    assert {"median_ms", "speedup_vs_dense", "tokens_per_s", "energy_joules_per_call", "tflop_per_joule",
+            "output_sqnr_db"} <= metrics
+    for line in lines:
+        if line["value"] == "":
+            assert line["reason"], line  # an empty value always says why
+        else:
+            float(line["value"])
+    timing = [line for line in lines if line["metric"] == "median_ms"]
+    assert len(timing) == len(rows) and all(line["spread"] == "p20-p80" for line in timing)
+    assert all(float(line["low"]) <= float(line["value"]) <= float(line["high"]) for line in timing)
+
+
+def test_bench_with_a_readable_meter_reports_its_numbers(tmp_path, capsys, monkeypatch):
+    """Where a counter reads, rows carry its numbers and everything derived from them."""
+    monkeypatch.setattr(runner_module, "meter_for", lambda device: (ClockMeter(), None))
+    out = tmp_path / "r.json"
+    assert cli.main(["bench", "matmul", "--quick", "--batch", "3", "--providers", "dense,int8_weight_mm",
+                     "--energy-seconds", "0.02", "--progress", "plain", "--out", str(out)]) == 0
     data = json.loads(out.read_text())
-    ops = sorted(r["op"] for r in data["rows"])
-    assert ops == ["dense", "dense", "int4_weight_mm", "int4_weight_mm", "int8_mm", "int8_mm"]
+    check_energy_fields(data["rows"])
+    assert data["energy"]["source"] == "fake rapl-like counter"
     for row in data["rows"]:
-        assert row["median_ms"] > 0 and row["speedup_vs_dense"] > 0
-        # Energy on a CPU: null with the reason, never a number made up.
-        assert row["energy_joules_per_call"] is None and "no energy meter" in row["energy_reason"]
-    assert data["environment"]["torch"] == torch.__version__
-    rows = list(csv.DictReader(table.open()))
-    metrics = {r["metric"] for r in rows}
-    assert {"median_ms", "speedup_vs_dense", "energy_joules_per_call"} <= metrics
-    assert all(r["energy_reason"] for r in rows if r["metric"] == "energy_joules_per_call")
+        assert row["energy_source"] == "fake rapl-like counter"
+        assert row["energy_avg_power_w"] == pytest.approx(65.0, rel=0.05)
+        assert math.isclose(row["tflop_per_joule"], row["flops"] / row["energy_joules_per_call"] / 1e12)
+        assert row["energy_loop"].startswith("eager calls") and row["energy_calls_per_trial"] >= 1
+    dense, w8 = sorted(data["rows"], key=lambda r: r["op"] != "dense")
+    assert w8["energy_gain_vs_dense"] == dense["energy_joules_per_call"] / w8["energy_joules_per_call"]
+
+
+def test_bench_attention_on_cpu(tmp_path, capsys, no_rapl):
+    out = tmp_path / "a.json"
+    assert cli.main(["bench", "attention", "--seqlen", "32,48", "--heads", "2", "--head-dim", "16",
+                     "--causal", "--progress", "plain", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    providers = {r["provider"] for r in data["rows"]}
+    assert {"torch:sdpa", "torch:sdpa[math]"} <= providers
+    for r in data["rows"]:
+        assert r["causal"] is True and r["H"] == 2 and r["D"] == 16
+        assert r["flops"] == 4 * 1 * 2 * r["Sq"] * r["Sk"] * 16 / 2  # halved: causal
+        assert r["min_bytes"] == 4 * 1 * 2 * 16 * 4 * r["Sq"]  # q, k, v, out in fp32
+    check_energy_fields(data["rows"])
+    # the CUDA-only SDPA backends are skipped with torch's own reason
+    reasons = {s["provider"]: s["reason"] for s in data["skipped"]}
+    assert "RuntimeError" in reasons["torch:sdpa[efficient]"]
+
+
+def test_bench_model_on_cpu(tmp_path, capsys, no_rapl):
+    out, table = tmp_path / "m.json", tmp_path / "m.csv"
+    assert cli.main(["bench", "model", "--model", "mini-encoder", "--preset", "test", "--tokens", "16",
+                     "--batch", "2", "--variants", "int8 weight-only", "--progress", "plain",
+                     "--out", str(out), "--csv", str(table)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["provider"], r["op"]) for r in rows] == [("dense", "mini-encoder forward"),
+                                                        ("int8 weight-only", "mini-encoder forward")]
+    for r in rows:
+        assert r["tokens"] == 32 and r["B"] == 2 and r["S"] == 16 and r["output"] == "last hidden state"
+        assert r["peak_mem_mb"] is None and r["peak_mem_reason"]  # CPU: said, not guessed
+    # the test preset's embeddings (kept dense) are a third of it: int8 linears give ~2.3x overall
+    assert rows[1]["output_sqnr_db"] > 20 and rows[1]["size_x"] > 2
+    check_energy_fields(rows)
+    text = capsys.readouterr().out
+    assert "tokens/s" in text and "SQNR dB" in text
+
+
+def test_bench_plot_writes_a_png(tmp_path, capsys, no_rapl):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "r.png"
+    assert cli.main(["bench", "matmul", "--quick", "--batch", "2", "--providers", "dense,int8_weight_mm",
+                     "--progress", "plain", "--plot", str(png)]) == 0
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def test_bench_plot_without_matplotlib_fails_before_running(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    with pytest.raises(SystemExit, match="--plot needs matplotlib"):
+        cli.main(["bench", "matmul", "--quick", "--plot", str(tmp_path / "r.png")])
+    assert "case(s)" not in capsys.readouterr().out  # nothing was benchmarked first
+
+
+def test_bench_save_writes_under_the_results_dir(tmp_path, capsys, no_rapl):
+    assert cli.main(["bench", "matmul", "--quick", "--batch", "2", "--providers", "dense", "--save",
+                     "--results-dir", str(tmp_path), "--progress", "plain"]) == 0
+    (folder,) = tmp_path.iterdir()
+    assert folder.name.startswith("cpu-")
+    names = sorted(p.suffix for p in folder.iterdir())
+    assert ".json" in names and ".csv" in names
+    with pytest.raises(SystemExit, match="does not exist"):
+        cli.main(["bench", "matmul", "--quick", "--save", "--results-dir", str(tmp_path / "nope")])
+
+
+def test_pytest_benchmark_suites_collect():
+    proc = subprocess.run([sys.executable, "-m", "pytest", "bench/", "--collect-only", "-q", "-p", "no:cacheprovider"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for suite in ("test_matmul.py::test_matmul[", "test_attention.py::test_attention[", "test_model.py::test_model["):
+        assert suite in proc.stdout
 
 
 def test_cli_demo_runs_on_the_test_preset(tmp_path, capsys):
@@ -109,8 +201,26 @@ def test_cli_demo_runs_on_the_test_preset(tmp_path, capsys):
     assert all(r["size_x"] > 2.5 for r in rows[1:])  # every quantised variant is much smaller
 
 
-def test_cli_rejects_bad_arguments():
+def test_cli_rejects_bad_arguments(capsys):
     with pytest.raises(SystemExit):
         cli.main(["bench", "matmul", "--batch", "0"])
     with pytest.raises(SystemExit):
         cli.main(["bench", "matmul", "--shapes", "tiny", "--dtype", "int3"])
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "attention", "--heads", "two"])
+    with pytest.raises(SystemExit, match="shapes must be one of"):
+        cli.main(["bench", "matmul", "--shapes", "llama-70b"])
+    with pytest.raises(SystemExit, match="unknown providers"):
+        cli.main(["bench", "matmul", "--quick", "--providers", "dense,fp8"])
+    with pytest.raises(SystemExit, match="unknown variants"):
+        cli.main(["bench", "model", "--quick", "--variants", "int2"])
+
+
+def test_common_options_work_before_and_after_the_suite(tmp_path, capsys, no_rapl):
+    before, after = tmp_path / "before.json", tmp_path / "after.json"
+    args = ["--quick", "--batch", "2", "--providers", "dense", "--no-energy", "--progress", "plain"]
+    assert cli.main(["bench", "--out", str(before), "matmul", *args]) == 0
+    assert cli.main(["bench", "matmul", "--out", str(after), *args]) == 0
+    for path in (before, after):
+        data = json.loads(path.read_text())
+        assert [r["shape"] for r in data["rows"]] == ["M=2,K=384,N=256"] and data["energy"]["requested"] is False

@@ -1,19 +1,52 @@
 """The `leanops` command.
 
-  leanops info                       what can run here (backends, GPU, extension) and why not
-  leanops demo                       quantise the built-in TinyLlama; size, error, speed, energy
-  leanops bench matmul [options]     quantised matmuls vs dense baselines (speed, energy)
+  leanops info                        what can run here (backends, GPU, extension, energy meter)
+  leanops demo                        quantise the built-in TinyLlama; size, error, speed, energy
+  leanops bench [--quick]             every op family vs its dense baseline (matmul, attention,
+                                      model); on a CPU, or with --quick, at tiny sizes
+  leanops bench matmul [options]      quantised / 2:4 matmuls vs F.linear, torch._int_mm, torch 2:4
+  leanops bench attention [options]   SDPA backends (and leanops attention) vs SDPA's own choice
+  leanops bench model [options]       built-in models dense vs int8 / int4 / 2:4 / fused attention
+
+Every bench command takes --out r.json --csv r.csv --plot r.png --save (bench/results/<device>/),
+--energy/--no-energy, --device, --dtype, --graph; see `leanops bench matmul --help`.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import os
+import re
 import sys
 
 import torch
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+# Sizes. "full": the default on a GPU; "quick": --quick anywhere, and the default on a CPU (the
+# reference path would take hours on the GPU sizes). Explicit shape arguments always win.
+QUICK = {
+    "matmul": {"shapes": "quick", "batch": [1, 17]},
+    "attention": {"seqlen": [64, 128], "batch": 1, "heads": 2, "head_dim": 32},
+    "model": {"preset": "test", "tokens": 32, "batch": 1},
+}
+FULL = {
+    "matmul": {"shapes": "llama-7b", "batch": [1, 16, 128, 2048]},
+    "attention": {"seqlen": [1024, 4096, 16384], "batch": 1, "heads": 32, "head_dim": 128},
+    "model": {"preset": None, "tokens": 256, "batch": 1},
+}
+# A suite named on a CPU without --quick: kernel suites at the quick sizes, the model suite with
+# the full-size models at a short prompt (what `leanops demo` shows on a CPU).
+CPU = {**QUICK, "model": {"preset": None, "tokens": 64, "batch": 1}}
+# `leanops bench` with no suite on a GPU: a few shapes of every family.
+HEADLINE = {
+    "matmul": {"shapes": "llama-7b-quick", "batch": [1, 16, 2048]},
+    "attention": {"seqlen": [1024, 4096], "batch": 1, "heads": 32, "head_dim": 128, "causal": True},
+    "model": {"preset": None, "tokens": 256, "batch": 1},
+}
+MODEL_NAMES = ("tiny-llama", "mini-encoder")
 
 
 def _device(name: str) -> torch.device:
@@ -35,10 +68,32 @@ def _ints(text: str) -> list[int]:
     return values
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _names(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
 def cmd_info(args) -> int:
     import leanops
+    from leanops.bench.energy import meter_for
 
-    print(json.dumps(leanops.backends(), indent=2))
+    report = dict(leanops.backends())
+    device = _device("auto")
+    meter, reason = meter_for(device)
+    report["energy"] = {"device": str(device), "source": meter.source if meter else None,
+                        "kind": meter.kind if meter else None, "reason": reason}
+    if meter is not None:
+        meter.close()
+    print(json.dumps(report, indent=2))
     return 0
 
 
@@ -79,6 +134,7 @@ def cmd_demo(args) -> int:
     print(format_table(rows, columns))
     print("  x columns: dense / variant (higher is better). Logit error is vs the dense model; random")
     print("  weights with outlier channels amplify quantisation error more than trained models do.")
+    print("  decode: one token per sequence at the prompt's context length, with a KV cache.")
     if not args.no_energy:
         reason = rows[0].get("energy_reason")
         print(f"  energy: {rows[0].get('energy_source') or 'not measured: ' + str(reason)}")
@@ -88,32 +144,201 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def cmd_bench_matmul(args) -> int:
-    from leanops.bench.env import environment
-    from leanops.bench.matmul import PROVIDERS, run_matmul_suite
-    from leanops.bench.report import matmul_table, write_csv, write_json
-    from leanops.bench.roofline import ceilings
+# ----------------------------------------------------------------------------------- bench
 
+
+def _pick(args, suite: str, key: str, sizes: dict):
+    """An explicit argument, else the size table's value."""
+    value = getattr(args, key, None)
+    return value if value is not None else sizes[suite][key]
+
+
+def _sizes(args, device: torch.device, suite: str) -> dict:
+    if args.quick:
+        return QUICK
+    if device.type != "cuda":
+        return QUICK if suite == "all" else CPU
+    return HEADLINE if suite == "all" else FULL
+
+
+def _matmul_cases(args, device, dtype, sizes, backends):
+    from leanops.bench.matmul import PROVIDERS, suite_cases
+
+    providers = _names(args.providers) if getattr(args, "providers", None) else PROVIDERS
+    return suite_cases(_pick(args, "matmul", "shapes", sizes), _pick(args, "matmul", "batch", sizes), dtype,
+                       device, providers, backends, getattr(args, "group_size", None) or 128)
+
+
+def _attention_cases(args, device, dtype, sizes, backends):
+    from leanops.bench.attention import PROVIDERS, attention_cases
+
+    providers = _names(args.providers) if getattr(args, "providers", None) else PROVIDERS
+    causal = args.causal if getattr(args, "causal", None) is not None else sizes["attention"].get("causal", False)
+    return attention_cases(_pick(args, "attention", "seqlen", sizes), _pick(args, "attention", "batch", sizes),
+                           _pick(args, "attention", "heads", sizes), _pick(args, "attention", "head_dim", sizes),
+                           causal, dtype, device, providers, backends)
+
+
+def _model_cases(args, device, dtype, sizes, progress):
+    from leanops.bench.model import MODELS, model_cases
+
+    names = MODEL_NAMES if getattr(args, "model", "all") in (None, "all") else (args.model,)
+    variants = _names(args.variants) if getattr(args, "variants", None) else None
+    preset = _pick(args, "model", "preset", sizes)
+    cases = []
+    for name in names:
+        p = preset
+        if p == "test" or p is None:
+            p = MODELS[name].test_preset if p == "test" else MODELS[name].default_preset
+        cases += model_cases(name, p, _pick(args, "model", "batch", sizes), _pick(args, "model", "tokens", sizes),
+                             dtype, device, variants, progress=progress.log)
+    return cases
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def cmd_bench(args) -> int:
+    import leanops
+    from leanops.bench.env import environment
+    from leanops.bench.matmul import default_backends
+    from leanops.bench.progress import make_progress
+    from leanops.bench.report import footnotes, table, write_csv, write_json
+    from leanops.bench.roofline import ceilings
+    from leanops.bench.runner import Results, Runner, Settings
+
+    suite = args.suite or "all"
     device = _device(args.device)
+    if args.plot:  # fail before a long sweep, not after it
+        from leanops.bench.plot import PlotUnavailable, require_matplotlib
+        try:
+            require_matplotlib()
+        except PlotUnavailable as exc:
+            raise SystemExit(f"leanops: {exc}") from None
+    if args.save and not os.path.isdir(args.results_dir):
+        raise SystemExit(f"leanops: --save writes under {args.results_dir}/, which does not exist here "
+                         "(run from the repository root or pass --results-dir)")
+    sizes = _sizes(args, device, suite)
+    if device.type != "cuda" and not args.quick:
+        print("leanops bench: no GPU: the reference kernels run at small sizes (shape arguments override)")
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    backends = _names(args.backends) if args.backends else default_backends(device)
+    energy = args.energy if args.energy is not None else (suite in ("all", "model") or args.quick)
+    settings = Settings(energy=energy, energy_trials=args.energy_trials, graph=args.graph)
+    if args.quick:  # a smoke test: short loops (the meter still enforces its own minimum)
+        settings.energy_seconds, settings.idle_seconds = 0.1, 0.25
+        settings.energy_trials = min(settings.energy_trials, 2)
+        settings.warmup_ms, settings.rep_ms, settings.min_calls = 5, 20, 3
+    if args.energy_seconds is not None:
+        settings.energy_seconds = args.energy_seconds
+
+    env = environment(device)
+    print(f"leanops {leanops.__version__} bench {suite} on {env.get('gpu') or env.get('cpu') or device} "
+          f"({str(dtype).replace('torch.', '')}; leanops backends: {', '.join(backends)})")
     ceil = ceilings(device) if device.type == "cuda" else None
     if ceil is not None:
-        print(f"ceilings ({ceil.device}): copy {ceil.copy_gbps:.0f} GB/s, bf16 {ceil.bf16_tflops:.0f} "
-              f"TFLOP/s, int8 {ceil.int8_tops:.0f} TOP/s")
-    providers = args.providers.split(",") if args.providers else PROVIDERS
-    backends = args.backends.split(",") if args.backends else None
-    rows = run_matmul_suite(
-        args.shapes, args.batch, DTYPES[args.dtype], device, providers, backends,
-        args.group_size, args.energy, args.energy_trials, ceil,
-    )
-    print(matmul_table(rows))
-    env = environment(device)
-    if args.out:
-        write_json(args.out, rows, env, ceil.as_dict() if ceil else None, {"suite": "matmul"})
-        print(f"wrote {args.out}")
-    if args.csv:
-        write_csv(args.csv, rows, env)
-        print(f"wrote {args.csv}")
+        print(f"ceilings ({ceil.device}, measured, cached): copy {ceil.copy_gbps:.0f} GB/s, bf16 "
+              f"{ceil.bf16_tflops:.0f} TFLOP/s, int8 {ceil.int8_tops:.0f} TOP/s")
+
+    suites = ["matmul", "attention", "model"] if suite == "all" else [suite]
+    results = Results()
+    with make_progress(args.progress) as progress:
+        runner = Runner(device, settings, ceil, progress)
+        try:
+            for name in suites:
+                try:
+                    if name == "matmul":
+                        cases = _matmul_cases(args, device, dtype, sizes, backends)
+                    elif name == "attention":
+                        cases = _attention_cases(args, device, dtype, sizes, backends)
+                    else:
+                        cases = _model_cases(args, device, dtype, sizes, progress)
+                except ValueError as exc:  # bad shapes, providers, presets: say so, no traceback
+                    raise SystemExit(f"leanops bench {name}: {exc}") from None
+                results.extend(runner.run(cases, name))
+        finally:
+            runner.close()
+    print()
+    if results.rows:
+        print(table(results.rows))
+    print(footnotes(results.rows, results.skipped, results.failed, runner.energy_info()))
+
+    extra = {
+        "suites": suites,
+        "argv": sys.argv[1:],
+        "settings": {**vars(settings), "dtype": str(dtype).replace("torch.", ""), "backends": backends,
+                     "quick": bool(args.quick or device.type != "cuda")},
+        "energy": runner.energy_info(),
+        "skipped": results.skipped,
+        "failed": results.failed,
+    }
+    outputs = {"json": args.out, "csv": args.csv, "png": args.plot}
+    if args.save:
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+        folder = os.path.join(args.results_dir, _slug(env.get("gpu") or f"cpu-{env.get('cpu') or 'unknown'}"))
+        os.makedirs(folder, exist_ok=True)
+        base = os.path.join(folder, f"{stamp}-{suite}")
+        for kind in ("json", "csv", "png"):
+            if kind != "png" or args.plot or _has_matplotlib():
+                outputs[kind] = outputs[kind] or f"{base}.{kind}"
+    ceil_dict = ceil.as_dict() if ceil else None
+    if outputs["json"]:
+        write_json(outputs["json"], results.rows, env, ceil_dict, extra)
+        print(f"wrote {outputs['json']}")
+    if outputs["csv"]:
+        write_csv(outputs["csv"], results.rows, env)
+        print(f"wrote {outputs['csv']}")
+    if outputs["png"]:
+        from leanops.bench.plot import plot_rows
+
+        if results.rows:
+            plot_rows(results.rows, outputs["png"],
+                      f"leanops bench {suite}: {env.get('gpu') or env.get('cpu') or device}, {env['timestamp']}")
+            print(f"wrote {outputs['png']}")
+    if results.failed:
+        print(f"leanops bench: {len(results.failed)} case(s) failed (see above; tracebacks in the JSON)",
+              file=sys.stderr)
+        return 1
     return 0
+
+
+def _has_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _add_common(p: argparse.ArgumentParser, suppress: bool) -> None:
+    """Options every bench command takes. On the suite subcommands their defaults are SUPPRESS,
+    so `leanops bench --out r.json matmul` and `leanops bench matmul --out r.json` both work."""
+    def d(value):
+        return argparse.SUPPRESS if suppress else value
+
+    p.add_argument("--quick", action="store_true", default=d(False),
+                   help="tiny sizes, short loops: a smoke test that runs in seconds (what CI runs)")
+    p.add_argument("--device", default=d("auto"), help="auto (default), cpu, cuda, cuda:1 ...")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=d(None), help="default: bf16 on GPU, fp32 on CPU")
+    p.add_argument("--backends", default=d(None),
+                   help="comma-separated leanops backends, each measured separately (default: all available)")
+    p.add_argument("--energy", action=argparse.BooleanOptionalAction, default=d(None),
+                   help="measure energy per call (default: on for `bench`, `bench model` and --quick; "
+                        "off for the matmul and attention sweeps: each case adds >= 3 s)")
+    p.add_argument("--energy-trials", type=int, default=d(3), help="loops of >= 1 s per energy figure")
+    p.add_argument("--energy-seconds", type=float, default=d(None),
+                   help="seconds per energy loop (default 1; the meter's own minimum applies)")
+    p.add_argument("--graph", choices=["auto", "always", "never"], default=d("auto"),
+                   help="CUDA-graph replay timing: auto = for small launches (default)")
+    p.add_argument("--out", default=d(None), help="JSON output path")
+    p.add_argument("--csv", default=d(None), help="long-format CSV output path")
+    p.add_argument("--plot", default=d(None), help="PNG of speedup and energy gain vs dense (needs matplotlib)")
+    p.add_argument("--save", action="store_true", default=d(False),
+                   help="also write JSON/CSV/PNG under RESULTS_DIR/<device>/<timestamp>-<suite>.*")
+    p.add_argument("--results-dir", default=d(os.path.join("bench", "results")))
+    p.add_argument("--progress", choices=["auto", "rich", "plain"], default=d("auto"),
+                   help="progress display: rich bar on a terminal when installed (auto), or plain lines")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,20 +356,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the rows to this JSON file")
     p.set_defaults(func=cmd_demo)
 
-    bench = sub.add_parser("bench", help="benchmark suites").add_subparsers(dest="suite", required=True)
-    p = bench.add_parser("matmul", help="quantised matmuls vs dense baselines")
-    p.add_argument("--shapes", default="llama-7b", help="llama-7b (default), llama-13b or tiny")
-    p.add_argument("--batch", type=_ints, default=[1, 16, 128, 2048], help="comma-separated M values")
-    p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    bench = sub.add_parser("bench", help="benchmarks: every op vs its dense baseline (speed, energy, roofline)",
+                           description="Without a suite: every op family vs its dense baseline, a few "
+                                       "shapes each (tiny sizes on a CPU or with --quick).")
+    _add_common(bench, suppress=False)
+    bench.set_defaults(func=cmd_bench, suite=None)
+    suites = bench.add_subparsers(dest="suite")
+
+    p = suites.add_parser("matmul", help="quantised and 2:4 matmuls vs F.linear, torch._int_mm, torch 2:4")
+    _add_common(p, suppress=True)
+    p.add_argument("--shapes", help="llama-7b (default on GPU), llama-13b, llama-7b-quick, tiny or quick")
+    p.add_argument("--batch", type=_ints, help="comma-separated M values (default 1,16,128,2048)")
     p.add_argument("--group-size", type=int, default=128)
-    p.add_argument("--providers", help="comma-separated subset of the providers (default: all)")
-    p.add_argument("--backends", help="comma-separated leanops backends (default: all available)")
-    p.add_argument("--energy", action="store_true", help="also measure energy per call (slower)")
-    p.add_argument("--energy-trials", type=int, default=3, help="loops of >= 1 s per energy figure")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--out", help="JSON output path")
-    p.add_argument("--csv", help="long-format CSV output path")
-    p.set_defaults(func=cmd_bench_matmul)
+    p.add_argument("--providers", help="comma-separated subset of the providers (default: all; dense always runs)")
+
+    p = suites.add_parser("attention", help="SDPA backends (and leanops attention) vs SDPA's choice")
+    _add_common(p, suppress=True)
+    p.add_argument("--seqlen", type=_ints, help="comma-separated sequence lengths (default 1024,4096,16384)")
+    p.add_argument("--batch", type=_positive, help="batch size (default 1)")
+    p.add_argument("--heads", type=_positive, help="heads (default 32)")
+    p.add_argument("--head-dim", type=_positive, help="head dimension (default 128)")
+    p.add_argument("--causal", action=argparse.BooleanOptionalAction, default=None, help="causal mask (default: off)")
+    p.add_argument("--providers", help="comma-separated subset: sdpa, sdpa-flash, sdpa-efficient, sdpa-cudnn, "
+                                       "sdpa-math, leanops (default: all)")
+
+    p = suites.add_parser("model", help="built-in models: dense vs int8 / int4 / 2:4 / fused attention")
+    _add_common(p, suppress=True)
+    p.add_argument("--model", choices=[*MODEL_NAMES, "all"], default="all")
+    p.add_argument("--preset", help="the model's preset (tiny-llama: demo, test; mini-encoder: minilm, test)")
+    p.add_argument("--tokens", type=_positive, help="prompt length S (default 256; decode runs at context S)")
+    p.add_argument("--batch", type=_positive, help="sequences per call (default 1)")
+    p.add_argument("--variants", help="comma-separated variant names (default: all; dense always runs)")
     return parser
 
 

@@ -39,5 +39,16 @@ def environment(device: torch.device) -> dict:
         except Exception:
             pass
     else:
-        info["cpu"] = platform.processor() or platform.machine()
+        info["cpu"] = _cpu_name()
     return info
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

@@ -1,28 +1,42 @@
-"""The quantised-matmul benchmark: every leanops matmul backend against the dense baselines a
-user would otherwise call (F.linear in 16 bits through cuBLAS, torch._int_mm + a separate
-dequantisation), on LLM linear-layer shapes, in one run so ratios compare like with like."""
+"""The matmul suite: every leanops matmul backend against the dense baselines a user would
+otherwise call, on LLM linear-layer shapes, in one run so ratios compare like with like.
+
+Providers (`--providers`):
+  dense                  F.linear in 16 bits (cuBLAS): the baseline every row is compared with
+  int4_weight_mm         leanops W4A16, per backend
+  int8_weight_mm         leanops W8A16, per backend
+  int8_mm                leanops W8A8 with the dequantisation fused, per backend
+  int8_dynamic_linear    leanops per-token quantisation + int8_mm, per backend
+  torch_int_mm           torch._int_mm + a separate dequantisation (CUDA, M > 16)
+  torch_semi_structured  torch.sparse.to_sparse_semi_structured of a 2:4-pruned weight + F.linear
+                         (CUDA sm_80+, fp16/bf16)
+  sparse24_mm            leanops 2:4 sparse (16-bit kept values), per backend, where it exists
+  sparse24_int4_mm       leanops 2:4 sparse with int4 kept values, per backend, where it exists
+
+FLOPs are 2MNK for every provider (dense-equivalent for the 2:4 ones: the work the user gets
+done); minimum bytes are each input read once and the output written once, in its own format.
+"""
 
 from __future__ import annotations
 
-import itertools
-import math
+import importlib
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 import leanops
-from leanops.bench.energy import EnergyResult, measure_energy, measure_idle_power, meter_for
 from leanops.bench.roofline import Ceilings
-from leanops.bench.timing import time_fn
+from leanops.bench.runner import Case, Settings, run_cases
 from leanops.quant import quantize_int4, quantize_int8_per_channel, quantize_per_token_int8
 
 # (K, N) = (in_features, out_features) of the distinct linear layers of each model.
 SHAPES = {
     "llama-7b": [(4096, 4096), (4096, 11008), (11008, 4096), (4096, 12288)],
     "llama-13b": [(5120, 5120), (5120, 13824), (13824, 5120), (5120, 15360)],
+    "llama-7b-quick": [(4096, 4096), (4096, 11008)],  # `leanops bench` on a GPU
     "tiny": [(256, 384), (384, 256)],  # seconds on a CPU: smoke tests of the suite itself
+    "quick": [(384, 256)],  # --quick
 }
 PROVIDERS = (
     "dense",
@@ -31,22 +45,19 @@ PROVIDERS = (
     "int8_mm",
     "int8_dynamic_linear",
     "torch_int_mm",
+    "torch_semi_structured",
+    "sparse24_mm",
+    "sparse24_int4_mm",
 )
+LEANOPS_OPS = ("int4_weight_mm", "int8_weight_mm", "int8_mm", "int8_dynamic_linear")
 
 
-@dataclass
-class Case:
-    op: str
-    provider: str  # who computes: "leanops:<backend>" or the baseline's name
-    backend: str | None
-    m: int
-    k: int
-    n: int
-    flops: float
-    min_bytes: float
-    rate: str  # the tensor-core rate that bounds the arithmetic: "bf16" or "int8"
-    make_inputs: Callable[[], tuple]
-    fn: Callable
+def default_backends(device: torch.device) -> list[str]:
+    """Every leanops backend that can run on `device`, measured separately."""
+    if device.type != "cuda":
+        return ["reference"]
+    report = leanops.backends()
+    return [b for b in ("cuda", "triton") if report[b]["available"]] or ["reference"]
 
 
 def _min_bytes(op: str, m: int, k: int, n: int, act_bytes: int, group_size: int) -> float:
@@ -59,37 +70,100 @@ def _min_bytes(op: str, m: int, k: int, n: int, act_bytes: int, group_size: int)
         "int8_weight_mm": act_bytes * m * k + n * k + 4 * n + out,
         "int8_mm": m * k + n * k + 4 * (m + n) + out,
         "int8_dynamic_linear": act_bytes * m * k + n * k + 4 * n + out,
+        # 2:4: half the values plus 2-bit indices of the kept ones (NK/8 bytes)
+        "sparse24_mm": act_bytes * m * k + act_bytes * n * k / 2 + n * k / 8 + out,
+        # 2:4 + int4: half the values at 4 bits, indices, one scale per group_size inputs
+        "sparse24_int4_mm": act_bytes * m * k + n * k / 4 + n * k / 8 + act_bytes * n * (k // group_size) + out,
     }[op]
 
 
-def _cases(k: int, n: int, m: int, dtype: torch.dtype, device: torch.device, group_size: int,
-           providers, backends) -> list[Case]:
-    """One Case per (provider, backend) for this shape; inputs are built lazily (and rotated)."""
+def prune_2_4(w: torch.Tensor) -> torch.Tensor:
+    """Keep the 2 largest-magnitude weights of every 4 consecutive inputs (per output row)."""
+    n, k = w.shape
+    groups = w.reshape(n, k // 4, 4)
+    keep = groups.abs().topk(2, dim=-1).indices
+    mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, keep, True)
+    return (groups * mask).reshape(n, k)
+
+
+def _semi_structured_skip(device: torch.device, dtype: torch.dtype, k: int) -> str | None:
+    if device.type != "cuda":
+        return "torch semi-structured sparsity needs a CUDA GPU (sm_80+)"
+    cap = torch.cuda.get_device_capability(device)
+    if cap < (8, 0):
+        return f"torch semi-structured sparsity needs sm_80+, this GPU is sm_{cap[0]}{cap[1]}"
+    if dtype not in (torch.float16, torch.bfloat16):
+        return f"torch semi-structured sparsity runs fp16/bf16 here, not {dtype}"
+    if k % 4:
+        return f"K={k} is not a multiple of 4 (2:4 groups)"
+    if not hasattr(torch.sparse, "to_sparse_semi_structured"):
+        return "this torch has no torch.sparse.to_sparse_semi_structured"
+    return None
+
+
+def _leanops_sparse24(op_name: str, packer_name: str) -> tuple[Callable | None, Callable | None, str | None]:
+    """Hook for leanops' own 2:4 kernels (built alongside; never imported unconditionally):
+    (op, packer, None), or (None, None, why they are not benchmarked). The packers live in
+    leanops.sparsity (compress_24, compress_24_int4); `_sparse24_inputs` maps their outputs to
+    the ops' arguments, in one place to adjust if those signatures change."""
+    op = getattr(leanops.ops, op_name, None)
+    if op is None:
+        return None, None, f"leanops.ops.{op_name} does not exist yet"
+    try:
+        sparsity = importlib.import_module("leanops.sparsity")
+    except ImportError as exc:
+        return None, None, f"leanops.sparsity cannot be imported ({exc})"
+    packer = getattr(sparsity, packer_name, None)
+    if packer is None:
+        return None, None, f"leanops.sparsity.{packer_name} does not exist"
+    return op, packer, None
+
+
+def _sparse24_inputs(provider: str, packer: Callable, w_pruned: torch.Tensor, group_size: int) -> tuple:
+    """Arguments after x: sparse24_mm(x, values, meta); sparse24_int4_mm(x, values, meta,
+    scales, zeros, group_size)."""
+    if provider == "sparse24_mm":
+        return tuple(packer(w_pruned))
+    values, scales, zeros, meta = packer(w_pruned, group_size)
+    return (values, meta, scales, zeros, group_size)
+
+
+def matmul_cases(k: int, n: int, m: int, dtype: torch.dtype, device: torch.device, group_size: int = 128,
+                 providers=PROVIDERS, backends=None) -> list[Case]:
+    """The cases of one (M, K, N), dense baseline first; inputs are built lazily (and rotated)."""
+    backends = default_backends(device) if backends is None else backends
     act_bytes = torch.finfo(dtype).bits // 8
+    dims = {"M": m, "K": k, "N": n}
     flops = 2.0 * m * n * k
-    cases = []
+    # Decode sizes are launch-bound: time them by CUDA-graph replay.
+    small = m <= 16
+    cases: list[Case] = []
 
     def weights_dense():
         return (torch.randn(n, k, device=device) * 0.02).to(dtype)
 
-    def add(op, provider, backend, rate, make_inputs, fn):
-        cases.append(Case(op, provider, backend, m, k, n, flops,
-                          _min_bytes(op, m, k, n, act_bytes, group_size), rate, make_inputs, fn))
-
     def x():
         return torch.randn(m, k, device=device, dtype=dtype)
 
+    def add(op, provider, backend, rate, make_inputs, fn, **kw):
+        grouped = op in ("int4_weight_mm", "sparse24_int4_mm")
+        cases.append(Case("matmul", op, provider, backend, dtype, dict(dims), flops,
+                          _min_bytes(op, m, k, n, act_bytes, group_size), rate,
+                          make_inputs, fn, small=small, extra={"group_size": group_size if grouped else None},
+                          **kw))
+
+    rate16 = "fp16" if dtype == torch.float16 else "bf16" if dtype == torch.bfloat16 else None
     if "dense" in providers:
-        add("dense", "torch:F.linear", None, "bf16", lambda: (x(), weights_dense()), F.linear)
+        add("dense", "torch:F.linear", None, rate16, lambda: (x(), weights_dense()), F.linear, baseline=True)
     for backend in backends:
         tag = f"leanops:{backend}"
         if "int4_weight_mm" in providers:
             def make_int4():
                 packed, scales, _ = quantize_int4(weights_dense(), group_size, symmetric=True)
                 return (x(), packed, scales, None, group_size)
-            add("int4_weight_mm", tag, backend, "bf16", make_int4, leanops.ops.int4_weight_mm)
+            add("int4_weight_mm", tag, backend, rate16, make_int4, leanops.ops.int4_weight_mm)
         if "int8_weight_mm" in providers:
-            add("int8_weight_mm", tag, backend, "bf16",
+            add("int8_weight_mm", tag, backend, rate16,
                 lambda: (x(), *quantize_int8_per_channel(weights_dense())), leanops.ops.int8_weight_mm)
         if "int8_mm" in providers:
             def make_int8_mm():
@@ -101,7 +175,10 @@ def _cases(k: int, n: int, m: int, dtype: torch.dtype, device: torch.device, gro
             add("int8_dynamic_linear", tag, backend, "int8",
                 lambda: (x(), *quantize_int8_per_channel(weights_dense())), leanops.ops.int8_dynamic_linear)
     # torch._int_mm needs M > 16 and K, N multiples of 8 on CUDA.
-    if "torch_int_mm" in providers and device.type == "cuda" and m > 16 and k % 8 == 0 and n % 8 == 0:
+    if "torch_int_mm" in providers:
+        skip = (None if device.type == "cuda" and m > 16 and k % 8 == 0 and n % 8 == 0
+                else "torch._int_mm needs a CUDA GPU, M > 16 and K, N multiples of 8")
+
         def make_int_mm():
             xq, xs = quantize_per_token_int8(x())
             w, ws = quantize_int8_per_channel(weights_dense())
@@ -109,19 +186,40 @@ def _cases(k: int, n: int, m: int, dtype: torch.dtype, device: torch.device, gro
 
         def int_mm_then_dequant(xq, wt, xs, ws):
             return (torch._int_mm(xq, wt).float() * xs[:, None] * ws[None, :]).to(dtype)
-        add("int8_mm", "torch:_int_mm+dequant", None, "int8", make_int_mm, int_mm_then_dequant)
+        add("int8_mm", "torch:_int_mm+dequant", None, "int8", make_int_mm, int_mm_then_dequant, skip=skip)
+    if "torch_semi_structured" in providers:
+        def make_semi():
+            w = torch.sparse.to_sparse_semi_structured(prune_2_4(weights_dense()))
+            return (x(), w)
+        # Shape limits of cuSPARSELt/CUTLASS are torch's to check: its errors mean "skip".
+        add("sparse24_mm", "torch:semi-structured", None, rate16, make_semi, F.linear,
+            skip=_semi_structured_skip(device, dtype, k), skip_on=(RuntimeError, ValueError, NotImplementedError))
+    for provider, packer_name in (("sparse24_mm", "compress_24"), ("sparse24_int4_mm", "compress_24_int4")):
+        if provider not in providers:
+            continue
+        op, packer, why = _leanops_sparse24(provider, packer_name)
+        for backend in backends:
+            def make_sparse24(provider=provider, packer=packer):
+                return (x(), *_sparse24_inputs(provider, packer, prune_2_4(weights_dense()), group_size))
+            add(provider, f"leanops:{backend}", backend, rate16, make_sparse24, op, skip=why)
+            if why:
+                break  # one skip line, not one per backend
     return cases
 
 
-def _rotating(case: Case, device: torch.device):
-    """A zero-argument callable cycling through enough input copies that, without L2 flushing
-    (the energy loops), the weights are re-read from memory rather than served from L2."""
-    first = case.make_inputs()
-    nbytes = sum(t.numel() * t.element_size() for t in first if isinstance(t, torch.Tensor))
-    l2 = torch.cuda.get_device_properties(device).L2_cache_size if device.type == "cuda" else 0
-    copies = [first] + [case.make_inputs() for _ in range(max(0, math.ceil(3 * l2 / max(nbytes, 1)) - 1))]
-    cycle = itertools.cycle(copies)
-    return lambda: case.fn(*next(cycle)), first
+def suite_cases(shapes: str = "llama-7b", batches=(1, 16, 128, 2048), dtype: torch.dtype = torch.bfloat16,
+                device: torch.device | None = None, providers=PROVIDERS, backends=None,
+                group_size: int = 128) -> list[Case]:
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if shapes not in SHAPES:
+        raise ValueError(f"shapes must be one of {sorted(SHAPES)}, got {shapes!r}")
+    unknown = set(providers) - set(PROVIDERS)
+    if unknown:
+        raise ValueError(f"unknown providers {sorted(unknown)}; choose from {PROVIDERS}")
+    if "dense" not in providers:
+        providers = ("dense", *providers)  # ratios need the baseline of each shape
+    return [c for (k, n) in SHAPES[shapes] for m in batches
+            for c in matmul_cases(k, n, m, dtype, device, group_size, providers, backends)]
 
 
 def run_matmul_suite(
@@ -135,79 +233,12 @@ def run_matmul_suite(
     energy: bool = False,
     energy_trials: int = 3,
     ceilings: Ceilings | None = None,
-    progress: Callable[[str], None] = print,
+    progress=print,
+    settings: Settings | None = None,
 ) -> list[dict]:
-    """Benchmark rows (dicts) for every shape x batch x provider. Backends default to every
-    leanops backend that can run on `device`; a backend that cannot run a case is reported in
-    `progress` and skipped, never silently replaced."""
+    """Rows for every shape x batch x provider (the older entry point; the CLI uses the runner).
+    Backends default to every leanops backend that can run on `device`."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if shapes not in SHAPES:
-        raise ValueError(f"shapes must be one of {sorted(SHAPES)}, got {shapes!r}")
-    unknown = set(providers) - set(PROVIDERS)
-    if unknown:
-        raise ValueError(f"unknown providers {sorted(unknown)}; choose from {PROVIDERS}")
-    if backends is None:
-        report = leanops.backends()
-        backends = [b for b in ("cuda", "triton") if report[b]["available"]] if device.type == "cuda" else ["reference"]
-    meter, idle_w = None, None
-    if energy:
-        meter, reason = meter_for(device)
-        if meter is None:
-            progress(f"energy: not measured ({reason})")
-        else:
-            idle_w = measure_idle_power(device, meter, seconds=2.0)  # once for the whole suite
-            progress(f"energy: {meter.source}; idle power {idle_w:.1f} W")
-    rows = []
-    for (k, n), m in itertools.product(SHAPES[shapes], batches):
-        dense_row = None
-        for case in _cases(k, n, m, dtype, device, group_size, providers, backends):
-            label = f"{case.op:<20} {case.provider:<22} M={m:<5} K={k:<6} N={n:<6}"
-            try:
-                with leanops.use_backend(case.backend):
-                    fn, inputs = _rotating(case, device)
-                    case.fn(*inputs)  # compile / autotune outside the timing
-                    timing = time_fn(lambda: case.fn(*inputs), device)
-                    joules = None
-                    if energy:
-                        joules = (
-                            measure_energy(fn, device, meter, trials=energy_trials, idle_power_w=idle_w)
-                            if meter is not None else EnergyResult.unavailable(reason)
-                        )
-            except RuntimeError as exc:
-                if "cannot run this call" not in str(exc):
-                    raise
-                progress(f"{label} skipped: {exc}")
-                continue
-            row = {
-                "op": case.op,
-                "provider": case.provider,
-                "backend": case.backend,
-                "dtype": str(dtype).replace("torch.", ""),
-                "shape": f"M={m},K={k},N={n}",
-                "M": m, "K": k, "N": n,
-                "group_size": group_size if case.op == "int4_weight_mm" else None,
-                "median_ms": timing.median_ms,
-                "p20_ms": timing.p20_ms,
-                "p80_ms": timing.p80_ms,
-                "timing_method": timing.method,
-                "tflops": case.flops / (timing.median_ms * 1e-3) / 1e12,
-                "gbps": case.min_bytes / (timing.median_ms * 1e-3) / 1e9,
-                "min_bytes": case.min_bytes,
-                "flops": case.flops,
-            }
-            if ceilings is not None:
-                row["roofline_ms"] = ceilings.roofline_ms(case.flops, case.min_bytes, case.rate)
-                row["pct_of_roofline"] = 100.0 * row["roofline_ms"] / timing.median_ms
-            if joules is not None:
-                row.update({f"energy_{key}": v for key, v in joules.as_dict().items()})
-            if case.op == "dense":
-                dense_row = row
-            if dense_row is not None:
-                row["speedup_vs_dense"] = dense_row["median_ms"] / timing.median_ms
-                dj, pj = dense_row.get("energy_joules_per_call"), row.get("energy_joules_per_call")
-                row["energy_gain_vs_dense"] = dj / pj if dj and pj else None
-            rows.append(row)
-            speed = f"x{row.get('speedup_vs_dense', 1):.2f} vs dense"
-            roof = f", {row['pct_of_roofline']:.0f}% of roofline" if "pct_of_roofline" in row else ""
-            progress(f"{label} {timing.median_ms * 1e3:9.1f} us  {speed}{roof}")
-    return rows
+    settings = settings or Settings(energy=energy, energy_trials=energy_trials)
+    cases = suite_cases(shapes, batches, dtype, device, providers, backends, group_size)
+    return run_cases(cases, device, settings, ceilings, progress, title="matmul").rows

@@ -1,16 +1,38 @@
-"""Latency measurement. On CUDA: device events around each call with the L2 flushed in between
-(triton.testing.do_bench), after warm-up; median and 20/80% quantiles. On CPU: wall clock over
-repeated calls. Callers pass inputs drawn at random (never zeros: zeros run faster on some
-hardware and hide unwritten outputs)."""
+"""Latency measurement.
+
+On CUDA, two library methods (no hand-rolled loops):
+  eager        device events around each call with the L2 cache flushed in between, after
+               warm-up: triton.testing.do_bench; median and 20/80% quantiles
+  cuda graph   for small launches, where the CPU cost of launching (Python, dispatcher) would
+               otherwise be measured instead of the kernel: the calls are captured into a CUDA
+               graph and replayed (triton.testing.do_bench_cudagraph). The graph does not flush
+               L2, so it is given a callable that rotates through enough input copies to exceed
+               the L2 cache; the capture records one call per copy in turn, and each replay
+               re-reads them from memory. Capture can fail (an op that synchronises, a library
+               that cannot be captured): the eager figure is kept and `method` says why.
+On CPU: the wall clock over repeated calls after a warm-up call.
+
+Callers pass inputs drawn at random (never zeros: zeros run faster on some hardware and hide
+unwritten outputs).
+"""
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
+
+EAGER_CUDA = "cuda events, L2 flushed per call (triton.testing.do_bench)"
+GRAPH_CUDA = "cuda graph replay (triton.testing.do_bench_cudagraph)"
+WALL_CPU = "wall clock (CPU)"
+
+# Auto mode replays a CUDA graph when the eager median is below this (launch overhead is then a
+# large part of the figure) or when the caller marks the case small (decode sizes).
+GRAPH_BELOW_MS = 0.05
 
 
 @dataclass(frozen=True)
@@ -19,24 +41,102 @@ class Timing:
     p20_ms: float
     p80_ms: float
     method: str
+    eager_median_ms: float | None = None  # with a graph: the eager, L2-flushed median as well
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
-def time_fn(fn: Callable[[], object], device: torch.device, warmup_ms: float = 25, rep_ms: float = 100) -> Timing:
+def time_fn(fn: Callable[[], object], device: torch.device, warmup_ms: float = 25, rep_ms: float = 100,
+            min_calls: int = 5) -> Timing:
+    """Eager timing of `fn` (see the module docstring); on a CPU at least `min_calls` calls."""
     if device.type == "cuda":
         from triton.testing import do_bench
 
         with torch.cuda.device(device):
             p20, median, p80 = do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.2, 0.5, 0.8])
-        return Timing(median, p20, p80, "cuda events, L2 flushed per call (triton.testing.do_bench)")
+        return Timing(median, p20, p80, EAGER_CUDA)
     fn()  # warm-up (first-call allocations, lazy init)
     times = []
     deadline = time.perf_counter() + rep_ms / 1000
-    while len(times) < 5 or time.perf_counter() < deadline:
+    while len(times) < min_calls or time.perf_counter() < deadline:
         start = time.perf_counter()
         fn()
         times.append((time.perf_counter() - start) * 1000)
     q = statistics.quantiles(times, n=10) if len(times) > 1 else times * 9
-    return Timing(statistics.median(times), q[1], q[7], "wall clock (CPU)")
+    return Timing(statistics.median(times), q[1], q[7], WALL_CPU)
+
+
+def time_fn_cudagraph(fn: Callable[[], object], device: torch.device, rep_ms: float = 100) -> Timing:
+    """CUDA-graph replay timing of `fn` (raises if the capture fails)."""
+    from triton.testing import do_bench_cudagraph
+
+    with torch.cuda.device(device):
+        p20, median, p80 = do_bench_cudagraph(fn, rep=rep_ms, quantiles=[0.2, 0.5, 0.8])
+    return Timing(median, p20, p80, GRAPH_CUDA)
+
+
+def time_case(
+    fn: Callable[[], object],
+    device: torch.device,
+    rotating_fn: Callable[[], object] | None = None,
+    rotation: int = 1,
+    graph: str = "auto",
+    small: bool = False,
+    warmup_ms: float = 25,
+    rep_ms: float = 100,
+    min_calls: int = 5,
+) -> Timing:
+    """The timing a benchmark row reports. `fn` calls the op on one fixed input set (eager, L2
+    flushed); `rotating_fn` cycles through `rotation` input copies (what a graph captures).
+    graph: "auto" (a graph when `small` or the eager median is under GRAPH_BELOW_MS), "always"
+    or "never"; on a CPU there is no graph."""
+    if graph not in ("auto", "always", "never"):
+        raise ValueError(f"graph must be 'auto', 'always' or 'never', got {graph!r}")
+    eager = time_fn(fn, device, warmup_ms, rep_ms, min_calls)
+    if device.type != "cuda" or graph == "never":
+        return eager
+    if graph == "auto" and not (small or eager.median_ms < GRAPH_BELOW_MS):
+        return eager
+    try:
+        replay = time_fn_cudagraph(rotating_fn or fn, device, rep_ms)
+    except Exception as exc:  # capture failures come as RuntimeError, CUDA errors, ...
+        _recover(device)
+        return Timing(eager.median_ms, eager.p20_ms, eager.p80_ms,
+                      f"{EAGER_CUDA}; CUDA-graph replay failed ({type(exc).__name__}: {_short(exc)})")
+    copies = f", inputs rotated over {rotation} copies" if rotation > 1 else ""
+    return Timing(replay.median_ms, replay.p20_ms, replay.p80_ms, GRAPH_CUDA + copies, eager.median_ms)
+
+
+def cuda_graph_replayer(fn: Callable[[], object], device: torch.device, calls: int) -> Callable[[], None]:
+    """Capture `calls` calls of `fn` into one CUDA graph; returns its replay (for energy loops
+    of small launches, matching the graph timing). Raises if the capture fails."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):  # warm-up on a side stream, as capture requires
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    torch.cuda.synchronize(device)
+    return graph.replay
+
+
+def graph_calls_for(median_ms: float, target_ms: float = 10.0, limit: int = 1000) -> int:
+    """Calls per captured graph so that one replay lasts about `target_ms`."""
+    return max(1, min(limit, math.ceil(target_ms / max(median_ms, 1e-6))))
+
+
+def _recover(device: torch.device) -> None:
+    try:
+        torch.cuda.synchronize(device)
+    except Exception:
+        pass
+
+
+def _short(exc: BaseException, limit: int = 200) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."

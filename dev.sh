@@ -30,7 +30,7 @@ if ! "$py" -c "import torch" 2>/dev/null; then
   echo "[dev.sh] installing ${LEANOPS_TORCH:-torch==2.14.1}"
   "$py" -m pip install -q "${LEANOPS_TORCH:-torch==2.14.1}"
 fi
-"$py" -m pip install -q numpy safetensors setuptools wheel ninja pytest pytest-benchmark hypothesis
+"$py" -m pip install -q numpy safetensors setuptools wheel ninja pytest pytest-benchmark hypothesis matplotlib
 
 # The CUDA toolkit root: an explicit CUDA_HOME wins; setup.py also finds it behind nvcc wrappers.
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi

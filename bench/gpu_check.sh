@@ -10,12 +10,14 @@
 #   test      the whole test suite on the GPU (cuda tests included), then the Triton-interpreter
 #             tests in a separate GPU-less process (CUDA_VISIBLE_DEVICES= TRITON_INTERPRET=1)
 #   sanitize  compute-sanitizer memcheck on a small suite of every CUDA C++ and Triton kernel
-#   bench     the matmul suite (Llama-7B shapes, M = 1,16,128,2048) vs dense, with energy
+#   bench     every op vs its dense baseline with energy; the Llama-7B matmul sweep
+#             (M = 1,16,128,2048); the attention baselines
 #   demo      the README demo (TinyLlama dense vs quantised: size, error, speed, energy)
 #
 # Results: OUT_DIR/summary.txt (what passed, versions, device), OUT_DIR/logs.tar.gz (every log),
-# OUT_DIR/matmul.json + matmul.csv, OUT_DIR/demo.json: at most 8 files, as the device tool
-# returns. Commit them under bench/results/<gpu>/ with the date.
+# OUT_DIR/bench.{json,csv,png} (every op vs dense, with energy), OUT_DIR/matmul.{json,csv} (the
+# Llama-7B sweep), OUT_DIR/demo.json: 8 files, the most the device tool returns. Commit them
+# under bench/results/<gpu>/ with the date (see bench/results/README.md).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -87,9 +89,16 @@ if want sanitize; then
 fi
 
 if want bench; then
+  note "energy meter: $($py -m leanops.cli info | $py -c 'import json,sys; e=json.load(sys.stdin)["energy"]; print(e["source"] or "NONE: " + e["reason"])')"
+  # Headline: every op family vs its dense baseline, with energy (~6 min).
+  run_phase bench_all $py -m leanops.cli bench --energy-trials 2 --progress plain \
+    --out "$out/bench.json" --csv "$out/bench.csv" --plot "$out/bench.png"
+  sed -n '/^op /,$p' "$logs/bench_all.log" >> "$summary"
+  # The full Llama-7B matmul sweep without energy (with it, ~10 min: the per-command limit).
   run_phase bench_matmul $py -m leanops.cli bench matmul --shapes llama-7b --batch 1,16,128,2048 \
-    --energy --energy-trials 2 --out "$out/matmul.json" --csv "$out/matmul.csv"
-  grep -E "speedup|x dense|^ *(dense|int|torch)" "$logs/bench_matmul.log" | tail -n 80 >> "$summary"
+    --progress plain --out "$out/matmul.json" --csv "$out/matmul.csv"
+  run_phase bench_attention $py -m leanops.cli bench attention --seqlen 1024,4096,16384 --causal \
+    --progress plain --out "$logs/attention.json"
 fi
 
 if want demo; then

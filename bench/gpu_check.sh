@@ -7,8 +7,9 @@
 # comma list, default "install,test,sanitize,bench,demo":
 #   install   build the extension for this GPU's arch only, pip install -e (uses the machine's
 #             own torch/triton; installs nothing from the network)
-#   test      the whole test suite on the GPU (cuda tests included), then the Triton-interpreter
-#             tests in a separate GPU-less process (CUDA_VISIBLE_DEVICES= TRITON_INTERPRET=1)
+#   test      the whole test suite on the GPU (cuda tests included), then again in a GPU-less
+#             process (CUDA_VISIBLE_DEVICES= TRITON_INTERPRET=1), as CI runs it, for the
+#             Triton-interpreter tests that skip when a GPU is visible
 #   sanitize  compute-sanitizer memcheck on a small suite of every CUDA C++ and Triton kernel
 #   bench     every op vs its dense baseline with energy; the Llama-7B matmul sweep
 #             (M = 1,16,128,2048); the attention baselines
@@ -70,8 +71,9 @@ if want test; then
   # Triton 3.6's interpreter breaks on numpy >= 2.4 (int() of 1-element arrays), whatever the
   # kernel: there the interpreter tests say nothing about our code (CI runs them on Triton 3.8).
   if $py -c "import sys, numpy, triton; v=lambda s: tuple(int(p) for p in s.split('.')[:2]); sys.exit(0 if v(triton.__version__) >= (3, 8) or v(numpy.__version__) < (2, 4) else 1)"; then
+    # The whole suite as CI runs it (no GPU visible): every interpreter test of every kernel family.
     run_phase pytest_interpreter env CUDA_VISIBLE_DEVICES= TRITON_INTERPRET=1 \
-      $py -m pytest tests/test_triton_interpreter.py -q -rs -p no:cacheprovider
+      $py -m pytest tests -q -rs -p no:cacheprovider
   else
     note "pytest_interpreter      skipped: Triton < 3.8 with numpy >= 2.4 (a Triton interpreter bug)"
   fi

@@ -15,7 +15,7 @@ import glob
 import os
 import shutil
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ARCHS = "80;89;90a"
@@ -98,15 +98,7 @@ ext_modules, cmdclass = _extensions()
 
 setup(
     package_dir={"": "pyext"},
-    packages=[
-        "leanops",
-        "leanops.ops",
-        "leanops.triton",
-        "leanops.quant",
-        "leanops.nn",
-        "leanops.bench",
-        "leanops.models",
-    ],
+    packages=find_packages("pyext"),
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -46,3 +46,15 @@ def pytest_report_header(config):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(SEED)
+
+
+@pytest.fixture(autouse=True)
+def _library_leaves_logging_alone():
+    # A library call must not change the "leanops" logger's level for the rest of the process
+    # (it once did: a benchmark silenced quantize_'s skip messages for every later test).
+    import logging
+
+    logger = logging.getLogger("leanops")
+    before = logger.level
+    yield
+    assert logger.level == before, "the 'leanops' logger level was changed and not restored"

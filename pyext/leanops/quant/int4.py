@@ -59,11 +59,41 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack((low, high), dim=-1).reshape(packed.shape[0], packed.shape[1] * 2)
 
 
+def int4_group_scales(groups32: torch.Tensor, symmetric: bool, scale_dtype: torch.dtype) -> torch.Tensor:
+    """The RTN scales [N, G] (stored dtype) of weight groups32 [N, G, g] (fp32); see quantize_int4.
+
+    Unchecked core shared by quantize_int4 and QAT (leanops.qat): no value checks, so it never
+    synchronises with the GPU and traces under torch.compile."""
+    if symmetric:
+        return safe_scale(div_exact(groups32.abs().amax(dim=-1), 7.5), scale_dtype)
+    lo = groups32.amin(dim=-1).clamp(max=0)
+    hi = groups32.amax(dim=-1).clamp(min=0)
+    return safe_scale(div_exact(hi - lo, QMAX), scale_dtype)
+
+
+def int4_codes(
+    groups32: torch.Tensor, scales: torch.Tensor, symmetric: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Codes of groups32 [N, G, g] (fp32) for the stored scales [N, G]: (q [N, G, g], zeros
+    [N, G] or None), both fp32 integers in [0, 15]. Asymmetric zero points are the code of 0.0
+    for these scales, round(-min(w, 0) / s). Unchecked core (see int4_group_scales)."""
+    s32 = scales.float()
+    if symmetric:
+        q = torch.round(groups32 / s32[..., None]) + SYMMETRIC_ZERO
+        zeros = None
+    else:
+        lo = groups32.amin(dim=-1).clamp(max=0)
+        zeros = torch.round(-lo / s32).clamp_(0, QMAX)
+        q = torch.round(groups32 / s32[..., None]) + zeros[..., None]
+    return q.clamp_(0, QMAX), zeros
+
+
 def quantize_int4(
     w: torch.Tensor,
     group_size: int,
     symmetric: bool = True,
     scale_dtype: torch.dtype | None = None,
+    scales: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Group-wise RTN of w [N, K] -> (w_packed, scales, zeros or None) in the layout above.
 
@@ -71,27 +101,46 @@ def quantize_int4(
     an error no larger than rounding's half step; all 16 codes are used.
     Asymmetric: the range [min(w, 0), max(w, 0)] is split into 15 steps and the zero point is the
     integer code of 0.0 (so zero is exact), as GPTQ and AWQ do.
+    `scales` [N, K // group_size], if given, are used as they are (scales learnt by QAT; their
+    dtype is the stored one, scale_dtype is then ignored) and must be positive and finite.
     """
     check_float_matrix(w, "weight")
     n, k = w.shape
     check_group_size(group_size, k)
-    scale_dtype = scale_dtype or w.dtype
     groups = w.detach().float().reshape(n, k // group_size, group_size)
-
-    if symmetric:
-        scales = safe_scale(div_exact(groups.abs().amax(dim=-1), 7.5), scale_dtype)
-        q = torch.round(groups / scales.float()[..., None]) + SYMMETRIC_ZERO
-        zeros = None
+    if scales is None:
+        scales = int4_group_scales(groups, symmetric, scale_dtype or w.dtype)
     else:
-        lo = groups.amin(dim=-1).clamp(max=0)
-        hi = groups.amax(dim=-1).clamp(min=0)
-        scales = safe_scale(div_exact(hi - lo, QMAX), scale_dtype)
-        s32 = scales.float()
-        zeros = torch.round(-lo / s32).clamp_(0, QMAX)
-        q = torch.round(groups / s32[..., None]) + zeros[..., None]
+        shape = (n, k // group_size)
+        if not isinstance(scales, torch.Tensor) or tuple(scales.shape) != shape:
+            got = tuple(scales.shape) if isinstance(scales, torch.Tensor) else type(scales).__name__
+            raise ValueError(f"scales must be a tensor of shape {shape}, got {got}")
+        if scales.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise ValueError(f"scales must be float16, bfloat16 or float32, got {scales.dtype}")
+        if not bool((torch.isfinite(scales) & (scales > 0)).all()):
+            raise ValueError("scales must be positive and finite everywhere")
+        scales = scales.detach()
+    q, zeros = int4_codes(groups, scales, symmetric)
+    if zeros is not None:
         zeros = zeros.to(torch.uint8).contiguous()
-    q = q.clamp_(0, QMAX).to(torch.uint8).reshape(n, k)
+    q = q.to(torch.uint8).reshape(n, k)
     return pack_int4(q), scales.contiguous(), zeros
+
+
+def dequantize_int4_codes(
+    q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group_size: int
+) -> torch.Tensor:
+    """Codes q [N, K] (uint8, or fp32 integers from int4_codes) -> the dense weight [N, K] in
+    scales.dtype: W = (q - z) * s, the format's definition."""
+    n, k = q.shape
+    q = q.reshape(n, k // group_size, group_size)
+    if not q.is_floating_point():
+        q = q.to(torch.int16)
+    z = SYMMETRIC_ZERO if zeros is None else zeros.to(q.dtype)[..., None]
+    # (q - z) is an integer in [-15, 15]: exact in every float dtype, so the multiply below is
+    # the format's single rounding.
+    w = (q - z).to(scales.dtype) * scales[..., None]
+    return w.reshape(n, k)
 
 
 def dequantize_int4(
@@ -101,12 +150,4 @@ def dequantize_int4(
     group_size: int,
 ) -> torch.Tensor:
     """The dense weight [N, K] in scales.dtype that the int4 kernels multiply by (see layout)."""
-    q = unpack_int4(w_packed)
-    n, k = q.shape
-    g = k // group_size
-    q = q.reshape(n, g, group_size).to(torch.int16)
-    z = SYMMETRIC_ZERO if zeros is None else zeros.to(torch.int16)[..., None]
-    # (q - z) is an integer in [-15, 15]: exact in every float dtype, so the multiply below is
-    # the format's single rounding.
-    w = (q - z).to(scales.dtype) * scales[..., None]
-    return w.reshape(n, k)
+    return dequantize_int4_codes(unpack_int4(w_packed), scales, zeros, group_size)

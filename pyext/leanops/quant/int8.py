@@ -17,13 +17,45 @@ INT8_QMAX = 127
 FP32_TINY = torch.finfo(torch.float32).tiny
 
 
-def quantize_int8_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """RTN: w [N, K] float -> (q int8 [N, K], scale fp32 [N]) with w ~= q * scale[:, None]."""
+def int8_channel_scale(w32: torch.Tensor) -> torch.Tensor:
+    """The RTN scale of each row of w32 [N, K] (fp32): safe(amax|w[n]| / 127), fp32 [N].
+
+    Unchecked core shared by quantize_int8_per_channel and QAT (leanops.qat): no value checks, so
+    it never synchronises with the GPU and traces under torch.compile."""
+    return safe_scale(div_exact(w32.abs().amax(dim=1), INT8_QMAX), torch.float32)
+
+
+def int8_codes(w32: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The int8 codes of w32 [N, K] (fp32) for the fp32 row scales [N], as fp32 integers:
+    clamp(round-half-to-even(w / scale), -127, 127). Unchecked core (see int8_channel_scale)."""
+    return torch.round(w32 / scale[:, None]).clamp_(-INT8_QMAX, INT8_QMAX)
+
+
+def quantize_int8_per_channel(
+    w: torch.Tensor, scale: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RTN: w [N, K] float -> (q int8 [N, K], scale fp32 [N]) with w ~= q * scale[:, None].
+
+    `scale` [N], if given, is used as is instead of amax / 127 (a scale learnt by QAT); it must
+    be positive and finite (leanops.quant.common.safe_scale makes one so)."""
     check_float_matrix(w, "weight")
     w32 = w.detach().float()
-    scale = safe_scale(div_exact(w32.abs().amax(dim=1), INT8_QMAX), torch.float32)
-    q = torch.round(w32 / scale[:, None]).clamp_(-INT8_QMAX, INT8_QMAX).to(torch.int8)
-    return q, scale
+    if scale is None:
+        scale = int8_channel_scale(w32)
+    else:
+        _check_given_scale(scale, (w.shape[0],), w.device)
+        scale = scale.detach().float()
+    return int8_codes(w32, scale).to(torch.int8), scale
+
+
+def _check_given_scale(scale, shape, device) -> None:
+    if not isinstance(scale, torch.Tensor) or tuple(scale.shape) != tuple(shape):
+        got = tuple(scale.shape) if isinstance(scale, torch.Tensor) else type(scale).__name__
+        raise ValueError(f"scale must be a tensor of shape {tuple(shape)}, got {got}")
+    if scale.device != device:
+        raise ValueError(f"scale must be on the weight's device {device}, got {scale.device}")
+    if not bool((torch.isfinite(scale) & (scale > 0)).all()):
+        raise ValueError("scale must be positive and finite everywhere")
 
 
 def dequantize_int8_per_channel(

@@ -111,7 +111,8 @@ def autotune(configs: list, key: list[str], keep: Callable[[triton.Config, dict]
     accepts (args: the kernel's arguments by name). keep() must depend only on the `key` values
     (and tensor dtypes, which triton.autotune adds to the key itself): the winner is cached per
     key. If keep() rejects everything (an unusually small GPU), the config with the smallest
-    shared-memory footprint among the configs `valid` for the call is used, never an empty set.
+    tiles among those keep() calls valid when asked for hard constraints only (args carries
+    "_hard_only": True) is used, never an empty set.
     """
 
     def prune(configs, named_args, **kwargs):
@@ -122,7 +123,7 @@ def autotune(configs: list, key: list[str], keep: Callable[[triton.Config, dict]
         valid = [c for c in configs if keep(c, {**args, "_hard_only": True})]
         if not valid:
             raise RuntimeError("leanops.triton: no kernel config is valid for this call")
-        return [min(valid, key=lambda c: smem_bytes(c, 2, 2))]
+        return [min(valid, key=tile_elements)]
 
     return triton.autotune(
         configs=configs,
@@ -162,6 +163,12 @@ def config(num_warps: int = 4, num_stages: int = 3, **kwargs) -> triton.Config:
 def config_kwargs(cfg: triton.Config) -> dict:
     """A config's meta-parameters and launch options, for launching the kernel with it directly."""
     return {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+
+
+def tile_elements(cfg: triton.Config) -> int:
+    """Product of a config's BLOCK_* sizes: the smallest one is the safest fallback (least shared
+    memory and registers) for any kernel family, matmul or not."""
+    return math.prod(v for k, v in cfg.kwargs.items() if k.startswith("BLOCK_"))
 
 
 def smem_bytes(cfg: triton.Config, x_bytes: float, w_bytes: float) -> float:

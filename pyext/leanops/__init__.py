@@ -10,8 +10,10 @@ from leanops import ops  # noqa: F401  (defines the torch.ops.leanops.* ops)
 from leanops._version import __version__
 from leanops.api import load_quantized, quantize_, save_quantized
 from leanops.dispatch import backends, use_backend
-from leanops.nn import Int4WeightOnlyLinear, Int8Linear, Int8WeightOnlyLinear
+from leanops.nn import Int4WeightOnlyLinear, Int8Linear, Int8WeightOnlyLinear, SparseLinear
 from leanops.quant.config import Int4WeightOnlyConfig, Int8DynamicConfig, Int8WeightOnlyConfig
+from leanops.sparsity.api import prune_, sparsify_
+from leanops.sparsity.config import SemiSparseConfig
 
 __all__ = [
     "Int4WeightOnlyConfig",
@@ -20,11 +22,15 @@ __all__ = [
     "Int8Linear",
     "Int8WeightOnlyConfig",
     "Int8WeightOnlyLinear",
+    "SemiSparseConfig",
+    "SparseLinear",
     "__version__",
     "backends",
     "load_quantized",
     "ops",
+    "prune_",
     "quantize_",
     "save_quantized",
+    "sparsify_",
     "use_backend",
 ]

@@ -2,12 +2,14 @@
 
 from leanops.nn.packed import PackedLinear, packed_linear_from_spec, register_packed_linear
 from leanops.nn.quantized import Int4WeightOnlyLinear, Int8Linear, Int8WeightOnlyLinear
+from leanops.nn.sparse import SparseLinear
 
 __all__ = [
     "Int4WeightOnlyLinear",
     "Int8Linear",
     "Int8WeightOnlyLinear",
     "PackedLinear",
+    "SparseLinear",
     "packed_linear_from_spec",
     "register_packed_linear",
 ]

@@ -1,0 +1,224 @@
+"""2:4 sparse op family: leanops::sparse24_mm (16-bit activations x 2:4 weights) and
+leanops::sparse24_int4_mm (the kept values also int4, group-wise).
+
+The compressed layout is documented in leanops.sparsity.format. Numerics every backend follows
+(the references below are the definition):
+  sparse24_mm       W = decompress_24(values, meta) exactly (values' dtype), converted to x's
+                    dtype; acc = x @ W.T with fp32 accumulation; out = (acc + bias) rounded once
+                    to x's dtype.
+  sparse24_int4_mm  kept values (q - z) * s in the scales' dtype (one rounding, as int4), placed
+                    by meta, converted to x's dtype; then as above.
+
+Backends: a future CUDA kernel registers as leanops_C::sparse24_mm / leanops_C::sparse24_int4_mm
+with these schemas and is picked up by OpBackends with no Python change (it may repack
+(values, meta) offline for mma.sp; see leanops.sparsity.format).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from leanops.dispatch import OpBackends
+from leanops.ops._autograd import register_weight_only_autograd
+from leanops.ops._checks import FLOAT_DTYPES, check_same_device, check_tensor
+from leanops.ops._library import register
+from leanops.sparsity import format as sparse_format
+
+UINT8 = (torch.uint8,)
+
+
+def _check_k(op, x):
+    k = x.shape[1]
+    if k % sparse_format.K_MULTIPLE != 0:
+        raise ValueError(
+            f"{op}: x has K = {k} columns (in_features); the 2:4 format needs K a multiple of 8 "
+            "(groups of 4 inputs, two groups per metadata byte)"
+        )
+    return k
+
+
+def _check_meta_arg(op, meta, n, k):
+    check_tensor(op, "meta", meta, dtypes=UINT8, dim=2, contiguous=True)
+    if tuple(meta.shape) != (n, k // 8):
+        raise ValueError(
+            f"{op}: meta must be uint8 [N, K/8] = ({n}, {k // 8}) (K = {k}, the columns of x); "
+            f"got {tuple(meta.shape)}"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# sparse24_mm(x [M, K], values [N, K/2], meta uint8 [N, K/8], bias [N]?) -> [M, N] in x.dtype
+
+
+def _check_sparse24_mm(x, values, meta, bias=None):
+    op = "leanops.sparse24_mm"
+    check_tensor(op, "x", x, dtypes=FLOAT_DTYPES, dim=2)
+    check_tensor(op, "values", values, dtypes=FLOAT_DTYPES, dim=2, contiguous=True)
+    k = _check_k(op, x)
+    n = values.shape[0]
+    if values.shape[1] * 2 != k:
+        raise ValueError(
+            f"{op}: values must be [N, K/2] with K = {k} (the columns of x), got shape "
+            f"{tuple(values.shape)}"
+        )
+    _check_meta_arg(op, meta, n, k)
+    if bias is not None:
+        check_tensor(op, "bias", bias, dtypes=FLOAT_DTYPES, shape=(n,), contiguous=True)
+    check_same_device(op, x=x, values=values, meta=meta, bias=bias)
+
+
+def _sparse24_mm_reference(x, values, meta, bias=None):
+    w = sparse_format.decompress_24(values, meta).to(x.dtype)
+    out = x.float() @ w.float().t()
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype)
+
+
+_sparse24_mm_backends = OpBackends(
+    "sparse24_mm",
+    reference=_sparse24_mm_reference,
+    triton="leanops.triton.sparse24_mm:sparse24_mm",
+)
+
+
+def _sparse24_mm_impl(x, values, meta, bias=None):
+    _check_sparse24_mm(x, values, meta, bias)
+    if x.shape[0] == 0 or values.shape[0] == 0:
+        return _sparse24_mm_reference(x, values, meta, bias)
+    return _sparse24_mm_backends(x, values, meta, bias)
+
+
+register(
+    "sparse24_mm",
+    "(Tensor x, Tensor values, Tensor meta, Tensor? bias=None) -> Tensor",
+    _sparse24_mm_impl,
+)
+
+
+@torch.library.register_fake("leanops::sparse24_mm")
+def _sparse24_mm_fake(x, values, meta, bias=None):
+    _check_sparse24_mm(x, values, meta, bias)
+    return x.new_empty((x.shape[0], values.shape[0]))
+
+
+register_weight_only_autograd(
+    "sparse24_mm",
+    weight_indices=(1, 2),
+    bias_index=3,
+    dense_weight=sparse_format.decompress_24,
+)
+
+
+def sparse24_mm(
+    x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x @ W.T + bias with W the 2:4 weight (values, meta) decompressed, output in x's dtype.
+
+    x [M, K] float16/bfloat16/float32 (any strides), K a multiple of 8; values [N, K/2] float
+    (contiguous), meta uint8 [N, K/8] (contiguous): the layout of leanops.sparsity.format.
+    Differentiable w.r.t. x and bias (the compressed weight is frozen).
+    """
+    return torch.ops.leanops.sparse24_mm.default(x, values, meta, bias)
+
+
+# ---------------------------------------------------------------------------------------------
+# sparse24_int4_mm(x [M, K], values uint8 [N, K/4], meta uint8 [N, K/8], scales [N, K/g],
+#                  zeros uint8 [N, K/g]?, group_size, bias [N]?) -> [M, N] in x.dtype
+
+
+def _check_sparse24_int4_mm(x, values, meta, scales, zeros, group_size, bias=None):
+    op = "leanops.sparse24_int4_mm"
+    check_tensor(op, "x", x, dtypes=FLOAT_DTYPES, dim=2)
+    check_tensor(op, "values", values, dtypes=UINT8, dim=2, contiguous=True)
+    k = _check_k(op, x)
+    n = values.shape[0]
+    if values.shape[1] * 4 != k:
+        raise ValueError(
+            f"{op}: values must be uint8 [N, K/4] (two int4 codes per byte, K/2 kept values) with "
+            f"K = {k} (the columns of x), got shape {tuple(values.shape)}"
+        )
+    _check_meta_arg(op, meta, n, k)
+    try:
+        sparse_format.check_int4_group_size(group_size, k)
+    except ValueError as exc:
+        raise ValueError(f"{op}: {exc}") from None
+    groups = k // group_size
+    check_tensor(op, "scales", scales, dtypes=FLOAT_DTYPES, shape=(n, groups), contiguous=True)
+    if zeros is not None:
+        check_tensor(op, "zeros", zeros, dtypes=UINT8, shape=(n, groups), contiguous=True)
+    if bias is not None:
+        check_tensor(op, "bias", bias, dtypes=FLOAT_DTYPES, shape=(n,), contiguous=True)
+    check_same_device(
+        op, x=x, values=values, meta=meta, scales=scales, zeros=zeros, bias=bias
+    )
+
+
+def _sparse24_int4_mm_reference(x, values, meta, scales, zeros, group_size, bias=None):
+    w = sparse_format.decompress_24_int4(values, scales, zeros, meta, group_size).to(x.dtype)
+    out = x.float() @ w.float().t()
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype)
+
+
+_sparse24_int4_mm_backends = OpBackends(
+    "sparse24_int4_mm",
+    reference=_sparse24_int4_mm_reference,
+    triton="leanops.triton.sparse24_mm:sparse24_int4_mm",
+)
+
+
+def _sparse24_int4_mm_impl(x, values, meta, scales, zeros, group_size, bias=None):
+    _check_sparse24_int4_mm(x, values, meta, scales, zeros, group_size, bias)
+    args = (x, values, meta, scales, zeros, group_size, bias)
+    if x.shape[0] == 0 or values.shape[0] == 0:
+        return _sparse24_int4_mm_reference(*args)
+    return _sparse24_int4_mm_backends(*args)
+
+
+register(
+    "sparse24_int4_mm",
+    "(Tensor x, Tensor values, Tensor meta, Tensor scales, Tensor? zeros, int group_size, "
+    "Tensor? bias=None) -> Tensor",
+    _sparse24_int4_mm_impl,
+)
+
+
+@torch.library.register_fake("leanops::sparse24_int4_mm")
+def _sparse24_int4_mm_fake(x, values, meta, scales, zeros, group_size, bias=None):
+    _check_sparse24_int4_mm(x, values, meta, scales, zeros, group_size, bias)
+    return x.new_empty((x.shape[0], values.shape[0]))
+
+
+def _int4_dense_weight(values, meta, scales, zeros, group_size):
+    return sparse_format.decompress_24_int4(values, scales, zeros, meta, group_size)
+
+
+register_weight_only_autograd(
+    "sparse24_int4_mm",
+    weight_indices=(1, 2, 3, 4),
+    bias_index=6,
+    dense_weight=_int4_dense_weight,
+)
+
+
+def sparse24_int4_mm(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    meta: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    group_size: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """2:4 + int4 matmul: x @ W.T + bias, W the 2:4 weight whose kept values are int4 group-wise.
+
+    x [M, K] float16/bfloat16/float32, K a multiple of 8; values uint8 [N, K/4] (int4 codes of
+    the K/2 kept values, leanops.quant.int4 packing); meta uint8 [N, K/8]; scales [N, K/g];
+    zeros uint8 [N, K/g] or None (symmetric); group_size g a multiple of 64 dividing K, counted
+    in original input columns. Differentiable w.r.t. x and bias.
+    """
+    return torch.ops.leanops.sparse24_int4_mm.default(
+        x, values, meta, scales, zeros, group_size, bias
+    )

@@ -1,0 +1,294 @@
+"""2:4 sparse matmuls in Triton, decompressing the weight on the fly (the portable path; the
+sparse tensor cores are for the CUDA kernels): out = (x @ W.T + bias) rounded once to x's dtype.
+
+  sparse24_mm       W from (values [N, K/2], meta uint8 [N, K/8]) (leanops.sparsity.format)
+  sparse24_int4_mm  the kept values int4 group-wise first ((q - z) * s in the scales' dtype)
+
+The compressed weight is streamed as stored, so HBM traffic for it is 1.125 bytes per dense
+16-bit entry (0.4375 for the int4 variant, plus scales). Each K tile is expanded in registers:
+a tile of BLOCK_K inputs is BLOCK_K/4 groups; the two kept values of each group are split out of
+the values tile, the group codes out of the meta bytes, and the four dense entries of every group
+selected (p == i0 -> v0, p == i1 -> v1, else 0), then interleaved back into K order with
+join/permute/reshape (the nibble trick of the int4 kernel), and fed to tl.dot as a dense tile.
+The MMA therefore does the dense 2MNK work: the win over dense is bytes (decode), not FLOPs.
+
+The launcher skeleton (decode split-K / prefill tiles, autotuning, the reduce) is the one of the
+other matmuls: leanops.triton._common.run_matmul.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from leanops.triton import _common as C
+from leanops.triton._common import k_slice, tile_ids
+
+
+@triton.jit
+def _group_codes(meta, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """meta bytes [BLOCK_K/8, BLOCK_N] -> group codes [BLOCK_K/4, BLOCK_N] in K order (low nibble
+    = even group)."""
+    lo = meta & 0xF
+    hi = meta >> 4
+    return tl.reshape(tl.permute(tl.join(lo, hi), (0, 2, 1)), (BLOCK_K // 4, BLOCK_N))
+
+
+@triton.jit
+def _expand_24(kept, codes, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """kept values [BLOCK_K/2, BLOCK_N] (2 per group, K order) and group codes [BLOCK_K/4,
+    BLOCK_N] -> the dense tile [BLOCK_K, BLOCK_N] (the rule of leanops.sparsity.format)."""
+    G: tl.constexpr = BLOCK_K // 4
+    v0, v1 = tl.split(tl.permute(tl.reshape(kept, (G, 2, BLOCK_N)), (0, 2, 1)))
+    i0 = codes & 3
+    i1 = (codes >> 2) & 3
+    zero = tl.zeros_like(v0)
+    d0 = tl.where(i0 == 0, v0, tl.where(i1 == 0, v1, zero))
+    d1 = tl.where(i0 == 1, v0, tl.where(i1 == 1, v1, zero))
+    d2 = tl.where(i0 == 2, v0, tl.where(i1 == 2, v1, zero))
+    d3 = tl.where(i0 == 3, v0, tl.where(i1 == 3, v1, zero))
+    # join(join(d0, d1), join(d2, d3))[g, n, s, t] = d_{2t + s}; permuting to (g, t, s, n) and
+    # flattening (g, t, s) gives k = 4g + 2t + s.
+    dense = tl.join(tl.join(d0, d1), tl.join(d2, d3))
+    return tl.reshape(tl.permute(dense, (0, 3, 2, 1)), (BLOCK_K, BLOCK_N))
+
+
+@triton.jit
+def _sparse24_mm_kernel(
+    x_ptr, values_ptr, meta_ptr, bias_ptr, out_ptr, ws_ptr,
+    M, N, K, M_BUCKET,
+    stride_xm, stride_xk, stride_vn, stride_mn, stride_om, stride_on, stride_ws_s,
+    HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
+):
+    # K is a multiple of 8 (the op checks it), so a ragged last K tile still ends on a meta byte:
+    # the masks below cut x, values and meta at the same column.
+    pid_m, pid_n = tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    k_first, k_end = k_slice(tl.program_id(1), K, BLOCK_K, SPLIT_K)
+
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_v = tl.arange(0, BLOCK_K // 2)
+    offs_g = tl.arange(0, BLOCK_K // 8)
+    # Edge tiles re-read row 0 (unmasked, vectorised loads); the store mask drops those rows.
+    rm = tl.where(offs_m < M, offs_m, 0)
+    rn = tl.where(offs_n < N, offs_n, 0)
+    k0 = k_first.to(tl.int64) * BLOCK_K
+    x_ptrs = x_ptr + rm[:, None] * stride_xm + (k0 + offs_k)[None, :] * stride_xk
+    # values / meta rows read as the [*, BLOCK_N] operand layout of x @ W.T (contiguous along K).
+    v_ptrs = values_ptr + rn[None, :] * stride_vn + (k0 // 2 + offs_v)[:, None]
+    m_ptrs = meta_ptr + rn[None, :] * stride_mn + (k0 // 8 + offs_g)[:, None]
+    x_step = tl.cast(stride_xk, tl.int64) * BLOCK_K
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for t in range(k_first, k_end):
+        if EVEN_K:
+            x = tl.load(x_ptrs)
+            kept = tl.load(v_ptrs)
+            meta = tl.load(m_ptrs)
+        else:
+            k_left = K - t * BLOCK_K
+            x = tl.load(x_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+            kept = tl.load(v_ptrs, mask=offs_v[:, None] < k_left // 2, other=0.0)
+            # Missing meta bytes read as code 0 (i0 = i1 = 0) over zero values: zero weights.
+            meta = tl.load(m_ptrs, mask=offs_g[:, None] < k_left // 8, other=0)
+        codes = _group_codes(meta, BLOCK_K, BLOCK_N)
+        w = _expand_24(kept.to(x.dtype), codes, BLOCK_K, BLOCK_N)
+        acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
+        x_ptrs += x_step
+        v_ptrs += BLOCK_K // 2
+        m_ptrs += BLOCK_K // 8
+
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    if SPLIT_K == 1:
+        out = acc
+        if HAS_BIAS:
+            out = out + tl.load(bias_ptr + rn).to(tl.float32)[None, :]
+        out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        ws_ptrs = (ws_ptr + tl.program_id(1).to(tl.int64) * stride_ws_s
+                   + offs_m[:, None] * N + offs_n[None, :])
+        tl.store(ws_ptrs, acc, mask=mask)
+
+
+@triton.jit
+def _sparse24_int4_mm_kernel(
+    x_ptr, values_ptr, meta_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr, ws_ptr,
+    M, N, K, M_BUCKET,
+    stride_xm, stride_xk, stride_vn, stride_mn, stride_om, stride_on, stride_ws_s,
+    HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, GROUP_SIZE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    # BLOCK_K divides GROUP_SIZE (keep() enforces it; GROUP_SIZE counts original input columns),
+    # so a K tile's BLOCK_K/2 kept values lie in one quantisation group: one scale (and zero) per
+    # weight row per tile. K is a multiple of GROUP_SIZE, hence of BLOCK_K: no K tail.
+    tl.static_assert(GROUP_SIZE % BLOCK_K == 0)
+    pid_m, pid_n = tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    k_first, k_end = k_slice(tl.program_id(1), K, BLOCK_K, SPLIT_K)
+
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_p = tl.arange(0, BLOCK_K // 4)  # packed bytes: 2 codes of kept values each
+    offs_g = tl.arange(0, BLOCK_K // 8)
+    rm = tl.where(offs_m < M, offs_m, 0)
+    rn = tl.where(offs_n < N, offs_n, 0)
+    groups = K // GROUP_SIZE  # scales / zeros are [N, groups] contiguous
+    k0 = k_first.to(tl.int64) * BLOCK_K
+    x_ptrs = x_ptr + rm[:, None] * stride_xm + (k0 + offs_k)[None, :] * stride_xk
+    v_ptrs = values_ptr + rn[None, :] * stride_vn + (k0 // 4 + offs_p)[:, None]
+    m_ptrs = meta_ptr + rn[None, :] * stride_mn + (k0 // 8 + offs_g)[:, None]
+    sz_ptrs = rn * groups
+    x_step = tl.cast(stride_xk, tl.int64) * BLOCK_K
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for t in range(k_first, k_end):
+        x = tl.load(x_ptrs)
+        packed = tl.load(v_ptrs)
+        meta = tl.load(m_ptrs)
+        # int4 codes of the kept values, in kept (K) order: the unpacking of int4_weight_mm.
+        q = tl.reshape(tl.permute(tl.join(packed & 0xF, packed >> 4), (0, 2, 1)),
+                       (BLOCK_K // 2, BLOCK_N))
+        g = (t * BLOCK_K) // GROUP_SIZE
+        s = tl.load(scales_ptr + sz_ptrs + g)
+        if HAS_ZEROS:
+            z = tl.load(zeros_ptr + sz_ptrs + g).to(tl.int8)
+        else:
+            z = tl.full((BLOCK_N,), 8, dtype=tl.int8)
+        # (q - z) is an integer in [-15, 15], exact in every float dtype; times the scale is the
+        # format's single rounding (in the scales' dtype), then x's dtype, as the reference.
+        kept = ((q.to(tl.int8) - z[None, :]).to(s.dtype) * s[None, :]).to(x.dtype)
+        w = _expand_24(kept, _group_codes(meta, BLOCK_K, BLOCK_N), BLOCK_K, BLOCK_N)
+        acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
+        x_ptrs += x_step
+        v_ptrs += BLOCK_K // 4
+        m_ptrs += BLOCK_K // 8
+
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    if SPLIT_K == 1:
+        out = acc
+        if HAS_BIAS:
+            out = out + tl.load(bias_ptr + rn).to(tl.float32)[None, :]
+        out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        ws_ptrs = (ws_ptr + tl.program_id(1).to(tl.int64) * stride_ws_s
+                   + offs_m[:, None] * N + offs_n[None, :])
+        tl.store(ws_ptrs, acc, mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# sparse24_mm: configs and launcher
+
+_kernel = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})(
+    _sparse24_mm_kernel
+)
+
+# The weight stream is 1.125 bytes per dense entry (16-bit values), between int8's 1 and int4's
+# 0.5: the BLOCK_K choices of int8_weight_mm (64..256 for decode, 32/64 for prefill, where the
+# expanded dense tile costs registers like a dequantised one).
+SMALL_CONFIGS = C.small_m_configs(block_ks=(64, 128, 256))
+LARGE_CONFIGS = C.large_m_configs(block_ks=(32, 64))
+CONFIGS = SMALL_CONFIGS + LARGE_CONFIGS
+
+
+def _w_bytes(args) -> float:
+    # per dense weight entry: half a value plus an eighth of a meta byte
+    return args["values_ptr"].element_size() / 2 + 1 / 8
+
+
+def _keep(cfg, args):
+    return C.keep_matmul(cfg, args, x_bytes=args["x_ptr"].element_size(), w_bytes=_w_bytes(args))
+
+
+_tuned = C.autotune(CONFIGS, key=["M_BUCKET", "N", "K"], keep=_keep)(_kernel)
+
+FAMILY = C.register_family(
+    C.MatmulFamily(kernel=_kernel, tuned=_tuned, configs=CONFIGS, keep=_keep, ws_dtype=torch.float32)
+)
+
+
+def _launch(x, values, meta, bias=None, cfg=None):
+    M, K = x.shape
+    N = values.shape[0]
+    out = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    return C.run_matmul(
+        FAMILY,
+        (x, values, meta, values if bias is None else bias),
+        out, M, N, K,
+        (x.stride(0), x.stride(1), values.stride(0), meta.stride(0), out.stride(0), out.stride(1)),
+        meta={"HAS_BIAS": bias is not None, "DOT_PRECISION": C.dot_precision(x.dtype)},
+        epilogue={"bias": bias},
+        cfg=cfg,
+    )
+
+
+def sparse24_mm(x, values, meta, bias=None):
+    """Triton kernel of leanops::sparse24_mm (arguments validated by the op)."""
+    return _launch(x, values, meta, bias)
+
+
+# ---------------------------------------------------------------------------------------------
+# sparse24_int4_mm: configs and launcher
+
+_int4_kernel = _sparse24_int4_mm_kernel
+
+# BLOCK_K must divide the group size (a multiple of 64): as int4_weight_mm.
+INT4_SMALL_CONFIGS = C.small_m_configs(block_ks=(32, 64, 128, 256))
+INT4_LARGE_CONFIGS = C.large_m_configs(block_ks=(32, 64))
+INT4_CONFIGS = INT4_SMALL_CONFIGS + INT4_LARGE_CONFIGS
+
+
+def _int4_valid(cfg, args):
+    return args["GROUP_SIZE"] % cfg.kwargs["BLOCK_K"] == 0
+
+
+def _int4_keep(cfg, args):
+    # per dense entry: a quarter byte of codes plus an eighth of a meta byte
+    return C.keep_matmul(
+        cfg, args, x_bytes=args["x_ptr"].element_size(), w_bytes=0.375, valid=_int4_valid
+    )
+
+
+_int4_tuned = C.autotune(
+    INT4_CONFIGS, key=["M_BUCKET", "N", "K", "GROUP_SIZE"], keep=_int4_keep
+)(_int4_kernel)
+
+INT4_FAMILY = C.register_family(
+    C.MatmulFamily(
+        kernel=_int4_kernel, tuned=_int4_tuned, configs=INT4_CONFIGS, keep=_int4_keep,
+        ws_dtype=torch.float32, valid=_int4_valid,
+    )
+)
+
+
+def _launch_int4(x, values, meta, scales, zeros, group_size, bias=None, cfg=None):
+    M, K = x.shape
+    N = values.shape[0]
+    out = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    return C.run_matmul(
+        INT4_FAMILY,
+        (x, values, meta, scales, scales if zeros is None else zeros,
+         scales if bias is None else bias),
+        out, M, N, K,
+        (x.stride(0), x.stride(1), values.stride(0), meta.stride(0), out.stride(0), out.stride(1)),
+        meta={
+            "HAS_ZEROS": zeros is not None,
+            "HAS_BIAS": bias is not None,
+            "GROUP_SIZE": int(group_size),
+            "DOT_PRECISION": C.dot_precision(x.dtype),
+        },
+        epilogue={"bias": bias},
+        cfg=cfg,
+    )
+
+
+def sparse24_int4_mm(x, values, meta, scales, zeros, group_size, bias=None):
+    """Triton kernel of leanops::sparse24_int4_mm (arguments validated by the op)."""
+    return _launch_int4(x, values, meta, scales, zeros, group_size, bias)

@@ -6,14 +6,23 @@ attention) as PyTorch custom ops and drop-in modules, measured for speed and ene
     leanops.save_quantized(model, "m.safetensors")
 """
 
-from leanops import ops  # noqa: F401  (defines the torch.ops.leanops.* ops)
+import sys
+
+# ops defines torch.ops.leanops.*; integrations: register_transformers
+from leanops import integrations, ops  # noqa: F401
 from leanops._version import __version__
 from leanops.api import load_quantized, quantize_, save_quantized
 from leanops.dispatch import backends, use_backend
 from leanops.nn import Int4WeightOnlyLinear, Int8Linear, Int8WeightOnlyLinear, SparseLinear
+from leanops.ops.attention import attention, attention_decode, attention_int8, attention_varlen
 from leanops.quant.config import Int4WeightOnlyConfig, Int8DynamicConfig, Int8WeightOnlyConfig
 from leanops.sparsity.api import prune_, sparsify_
 from leanops.sparsity.config import SemiSparseConfig
+
+# attn_implementation="leanops" for Hugging Face models, at no import cost: only when the user's
+# program has already imported transformers (otherwise call integrations.register_transformers()).
+if "transformers" in sys.modules:
+    integrations.register_transformers()
 
 __all__ = [
     "Int4WeightOnlyConfig",
@@ -25,7 +34,12 @@ __all__ = [
     "SemiSparseConfig",
     "SparseLinear",
     "__version__",
+    "attention",
+    "attention_decode",
+    "attention_int8",
+    "attention_varlen",
     "backends",
+    "integrations",
     "load_quantized",
     "ops",
     "prune_",

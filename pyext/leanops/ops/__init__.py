@@ -1,11 +1,23 @@
 """The leanops custom ops (namespace `leanops`): schemas, argument checks, fake kernels, autograd
 and backend dispatch (cuda -> triton -> reference), one module per op family."""
 
+# `leanops.attention` (the function) is exported at the top level; here `attention` stays the
+# module leanops.ops.attention (definitions, references, mask semantics).
+from leanops.ops.attention import (
+    attention_decode,
+    attention_fwd,
+    attention_int8,
+    attention_varlen,
+)
 from leanops.ops.int4 import int4_weight_mm
 from leanops.ops.int8 import int8_dynamic_linear, int8_mm, int8_weight_mm, quantize_per_token_int8
 from leanops.ops.sparse24 import sparse24_int4_mm, sparse24_mm
 
 __all__ = [
+    "attention_decode",
+    "attention_fwd",
+    "attention_int8",
+    "attention_varlen",
     "int4_weight_mm",
     "int8_dynamic_linear",
     "int8_mm",

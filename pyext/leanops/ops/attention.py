@@ -1,0 +1,776 @@
+"""Attention op family (issue 5): fused scaled-dot-product attention, forward and backward.
+
+Ops (namespace leanops; every one has a fake kernel, argument checks naming the argument, a
+PyTorch fp32 reference that is the CPU path and the definition, and a Triton kernel):
+
+  attention_fwd(q, k, v, bias, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                scale, window_left, window_right, softcap) -> (out, lse)
+  attention_bwd(grad_out, q, k, v, out, lse, <same arguments>) -> (dq, dk, dv)
+  attention_decode(q, k_cache, v_cache, cache_seqlens, block_table,
+                   scale, window_left, window_right, softcap) -> out          (inference only)
+  attention_int8(q, k, v, scale, window_left, window_right, softcap, smooth_k) -> out
+                                                                              (inference only)
+
+attention_fwd has a registered autograd whose backward is attention_bwd (another op), so
+torch.compile traces forward and backward without a graph break.
+
+Layouts. Dense: q [B, Hq, Sq, D], k and v [B, Hkv, Sk, D] (any strides; the output has q's
+layout), lse fp32 [B, Hq, Sq]. Varlen (cu_seqlens given): q [Tq, Hq, D], k/v [Tk, Hkv, D] hold
+B packed sequences, sequence b being rows cu_seqlens[b] .. cu_seqlens[b+1]; lse fp32 [Hq, Tq].
+GQA / MQA: Hq a multiple of Hkv, q head h reads kv head h // (Hq / Hkv); k and v are never
+repeated in memory.
+
+Scores, in this order (the definition every backend follows; `reference_scores`):
+  s = (q . k) * scale
+  s = softcap * tanh(s / softcap)            if softcap > 0 (Gemma 2's logit soft-capping)
+  s = s + bias                               additive bias/mask, broadcast to [B, Hq, Sq, Sk]
+  s = -inf where the key is not visible      (`visible`, below: causal / sliding window)
+  p = softmax(s) over keys, out = p @ v, lse = logsumexp(s) (natural log)
+A query row that sees no key at all (e.g. causal with Sq > Sk, or a fully masked bias row) gets
+out = 0 and lse = -inf (flash-attention's convention; PyTorch's math SDPA returns NaN there).
+
+Mask semantics (the one home: `normalize_window` and `visible`; kernels implement the same
+inequalities and are tested against them). Causal masks are aligned to the bottom-right corner
+when Sq != Sk, as in flash-attention >= 2.1 and torch.nn.attention.bias.causal_lower_right: query
+i is the token at position i + Sk - Sq, so the last query sees every key; this is what a KV cache
+needs (F.scaled_dot_product_attention's is_causal is top-left aligned instead; the two agree when
+Sq == Sk). A sliding window (left, right) lets query i see keys j with
+    i + Sk - Sq - left <= j <= i + Sk - Sq + right,    -1 meaning unbounded on that side;
+causal is window_right = 0. For varlen and the decode path, Sq and Sk are per sequence.
+
+Numerics: the reference computes in fp32 (inputs are converted, the output rounded once to q's
+dtype); the Triton kernels use the flash-attention-2 algorithm (online softmax in fp32 with the
+base-2 exponent, P rounded to v's dtype before P @ V, lse saved, backward recomputes P) and are
+held to "error vs an fp32/fp64 reference at most 2x the error of PyTorch's same-dtype math".
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from leanops.dispatch import OpBackends
+from leanops.ops._checks import FLOAT_DTYPES, check_same_device, check_tensor
+from leanops.ops._library import register
+
+OP = "leanops.attention"
+MAX_HEAD_DIM = 256  # the kernels keep a [BLOCK_M, head_dim] fp32 accumulator in registers
+INT32 = (torch.int32,)
+
+# ---------------------------------------------------------------------------------------------
+# Mask semantics: the one home
+
+
+def normalize_window(causal: bool, window) -> tuple[int, int]:
+    """(window_left, window_right) with -1 = unbounded, from the public (causal, window) pair.
+    causal caps the right side at 0 (a causal sliding window is window=(w, 0) or causal=True
+    with window=(w, -1)), as flash-attention does."""
+    if window is None:
+        left, right = -1, -1
+    else:
+        try:
+            left, right = (int(w) for w in window)
+        except (TypeError, ValueError):
+            raise ValueError(f"{OP}: window must be a pair (left, right) of ints, got {window!r}") from None
+        if left < -1 or right < -1:
+            raise ValueError(
+                f"{OP}: window must be (left, right) with each >= 0 or -1 (unbounded); got {window!r}"
+            )
+    if causal:
+        right = 0 if right < 0 else min(right, 0)
+    return left, right
+
+
+def visible(sq: int, sk: int, window_left: int, window_right: int, device=None) -> torch.Tensor:
+    """Bool [sq, sk]: may query i see key j (bottom-right aligned, see the module docstring)."""
+    i = torch.arange(sq, device=device)[:, None]
+    j = torch.arange(sk, device=device)[None, :]
+    rel = j - (i + (sk - sq))  # key position relative to the query's own position
+    ok = torch.ones(sq, sk, dtype=torch.bool, device=device)
+    if window_left >= 0:
+        ok &= rel >= -window_left
+    if window_right >= 0:
+        ok &= rel <= window_right
+    return ok
+
+
+def default_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument checks (metadata only: they run in the fake kernels too)
+
+
+def _check_head_dim(op, d):
+    if not 1 <= d <= MAX_HEAD_DIM:
+        raise ValueError(
+            f"{op}: q has head dim {d}, which is not supported; leanops attention supports head "
+            f"dims 1 to {MAX_HEAD_DIM}"
+        )
+
+
+def _check_scalars(op, scale, window_left, window_right, softcap):
+    if not (isinstance(scale, float | int) and math.isfinite(scale)):
+        raise ValueError(f"{op}: scale must be a finite float, got {scale!r}")
+    for name, w in (("window_left", window_left), ("window_right", window_right)):
+        if w < -1:
+            raise ValueError(f"{op}: {name} must be >= 0 or -1 (unbounded), got {w}")
+    if not (math.isfinite(softcap) and softcap >= 0):
+        raise ValueError(f"{op}: softcap must be >= 0 (0 turns it off), got {softcap!r}")
+
+
+def _check_qkv(op, q, k, v, varlen: bool):
+    dim = 3 if varlen else 4
+    layout = "[T, H, D] (varlen)" if varlen else "[B, H, S, D]"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(op, name, t, dtypes=FLOAT_DTYPES)
+        if t.dim() != dim:
+            raise ValueError(f"{op}: {name} must be {dim}-D {layout}, got shape {tuple(t.shape)}")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise ValueError(f"{op}: {name} must have q's dtype {q.dtype}, got {t.dtype}")
+    h_axis = 1
+    hq, hkv, d = q.shape[h_axis], k.shape[h_axis], q.shape[-1]
+    _check_head_dim(op, d)
+    if k.shape[-1] != d:
+        raise ValueError(f"{op}: k must have q's head dim {d}, got shape {tuple(k.shape)}")
+    if tuple(v.shape) != tuple(k.shape):
+        raise ValueError(
+            f"{op}: v must have k's shape {tuple(k.shape)} (same heads, length and head dim), "
+            f"got {tuple(v.shape)}"
+        )
+    if hkv == 0 or hq % hkv != 0:
+        raise ValueError(
+            f"{op}: the number of heads of q ({hq}) must be a multiple of that of k and v ({hkv}) "
+            "(GQA/MQA)"
+        )
+    if not varlen and k.shape[0] != q.shape[0]:
+        raise ValueError(f"{op}: k must have q's batch size {q.shape[0]}, got shape {tuple(k.shape)}")
+
+
+def _check_bias(op, bias, q, k):
+    if bias is None:
+        return
+    check_tensor(op, "bias", bias, dtypes=FLOAT_DTYPES, dim=4)
+    full = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    if any(b != 1 and b != f for b, f in zip(bias.shape, full, strict=True)):
+        raise ValueError(
+            f"{op}: bias (attn_mask) must be broadcastable to [B, Hq, Sq, Sk] = {full} (each dim 1 "
+            f"or full), got shape {tuple(bias.shape)}"
+        )
+
+
+def _check_cu(op, cu_q, cu_k):
+    check_tensor(op, "cu_seqlens_q", cu_q, dtypes=INT32, dim=1)
+    check_tensor(op, "cu_seqlens_k", cu_k, dtypes=INT32, dim=1)
+    if cu_q.shape[0] < 2 or cu_k.shape[0] != cu_q.shape[0]:
+        raise ValueError(
+            f"{op}: cu_seqlens_q and cu_seqlens_k must both be [B + 1] with B >= 1; got "
+            f"{tuple(cu_q.shape)} and {tuple(cu_k.shape)}"
+        )
+
+
+def check_attention_fwd(q, k, v, bias, cu_q, cu_k, max_q, max_k, scale, wl, wr, softcap):
+    op = "leanops.attention_fwd"
+    varlen = cu_q is not None or cu_k is not None
+    if varlen and (cu_q is None or cu_k is None):
+        raise ValueError(f"{op}: cu_seqlens_q and cu_seqlens_k must be given together")
+    _check_qkv(op, q, k, v, varlen)
+    if varlen:
+        _check_cu(op, cu_q, cu_k)
+        if bias is not None:
+            raise ValueError(f"{op}: bias (attn_mask) is not supported with varlen (cu_seqlens)")
+        if max_q < 0 or max_k < 0:
+            raise ValueError(f"{op}: max_seqlen_q and max_seqlen_k must be >= 0")
+    _check_bias(op, bias, q, k)
+    _check_scalars(op, scale, wl, wr, softcap)
+    check_same_device(op, q=q, k=k, v=v, bias=bias, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+
+
+def _lse_shape(q, varlen):
+    return (q.shape[1], q.shape[0]) if varlen else tuple(q.shape[:3])
+
+
+def check_attention_bwd(grad_out, q, k, v, out, lse, bias, cu_q, cu_k, max_q, max_k, scale, wl,
+                        wr, softcap):
+    check_attention_fwd(q, k, v, bias, cu_q, cu_k, max_q, max_k, scale, wl, wr, softcap)
+    op = "leanops.attention_bwd"
+    check_tensor(op, "grad_out", grad_out, dtypes=(q.dtype,), shape=tuple(q.shape))
+    check_tensor(op, "out", out, dtypes=(q.dtype,), shape=tuple(q.shape))
+    check_tensor(op, "lse", lse, dtypes=(torch.float32,), shape=_lse_shape(q, cu_q is not None))
+    check_same_device(op, q=q, grad_out=grad_out, out=out, lse=lse)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference (PyTorch math; fp32 by default, `dtype` lets tests run the same math in fp16/fp64)
+
+
+def reference_scores(q, k, bias, scale, wl, wr, softcap, dtype=torch.float32):
+    """s [B, Hq, Sq, Sk] (masked entries -inf) and tanh(s0 / softcap) (None without softcap) of
+    dense q [B, Hq, Sq, D], k [B, Hkv, Sk, D], in `dtype`."""
+    group = q.shape[1] // k.shape[1]
+    qf = q.to(dtype)
+    kf = k.to(dtype)
+    if group > 1:
+        kf = kf.repeat_interleave(group, dim=1)
+    s = (qf @ kf.transpose(-1, -2)) * scale
+    t = None
+    if softcap > 0:
+        t = torch.tanh(s / softcap)
+        s = t * softcap
+    if bias is not None:
+        s = s + bias.to(dtype)
+    mask = visible(q.shape[2], k.shape[2], wl, wr, q.device)
+    return s.masked_fill(~mask, float("-inf")), t
+
+
+def _safe_lse(lse):
+    return torch.where(torch.isinf(lse) & (lse < 0), torch.zeros_like(lse), lse)
+
+
+def reference_attention(q, k, v, bias, scale, wl, wr, softcap, dtype=torch.float32):
+    """(out, lse) of dense inputs, computed in `dtype` (out stays in `dtype`, lse too)."""
+    s, _ = reference_scores(q, k, bias, scale, wl, wr, softcap, dtype)
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - _safe_lse(lse)[..., None])  # rows that see nothing: all zeros
+    group = q.shape[1] // k.shape[1]
+    vf = v.to(dtype)
+    if group > 1:
+        vf = vf.repeat_interleave(group, dim=1)
+    return p @ vf, lse
+
+
+def reference_attention_bwd(grad_out, q, k, v, out, lse, bias, scale, wl, wr, softcap,
+                            dtype=torch.float32):
+    """(dq, dk, dv) in `dtype` of dense inputs: flash-attention's backward in plain math.
+    dV = P^T dO; dP = dO V^T; dS = P * (dP - rowsum(dO * O)); through softcap dS *= 1 - t^2;
+    dQ = dS K * scale; dK = dS^T Q * scale; GQA sums dK, dV over the q heads of a kv head."""
+    f = dtype
+    s, t = reference_scores(q, k, bias, scale, wl, wr, softcap, f)
+    p = torch.exp(s - _safe_lse(lse.to(f))[..., None]).to(f)
+    group = q.shape[1] // k.shape[1]
+    kf, vf = k.to(f), v.to(f)
+    if group > 1:
+        kf, vf = kf.repeat_interleave(group, dim=1), vf.repeat_interleave(group, dim=1)
+    do = grad_out.to(f)
+    dv = p.transpose(-1, -2) @ do
+    dp = do @ vf.transpose(-1, -2)
+    delta = (do * out.to(f)).sum(-1, keepdim=True)
+    ds = p * (dp - delta)
+    if t is not None:
+        ds = ds * (1 - t * t)
+    dq = (ds @ kf) * scale
+    dk = (ds.transpose(-1, -2) @ q.to(f)) * scale
+    if group > 1:
+        b, hq, sk, d = dk.shape
+        dk = dk.view(b, hq // group, group, sk, d).sum(2)
+        dv = dv.view(b, hq // group, group, sk, d).sum(2)
+    return dq, dk, dv
+
+
+def _varlen_slices(cu_q, cu_k):
+    cq, ck = cu_q.tolist(), cu_k.tolist()
+    for b in range(len(cq) - 1):
+        yield slice(cq[b], cq[b + 1]), slice(ck[b], ck[b + 1])
+
+
+def _seq(x, rows):
+    """[T, H, D] rows -> [1, H, S, D] (a view)."""
+    return x[rows].transpose(0, 1).unsqueeze(0)
+
+
+def _attention_fwd_reference(q, k, v, bias, cu_q, cu_k, max_q, max_k, scale, wl, wr, softcap):
+    out = torch.empty_like(q)  # q's layout (and so the fake kernel's)
+    if cu_q is None:
+        o, lse = reference_attention(q, k, v, bias, scale, wl, wr, softcap)
+        out.copy_(o)
+        return out, lse.contiguous()
+    lse = torch.empty(_lse_shape(q, True), dtype=torch.float32, device=q.device)
+    for rq, rk in _varlen_slices(cu_q, cu_k):
+        o, l_ = reference_attention(_seq(q, rq), _seq(k, rk), _seq(v, rk), None, scale, wl, wr, softcap)
+        out[rq] = o[0].transpose(0, 1)
+        lse[:, rq] = l_[0]
+    return out, lse
+
+
+def _attention_bwd_reference(grad_out, q, k, v, out, lse, bias, cu_q, cu_k, max_q, max_k, scale,
+                             wl, wr, softcap):
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    if cu_q is None:
+        g = reference_attention_bwd(grad_out, q, k, v, out, lse, bias, scale, wl, wr, softcap)
+        for dst, src in zip((dq, dk, dv), g, strict=True):
+            dst.copy_(src)
+        return dq, dk, dv
+    dk.zero_()
+    dv.zero_()
+    for rq, rk in _varlen_slices(cu_q, cu_k):
+        g = reference_attention_bwd(
+            _seq(grad_out, rq), _seq(q, rq), _seq(k, rk), _seq(v, rk), _seq(out, rq),
+            lse[:, rq].unsqueeze(0), None, scale, wl, wr, softcap,
+        )
+        dq[rq] = g[0][0].transpose(0, 1)
+        dk[rk] = g[1][0].transpose(0, 1)
+        dv[rk] = g[2][0].transpose(0, 1)
+    return dq, dk, dv
+
+
+# ---------------------------------------------------------------------------------------------
+# attention_fwd / attention_bwd
+
+
+def _no_triton_reason(*args):
+    return None
+
+
+_fwd_backends = OpBackends(
+    "attention_fwd",
+    reference=_attention_fwd_reference,
+    triton="leanops.triton.attention:attention_fwd",
+    triton_supports=_no_triton_reason,
+)
+_bwd_backends = OpBackends(
+    "attention_bwd",
+    reference=_attention_bwd_reference,
+    triton="leanops.triton.attention:attention_bwd",
+    triton_supports=_no_triton_reason,
+)
+
+
+def _empty_problem(q, k):
+    return q.numel() == 0 or k.numel() == 0
+
+
+def _attention_fwd_impl(q, k, v, bias, cu_q, cu_k, max_q, max_k, scale, wl, wr, softcap):
+    check_attention_fwd(q, k, v, bias, cu_q, cu_k, max_q, max_k, scale, wl, wr, softcap)
+    if _empty_problem(q, k):
+        return _attention_fwd_reference(q, k, v, bias, cu_q, cu_k, max_q, max_k, scale, wl, wr, softcap)
+    return _fwd_backends(q, k, v, bias, cu_q, cu_k, max_q, max_k, scale, wl, wr, softcap)
+
+
+def _attention_bwd_impl(grad_out, q, k, v, out, lse, bias, cu_q, cu_k, max_q, max_k, scale, wl,
+                        wr, softcap):
+    args = (grad_out, q, k, v, out, lse, bias, cu_q, cu_k, max_q, max_k, scale, wl, wr, softcap)
+    check_attention_bwd(*args)
+    if _empty_problem(q, k):
+        return _attention_bwd_reference(*args)
+    return _bwd_backends(*args)
+
+
+_ARGS = ("Tensor? bias, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, SymInt max_seqlen_q, "
+         "SymInt max_seqlen_k, float scale, int window_left, int window_right, float softcap")
+
+register("attention_fwd", f"(Tensor q, Tensor k, Tensor v, {_ARGS}) -> (Tensor, Tensor)",
+         _attention_fwd_impl)
+register(
+    "attention_bwd",
+    f"(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, {_ARGS}) "
+    "-> (Tensor, Tensor, Tensor)",
+    _attention_bwd_impl,
+)
+
+
+@torch.library.register_fake("leanops::attention_fwd")
+def _attention_fwd_fake(q, k, v, bias, cu_q, cu_k, max_q, max_k, scale, wl, wr, softcap):
+    check_attention_fwd(q, k, v, bias, cu_q, cu_k, max_q, max_k, scale, wl, wr, softcap)
+    lse = q.new_empty(_lse_shape(q, cu_q is not None), dtype=torch.float32)
+    return torch.empty_like(q), lse
+
+
+@torch.library.register_fake("leanops::attention_bwd")
+def _attention_bwd_fake(grad_out, q, k, v, out, lse, bias, cu_q, cu_k, max_q, max_k, scale, wl,
+                        wr, softcap):
+    check_attention_bwd(grad_out, q, k, v, out, lse, bias, cu_q, cu_k, max_q, max_k, scale, wl,
+                        wr, softcap)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _fwd_setup(ctx, inputs, output):
+    q, k, v, bias, cu_q, cu_k, max_q, max_k, scale, wl, wr, softcap = inputs
+    if bias is not None and bias.requires_grad:
+        raise NotImplementedError(
+            "leanops.attention: attn_mask/bias requires grad, but leanops attention does not "
+            "compute a bias gradient; detach it (masks, ALiBi) or use "
+            "F.scaled_dot_product_attention for a learned bias"
+        )
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, bias, cu_q, cu_k)
+    ctx.args = (max_q, max_k, scale, wl, wr, softcap)
+    ctx.set_materialize_grads(False)
+
+
+def _fwd_backward(ctx, grad_out, grad_lse):
+    # lse is an auxiliary output for the backward (and for users merging partial attentions);
+    # it is not differentiated, as in flash-attention.
+    if grad_out is None:
+        return (None,) * 12
+    q, k, v, out, lse, bias, cu_q, cu_k = ctx.saved_tensors
+    dq, dk, dv = torch.ops.leanops.attention_bwd.default(
+        grad_out.contiguous(), q, k, v, out, lse, bias, cu_q, cu_k, *ctx.args
+    )
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("leanops::attention_fwd", _fwd_backward, setup_context=_fwd_setup)
+
+
+def attention_fwd(q, k, v, bias=None, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0,
+                  max_seqlen_k=0, scale=None, window_left=-1, window_right=-1, softcap=0.0):
+    """The raw op: (out, lse). See the module docstring; `leanops.attention` is the friendly
+    entry point."""
+    if scale is None:
+        scale = default_scale(q.shape[-1])
+    return torch.ops.leanops.attention_fwd.default(
+        q, k, v, bias, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, float(scale),
+        int(window_left), int(window_right), float(softcap),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Public functions
+
+
+def _mask_to_bias(attn_mask, q, k):
+    """SDPA's attn_mask (bool: True = may attend; float: added to the scores), of any shape
+    broadcastable to [B, Hq, Sq, Sk], as the op's 4-D additive bias (size-1 dims stay size 1:
+    the kernels read them with stride 0)."""
+    if attn_mask is None:
+        return None
+    if not isinstance(attn_mask, torch.Tensor):
+        raise TypeError(f"{OP}: attn_mask must be a Tensor or None, got {type(attn_mask).__name__}")
+    if attn_mask.dim() > 4 or attn_mask.dim() < 1:
+        raise ValueError(
+            f"{OP}: attn_mask must be broadcastable to [B, Hq, Sq, Sk], got shape "
+            f"{tuple(attn_mask.shape)}"
+        )
+    m = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
+    if m.dtype == torch.bool:
+        zero = torch.zeros((), dtype=q.dtype, device=m.device)
+        m = torch.where(m, zero, torch.full((), float("-inf"), dtype=q.dtype, device=m.device))
+    elif m.dtype not in FLOAT_DTYPES:
+        raise ValueError(
+            f"{OP}: attn_mask must be bool (True = attend) or float (additive), got {m.dtype}"
+        )
+    return m
+
+
+def _softcap_value(softcap):
+    if softcap is None:
+        return 0.0
+    softcap = float(softcap)
+    if not (softcap > 0 and math.isfinite(softcap)):
+        raise ValueError(f"{OP}: softcap must be a positive float or None, got {softcap!r}")
+    return softcap
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    causal: bool = False,
+    scale: float | None = None,
+    window: tuple[int, int] | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Fused attention: softmax(q k^T * scale [+ attn_mask]) v for q [B, Hq, Sq, D] and k, v
+    [B, Hkv, Sk, D], F.scaled_dot_product_attention's layout and arguments. Differentiable in
+    q, k, v.
+
+    - GQA/MQA when Hkv < Hq (Hq a multiple of Hkv), without repeating k/v in memory.
+    - causal: bottom-right aligned when Sq != Sk (query i is position i + Sk - Sq; see
+      leanops.ops.attention). window=(left, right): sliding window, -1 = unbounded.
+    - scale defaults to 1/sqrt(D); softcap: logits capped to softcap * tanh(s / softcap).
+    - attn_mask: bool (True = attend) or additive float, broadcastable to [B, Hq, Sq, Sk]: the
+      slower general path (the mask is read per score tile); not differentiable.
+    - dtypes float16/bfloat16 (Triton kernels on sm_80+ GPUs) and float32; head dim 1-256.
+    On CPU tensors the fp32 PyTorch reference runs. Rows that see no key return 0.
+    """
+    wl, wr = normalize_window(causal, window)
+    bias = _mask_to_bias(attn_mask, q, k)
+    out, _ = attention_fwd(q, k, v, bias, scale=scale, window_left=wl, window_right=wr,
+                           softcap=_softcap_value(softcap))
+    return out
+
+
+def attention_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    causal: bool = False,
+    scale: float | None = None,
+    window: tuple[int, int] | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Attention over a batch of variable-length sequences packed along the first dim (no
+    padding): q [Tq, Hq, D], k, v [Tk, Hkv, D]; sequence b is rows cu_seqlens_q[b] ..
+    cu_seqlens_q[b+1] of q and cu_seqlens_k[b] .. cu_seqlens_k[b+1] of k/v (int32 [B + 1],
+    starting at 0). max_seqlen_q/k: the longest sequence (sizes the launch grid; a smaller value
+    than the truth leaves rows unwritten). Masks per sequence as in `attention`. Differentiable
+    in q, k, v. Returns out [Tq, Hq, D]."""
+    wl, wr = normalize_window(causal, window)
+    out, _ = attention_fwd(q, k, v, None, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
+                           int(max_seqlen_k), scale, wl, wr, _softcap_value(softcap))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# attention_decode: split-KV attention of a few new tokens against a (paged) KV cache
+
+
+def _check_decode(q, k_cache, v_cache, cache_seqlens, block_table, scale, wl, wr, softcap):
+    op = "leanops.attention_decode"
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        check_tensor(op, name, t, dtypes=FLOAT_DTYPES, dim=4)
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.dtype != q.dtype:
+            raise ValueError(f"{op}: {name} must have q's dtype {q.dtype}, got {t.dtype}")
+    b, hq, sq, d = q.shape
+    _check_head_dim(op, d)
+    if tuple(v_cache.shape) != tuple(k_cache.shape):
+        raise ValueError(
+            f"{op}: v_cache must have k_cache's shape {tuple(k_cache.shape)}, got {tuple(v_cache.shape)}"
+        )
+    hkv = k_cache.shape[1]
+    if k_cache.shape[3] != d:
+        raise ValueError(f"{op}: k_cache must have q's head dim {d}, got shape {tuple(k_cache.shape)}")
+    if hkv == 0 or hq % hkv != 0:
+        raise ValueError(
+            f"{op}: the number of heads of q ({hq}) must be a multiple of that of k_cache ({hkv})"
+        )
+    if block_table is None:
+        if k_cache.shape[0] != b:
+            raise ValueError(
+                f"{op}: k_cache must be [B, Hkv, S, D] with q's batch {b} (or pages with a "
+                f"block_table), got shape {tuple(k_cache.shape)}"
+            )
+    else:
+        check_tensor(op, "block_table", block_table, dtypes=INT32, dim=2)
+        if block_table.shape[0] != b:
+            raise ValueError(
+                f"{op}: block_table must be [B, max_pages] with q's batch {b}, got "
+                f"{tuple(block_table.shape)}"
+            )
+        if cache_seqlens is None:
+            raise ValueError(f"{op}: cache_seqlens is required with a block_table")
+    if cache_seqlens is not None:
+        check_tensor(op, "cache_seqlens", cache_seqlens, dtypes=INT32, shape=(b,))
+    _check_scalars(op, scale, wl, wr, softcap)
+    check_same_device(op, q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens,
+                      block_table=block_table)
+
+
+def gather_cache(k_cache, v_cache, cache_seqlens, block_table, b):
+    """Sequence b of a (paged) cache as dense [1, Hkv, len, D] k and v (reference and tests)."""
+    if block_table is None:
+        n = k_cache.shape[2] if cache_seqlens is None else int(cache_seqlens[b])
+        return k_cache[b : b + 1, :, :n], v_cache[b : b + 1, :, :n]
+    n = int(cache_seqlens[b])
+    page = k_cache.shape[2]
+    pages = block_table[b, : (n + page - 1) // page].long()
+
+    def gather(c):
+        return c[pages].transpose(0, 1).reshape(c.shape[1], -1, c.shape[3])[:, :n].unsqueeze(0)
+
+    return gather(k_cache), gather(v_cache)
+
+
+def _attention_decode_reference(q, k_cache, v_cache, cache_seqlens, block_table, scale, wl, wr,
+                                softcap):
+    out = torch.empty_like(q)
+    for b in range(q.shape[0]):
+        k, v = gather_cache(k_cache, v_cache, cache_seqlens, block_table, b)
+        o, _ = reference_attention(q[b : b + 1], k, v, None, scale, wl, wr, softcap)
+        out[b] = o[0]
+    return out
+
+
+_decode_backends = OpBackends(
+    "attention_decode",
+    reference=_attention_decode_reference,
+    triton="leanops.triton.attention_decode:attention_decode",
+    triton_supports=_no_triton_reason,
+)
+
+
+def _attention_decode_impl(q, k_cache, v_cache, cache_seqlens, block_table, scale, wl, wr, softcap):
+    _check_decode(q, k_cache, v_cache, cache_seqlens, block_table, scale, wl, wr, softcap)
+    if q.numel() == 0 or k_cache.numel() == 0:
+        return _attention_decode_reference(q, k_cache, v_cache, cache_seqlens, block_table, scale,
+                                           wl, wr, softcap)
+    return _decode_backends(q, k_cache, v_cache, cache_seqlens, block_table, scale, wl, wr, softcap)
+
+
+register(
+    "attention_decode",
+    "(Tensor q, Tensor k_cache, Tensor v_cache, Tensor? cache_seqlens, Tensor? block_table, "
+    "float scale, int window_left, int window_right, float softcap) -> Tensor",
+    _attention_decode_impl,
+)
+
+
+@torch.library.register_fake("leanops::attention_decode")
+def _attention_decode_fake(q, k_cache, v_cache, cache_seqlens, block_table, scale, wl, wr, softcap):
+    _check_decode(q, k_cache, v_cache, cache_seqlens, block_table, scale, wl, wr, softcap)
+    return torch.empty_like(q)
+
+
+def _inference_only(name):
+    def setup_context(ctx, inputs, output):
+        raise NotImplementedError(
+            f"leanops.{name} is inference only (no backward): call it under torch.no_grad() / "
+            "torch.inference_mode(), or use leanops.attention for training"
+        )
+
+    def backward(ctx, *grads):  # never reached: setup_context raises first
+        raise NotImplementedError(f"leanops.{name} is inference only")
+
+    torch.library.register_autograd(f"leanops::{name}", backward, setup_context=setup_context)
+
+
+_inference_only("attention_decode")
+
+
+def attention_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor | None = None,
+    block_table: torch.Tensor | None = None,
+    causal: bool = True,
+    scale: float | None = None,
+    window: tuple[int, int] | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Attention of a few new tokens (q [B, Hq, Sq, D], Sq typically 1-16) against a KV cache,
+    split across programs along the cache (split-KV, then a reduction) with the q heads that
+    share a kv head packed into one program: for inference (no backward).
+
+    Cache layouts:
+    - dense: k_cache, v_cache [B, Hkv, S_max, D] (any strides); cache_seqlens int32 [B] (valid
+      lengths; default all S_max);
+    - paged: k_cache, v_cache [num_pages, Hkv, page_size, D] (any strides: flash-attention /
+      vLLM's [num_pages, page_size, Hkv, D] is `.transpose(1, 2)` of it, no copy), block_table
+      int32 [B, max_pages] (page ids of each sequence, in order) and cache_seqlens required.
+    The new tokens are the last Sq positions of each sequence (bottom-right causal alignment).
+    Values are not checked (that would synchronise with the GPU): cache_seqlens[b] must be at
+    most S_max (dense) or the pages block_table[b] holds, and page ids must be valid.
+    """
+    wl, wr = normalize_window(causal, window)
+    if scale is None:
+        scale = default_scale(q.shape[-1])
+    return torch.ops.leanops.attention_decode.default(
+        q, k_cache, v_cache, cache_seqlens, block_table, float(scale), wl, wr,
+        _softcap_value(softcap),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# attention_int8: int8 Q.K^T (SageAttention-style), 16-bit P.V, inference only
+#
+# Format (the definition, `quantize_qk`): K is smoothed by subtracting its mean over the sequence
+# (per batch, kv head and channel: softmax is invariant to adding q.c to every score of a row,
+# and removing the shared component leaves the int8 grid for what differs between keys);
+# then q and the smoothed k are quantised symmetrically to int8 per block of QK_BLOCK rows of
+# each (batch, head): scale = amax / 127, code = round-half-even(x / scale). The product of
+# int8 codes accumulates exactly in int32; scores = acc * q_scale * k_scale * scale.
+
+QK_BLOCK = 64
+
+
+def quantize_qk(q, k, smooth_k: bool):
+    """(q_int8, q_scale [B, Hq, ceil(Sq/QK_BLOCK)], k_int8, k_scale [B, Hkv, ceil(Sk/QK_BLOCK)])
+    of dense q, k; scales fp32."""
+    if smooth_k:
+        k = k.float() - k.float().mean(dim=2, keepdim=True)
+
+    def per_block(x):
+        b, h, s, d = x.shape
+        nb = (s + QK_BLOCK - 1) // QK_BLOCK
+        xf = torch.nn.functional.pad(x.float(), (0, 0, 0, nb * QK_BLOCK - s))
+        blocks = xf.view(b, h, nb, QK_BLOCK * d)
+        amax = blocks.abs().amax(-1)
+        scale = (amax / 127.0).clamp_min(torch.finfo(torch.float32).tiny)
+        codes = torch.round(blocks / scale[..., None]).clamp(-127, 127).to(torch.int8)
+        return codes.view(b, h, nb * QK_BLOCK, d)[:, :, :s], scale.contiguous()
+
+    qc, qs = per_block(q)
+    kc, ks = per_block(k)
+    return qc.contiguous(), qs, kc.contiguous(), ks
+
+
+def _check_int8(q, k, v, scale, wl, wr, softcap):
+    op = "leanops.attention_int8"
+    _check_qkv(op, q, k, v, varlen=False)
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"{op}: q must have dtype float16, bfloat16 (P.V runs in it); got {q.dtype}")
+    _check_scalars(op, scale, wl, wr, softcap)
+    check_same_device(op, q=q, k=k, v=v)
+
+
+def _attention_int8_reference(q, k, v, scale, wl, wr, softcap, smooth_k):
+    qc, qs, kc, ks = quantize_qk(q, k, smooth_k)
+    qd = qc.float() * qs.repeat_interleave(QK_BLOCK, dim=2)[:, :, : q.shape[2], None]
+    kd = kc.float() * ks.repeat_interleave(QK_BLOCK, dim=2)[:, :, : k.shape[2], None]
+    out, _ = reference_attention(qd, kd, v, None, scale, wl, wr, softcap)
+    return out.to(q.dtype)
+
+
+_int8_backends = OpBackends(
+    "attention_int8",
+    reference=_attention_int8_reference,
+    triton="leanops.triton.attention:attention_int8",
+    triton_supports=_no_triton_reason,
+)
+
+
+def _attention_int8_impl(q, k, v, scale, wl, wr, softcap, smooth_k):
+    _check_int8(q, k, v, scale, wl, wr, softcap)
+    if _empty_problem(q, k):
+        return _attention_int8_reference(q, k, v, scale, wl, wr, softcap, smooth_k)
+    return _int8_backends(q, k, v, scale, wl, wr, softcap, smooth_k)
+
+
+register(
+    "attention_int8",
+    "(Tensor q, Tensor k, Tensor v, float scale, int window_left, int window_right, "
+    "float softcap, bool smooth_k) -> Tensor",
+    _attention_int8_impl,
+)
+
+
+@torch.library.register_fake("leanops::attention_int8")
+def _attention_int8_fake(q, k, v, scale, wl, wr, softcap, smooth_k):
+    _check_int8(q, k, v, scale, wl, wr, softcap)
+    return torch.empty_like(q)
+
+
+_inference_only("attention_int8")
+
+
+def attention_int8(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool = False,
+    scale: float | None = None,
+    window: tuple[int, int] | None = None,
+    softcap: float | None = None,
+    smooth_k: bool = True,
+) -> torch.Tensor:
+    """Attention with Q.K^T in int8 (per-block scales, K smoothed by its mean) and P.V in q's
+    16-bit dtype, as SageAttention: for inference (no backward: requesting gradients raises).
+    q, k, v as in `leanops.attention` (dense, float16/bfloat16). See `quantize_qk` for the
+    format; the error against fp32 attention is measured in tests/test_attention*.py."""
+    wl, wr = normalize_window(causal, window)
+    if scale is None:
+        scale = default_scale(q.shape[-1])
+    return torch.ops.leanops.attention_int8.default(
+        q, k, v, float(scale), wl, wr, _softcap_value(softcap), bool(smooth_k)
+    )
+

@@ -1,0 +1,397 @@
+"""The attention op family (issue 5) at the op and module level: the reference's semantics
+against PyTorch's own attention, the masks' one home (leanops.ops.attention.visible), argument
+errors that name the argument, opcheck of every op on the reference and (interpreter) Triton
+backends, torch.compile without graph breaks, leanops.nn.MultiheadAttention against
+torch.nn.MultiheadAttention, and the Hugging Face transformers registration.
+The kernels' numerics are in tests/test_attention_triton.py (interpreter) and
+tests/test_attention_cuda.py (GPU)."""
+
+import warnings
+
+import leanops
+import pytest
+import torch
+import torch.nn.functional as F
+from leanops import ops
+from leanops.ops import attention as A
+from torch import nn
+from torch.nn.attention.bias import causal_lower_right
+
+pytestmark = pytest.mark.filterwarnings("ignore:tl.make_block_ptr is deprecated")
+
+
+def _qkv(b=2, hq=4, hkv=2, sq=7, sk=9, d=16, dtype=torch.float32, grad=False):
+    return tuple(torch.randn(b, h, s, d, dtype=dtype, requires_grad=grad)
+                 for h, s in ((hq, sq), (hkv, sk), (hkv, sk)))
+
+
+# ------------------------------------------------------------------------ semantics
+
+
+def test_visible_is_the_bottom_right_window_definition():
+    for sq, sk in ((5, 5), (3, 8), (8, 3), (1, 6)):
+        for wl, wr in ((-1, -1), (-1, 0), (2, 0), (1, 3), (0, -1)):
+            got = A.visible(sq, sk, wl, wr)
+            for i in range(sq):
+                for j in range(sk):
+                    pos = i + sk - sq  # query i is the token at position i + Sk - Sq
+                    want = (wl < 0 or j >= pos - wl) and (wr < 0 or j <= pos + wr)
+                    assert bool(got[i, j]) == want, (sq, sk, wl, wr, i, j)
+
+
+def test_normalize_window():
+    assert A.normalize_window(False, None) == (-1, -1)
+    assert A.normalize_window(True, None) == (-1, 0)
+    assert A.normalize_window(True, (8, 4)) == (8, 0)  # causal caps the right side
+    assert A.normalize_window(False, (8, 4)) == (8, 4)
+
+
+@pytest.mark.filterwarnings("ignore:Lower right causal bias will produce NaNs")
+@pytest.mark.parametrize("sq,sk", [(6, 6), (3, 9), (9, 3)])
+def test_causal_is_torch_causal_lower_right(sq, sk):
+    q, k, v = _qkv(hq=2, hkv=2, sq=sq, sk=sk, dtype=torch.float32)
+    got = leanops.attention(q, k, v, causal=True)
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(sq, sk))
+    rows = A.visible(sq, sk, -1, 0).any(-1)  # SDPA gives NaN where a row sees nothing, we 0
+    torch.testing.assert_close(got[:, :, rows], want[:, :, rows], rtol=1e-5, atol=1e-5)
+    assert (got[:, :, ~rows] == 0).all()
+
+
+def test_reference_matches_sdpa_with_gqa_mask_scale_and_gradients():
+    q, k, v = _qkv(dtype=torch.float32, grad=True)
+    mask = torch.rand(2, 1, 7, 9) > 0.2
+    mask[..., 0] = True  # every row sees a key
+    got = leanops.attention(q, k, v, attn_mask=mask, scale=0.3)
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3, enable_gqa=True)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(got)
+    torch.testing.assert_close(torch.autograd.grad(got, (q, k, v), g),
+                               torch.autograd.grad(want, (q, k, v), g), rtol=1e-5, atol=1e-5)
+
+
+def test_softcap_and_window_gradients_match_autograd_of_the_math():
+    q, k, v = _qkv(hq=2, hkv=1, sq=8, sk=8, dtype=torch.float32, grad=True)
+    out = leanops.attention(q, k, v, causal=True, window=(3, 0), softcap=2.0)
+    s = (q @ k.repeat_interleave(2, 1).transpose(-1, -2)) * 16**-0.5
+    s = 2.0 * torch.tanh(s / 2.0)
+    s = s.masked_fill(~A.visible(8, 8, 3, 0), float("-inf"))
+    want = torch.softmax(s, -1) @ v.repeat_interleave(2, 1)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(out)
+    torch.testing.assert_close(torch.autograd.grad(out, (q, k, v), g),
+                               torch.autograd.grad(want, (q, k, v), g), rtol=1e-5, atol=1e-5)
+
+
+def test_varlen_is_attention_per_sequence():
+    lens = [3, 0, 6]
+    cu = torch.tensor([0, 3, 3, 9], dtype=torch.int32)
+    q, k, v = (torch.randn(9, 4, 16) for _ in range(3))
+    out = leanops.attention_varlen(q, k, v, cu, cu, 6, 6, causal=True)
+    for b in range(3):
+        rows = slice(int(cu[b]), int(cu[b + 1]))
+        if lens[b]:
+            want = leanops.attention(*(t[rows].transpose(0, 1)[None] for t in (q, k, v)), causal=True)
+            torch.testing.assert_close(out[rows], want[0].transpose(0, 1))
+
+
+def test_decode_reference_reads_the_cache_like_dense_attention():
+    q = torch.randn(2, 4, 1, 16)
+    k, v = torch.randn(2, 2, 10, 16), torch.randn(2, 2, 10, 16)
+    lens = torch.tensor([10, 4], dtype=torch.int32)
+    out = leanops.attention_decode(q, k, v, lens)
+    torch.testing.assert_close(out[1:], leanops.attention(q[1:], k[1:, :, :4], v[1:, :, :4]))
+    torch.testing.assert_close(out[:1], leanops.attention(q[:1], k[:1], v[:1]))
+
+
+def test_output_keeps_q_layout_and_empty_inputs_work():
+    q = torch.randn(2, 5, 3, 16).transpose(1, 2)  # [B, H, S, D] view of [B, S, H, D]
+    out = leanops.attention(q, q, q)
+    assert out.stride() == q.stride()
+    assert leanops.attention(*_qkv(sq=0)).shape == (2, 4, 0, 16)
+    assert (leanops.attention(*_qkv(sk=0)) == 0).all()
+
+
+# ------------------------------------------------------------------------- argument errors
+
+
+def _bad_calls():
+    q, k, v = _qkv()
+    cu = torch.tensor([0, 3, 7], dtype=torch.int32)
+    t = torch.randn(7, 4, 16)
+    return [
+        (lambda: leanops.attention(q, k.half(), v), r"k must have q's dtype torch.float32"),
+        (lambda: leanops.attention(q.double(), k.double(), v.double()), r"q must have dtype float16, bfloat16, float32; got torch.float64"),
+        (lambda: leanops.attention(q[0], k, v), r"q must be 4-D \[B, H, S, D\]"),
+        (lambda: leanops.attention(q, k[..., :8], v), r"k must have q's head dim 16"),
+        (lambda: leanops.attention(q, k, v[:, :, :5]), r"v must have k's shape"),
+        (lambda: leanops.attention(q[:, :3], k, v), r"heads of q \(3\) must be a multiple of that of k and v \(2\)"),
+        (lambda: leanops.attention(q, k[:1], v[:1]), r"k must have q's batch size 2"),
+        (lambda: leanops.attention(*_qkv(d=272)), r"q has head dim 272, which is not supported"),
+        (lambda: leanops.attention(q, k, v, attn_mask=torch.ones(7, 8, dtype=torch.bool)), r"bias \(attn_mask\) must be broadcastable to \[B, Hq, Sq, Sk\] = \(2, 4, 7, 9\)"),
+        (lambda: leanops.attention(q, k, v, attn_mask=torch.ones(7, 9, dtype=torch.int32)), r"attn_mask must be bool"),
+        (lambda: leanops.attention(q, k, v, window=(-2, 0)), r"window must be \(left, right\)"),
+        (lambda: leanops.attention(q, k, v, softcap=-1.0), r"softcap must be a positive float"),
+        (lambda: leanops.attention(q, k, v.to("meta")), r"q is on cpu but v is on meta"),
+        (lambda: leanops.attention_varlen(t, t, t, cu.long(), cu, 4, 4), r"cu_seqlens_q must have dtype int32"),
+        (lambda: leanops.attention_varlen(t, t, t, cu, cu[:2], 4, 4), r"cu_seqlens_q and cu_seqlens_k must both be \[B \+ 1\]"),
+        (lambda: leanops.attention_varlen(q, k, v, cu, cu, 4, 4), r"q must be 3-D \[T, H, D\] \(varlen\)"),
+        (lambda: leanops.attention_decode(q, k, v, torch.tensor([1, 2])), r"cache_seqlens must have dtype int32"),
+        (lambda: leanops.attention_decode(q, k, v, None, torch.zeros(2, 3, dtype=torch.int32)), r"cache_seqlens is required with a block_table"),
+        (lambda: leanops.attention_decode(q, k, v, torch.ones(2, dtype=torch.int32), torch.zeros(3, 3, dtype=torch.int32)), r"block_table must be \[B, max_pages\] with q's batch 2"),
+        (lambda: leanops.attention_int8(q, k, v), r"attention_int8: q must have dtype float16, bfloat16"),
+    ]
+
+
+@pytest.mark.parametrize("i", range(20))
+def test_bad_arguments_raise_naming_the_argument(i):
+    call, message = _bad_calls()[i]
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_bad_arguments_are_caught_at_trace_time_too():
+    q, k, v = _qkv()
+    v = v[:, :, :3].contiguous()
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+        fq, fk, fv = (mode.from_tensor(t) for t in (q, k, v))
+        with pytest.raises(ValueError, match="v must have k's shape"):
+            leanops.attention(fq, fk, fv)
+
+
+def test_bias_gradient_is_refused_clearly():
+    q, k, v = _qkv(grad=True)
+    bias = torch.zeros(1, 1, 7, 9, requires_grad=True)
+    with pytest.raises(NotImplementedError, match="does not compute a bias gradient"):
+        leanops.attention(q, k, v, attn_mask=bias)
+
+
+def test_decode_is_inference_only():
+    q, k, v = _qkv(grad=True)
+    with pytest.raises(NotImplementedError, match="attention_decode is inference only"):
+        leanops.attention_decode(q, k, v)
+
+
+# -------------------------------------------------------------------------------- opcheck
+
+
+def _varlen_args(grad):
+    cu_q = torch.tensor([0, 2, 7], dtype=torch.int32)
+    cu_k = torch.tensor([0, 4, 9], dtype=torch.int32)
+    q = torch.randn(7, 4, 16, requires_grad=grad)
+    k, v = (torch.randn(9, 2, 16, requires_grad=grad) for _ in range(2))
+    return (q, k, v, None, cu_q, cu_k, 5, 5, 0.25, -1, 0, 0.0)
+
+
+def _fwd_args(grad, bias=False, dtype=torch.float32, **kw):
+    q, k, v = _qkv(sq=5, sk=6, dtype=dtype, grad=grad)
+    b = torch.randn(2, 1, 5, 6, dtype=dtype) if bias else None
+    return (q, k, v, b, None, None, 0, 0, 0.25, kw.get("wl", -1), kw.get("wr", 0), kw.get("cap", 0.0))
+
+
+def _bwd_args():
+    q, k, v = _qkv(sq=5, sk=6)
+    with leanops.use_backend("reference"):
+        out, lse = ops.attention_fwd(q, k, v, window_right=0, scale=0.25)
+    return (torch.randn_like(out), q, k, v, out, lse, None, None, None, 0, 0, 0.25, -1, 0, 0.0)
+
+
+def _decode_args():
+    q = torch.randn(2, 4, 2, 16, dtype=torch.float16)
+    k, v = (torch.randn(5, 2, 4, 16, dtype=torch.float16) for _ in range(2))
+    table = torch.tensor([[4, 0], [1, 2]], dtype=torch.int32)
+    return (q, k, v, torch.tensor([7, 3], dtype=torch.int32), table, 0.25, -1, 0, 0.0)
+
+
+OPCHECK_CASES = {
+    "attention_fwd": lambda: _fwd_args(False),
+    "attention_fwd_grad": lambda: _fwd_args(True, wl=2, cap=3.0),
+    "attention_fwd_bias_grad": lambda: _fwd_args(True, bias=True, wr=-1),
+    "attention_fwd_varlen_grad": lambda: _varlen_args(True),
+    "attention_fwd_short_q_grad": lambda: (*_qkv(sq=2, sk=6, grad=True), None, None, None, 0, 0, 0.25, -1, 0, 0.0),
+    "attention_bwd": _bwd_args,
+    "attention_decode": _decode_args,
+    "attention_int8": lambda: (*_qkv(sq=5, sk=70, dtype=torch.float16), 0.25, -1, 0, 0.0, True),
+}
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("case", sorted(OPCHECK_CASES))
+def test_opcheck(case, backend, request):
+    if backend == "triton":
+        request.getfixturevalue("interpreter")
+    name = case.split("_grad")[0].split("_bias")[0].split("_varlen")[0].split("_short")[0]
+    with leanops.use_backend(backend):
+        torch.library.opcheck(getattr(torch.ops.leanops, name).default, OPCHECK_CASES[case]())
+
+
+# ------------------------------------------------------------------------- torch.compile
+
+
+class _TinyBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(32, 96)
+        self.out = nn.Linear(32, 32)
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        q, k, v = self.qkv(x).view(b, s, 3, 2, 16).unbind(2)
+        o = leanops.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                              causal=True, window=(4, 0))
+        return self.out(o.transpose(1, 2).reshape(b, s, 32))
+
+
+def test_torch_compile_fullgraph_forward_and_backward():
+    torch._dynamo.reset()
+    block = _TinyBlock()
+    x = torch.randn(2, 11, 32, requires_grad=True)
+    eager = block(x)
+    g_eager = torch.autograd.grad(eager.sum(), (x, block.qkv.weight))
+    compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
+    out = compiled(x)
+    g = torch.autograd.grad(out.sum(), (x, block.qkv.weight))
+    torch.testing.assert_close(out, eager)
+    torch.testing.assert_close(g, g_eager)
+
+
+# ------------------------------------------------------------- leanops.nn.MultiheadAttention
+
+
+def _pair(**kw):
+    ref = nn.MultiheadAttention(**kw)
+    ours = leanops.nn.MultiheadAttention(**kw)
+    ours.load_state_dict(ref.state_dict())  # same parameter names, strict
+    return ref.eval(), ours.eval()
+
+
+MHA_CASES = {
+    "self-batch-first": dict(kw=dict(embed_dim=32, num_heads=4, batch_first=True), self_attn=True),
+    "cross-seq-first-kdim": dict(kw=dict(embed_dim=32, num_heads=2, kdim=24, vdim=20), self_attn=False),
+    "no-bias": dict(kw=dict(embed_dim=48, num_heads=3, bias=False, batch_first=True), self_attn=False),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MHA_CASES))
+@pytest.mark.parametrize("masks", ["none", "bool", "float+padding", "causal"])
+def test_multihead_attention_matches_torch(case, masks):
+    c = MHA_CASES[case]
+    ref, ours = _pair(**c["kw"])
+    kw = c["kw"]
+    e, bf = kw["embed_dim"], kw.get("batch_first", False)
+    b, lq = 3, 6
+    lk = lq if c["self_attn"] or masks == "causal" else 8
+
+    def seq(n, dim):
+        return torch.randn(b, n, dim) if bf else torch.randn(n, b, dim)
+
+    query = seq(lq, e)
+    key = query if c["self_attn"] else seq(lk, kw.get("kdim", e))
+    value = query if c["self_attn"] else seq(lk, kw.get("vdim", e))
+    args = {}
+    if masks == "bool":
+        m = torch.rand(lq, lk) > 0.7  # True = not allowed (torch's MHA convention)
+        m[:, 0] = False
+        args["attn_mask"] = m
+    elif masks == "float+padding":
+        args["attn_mask"] = torch.randn(b * kw["num_heads"], lq, lk)
+        pad = torch.zeros(b, lk)
+        pad[1, -2:] = float("-inf")
+        args["key_padding_mask"] = pad
+    elif masks == "causal":
+        args["attn_mask"] = nn.Transformer.generate_square_subsequent_mask(lq)
+        args["is_causal"] = True
+    want, _ = ref(query, key, value, need_weights=False, **args)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the fused path must not fall back (or warn)
+        got, w = ours(query, key, value, need_weights=False, **args)
+    assert w is None
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_multihead_attention_unbatched_gradients_and_from_torch():
+    ref = nn.MultiheadAttention(16, 2)
+    ours = leanops.nn.MultiheadAttention.from_torch(ref)
+    assert isinstance(ours, nn.MultiheadAttention)
+    x = torch.randn(5, 16, requires_grad=True)  # unbatched [L, E]
+    want, _ = ref(x, x, x, need_weights=False)
+    got, _ = ours(x, x, x, need_weights=False)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    gw = torch.autograd.grad(want.square().sum(), (x, ref.in_proj_weight))
+    gg = torch.autograd.grad(got.square().sum(), (x, ours.in_proj_weight))
+    torch.testing.assert_close(gg, gw, rtol=1e-5, atol=1e-5)
+
+
+def test_multihead_attention_falls_back_with_one_warning():
+    ref, ours = _pair(embed_dim=16, num_heads=2, add_bias_kv=True)
+    x = torch.randn(4, 2, 16)
+    leanops.nn.MultiheadAttention._warned.clear()
+    with pytest.warns(RuntimeWarning, match="need_weights=True"):
+        got, weights = ours(x, x, x)  # torch's defaults: need_weights=True
+    want, want_w = ref(x, x, x)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(weights, want_w)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ours(x, x, x)  # the same reason warns once only
+    with pytest.warns(RuntimeWarning, match="add_bias_kv"):
+        ours(x, x, x, need_weights=False)
+
+
+def test_multihead_attention_compiles_fullgraph():
+    torch._dynamo.reset()
+    mha = leanops.nn.MultiheadAttention(32, 4, batch_first=True).eval()
+    x = torch.randn(2, 9, 32)
+    mask = torch.zeros(2, 9, dtype=torch.bool)
+    mask[0, -3:] = True
+    eager, _ = mha(x, x, x, key_padding_mask=mask, need_weights=False)
+    compiled = torch.compile(lambda t: mha(t, t, t, key_padding_mask=mask, need_weights=False)[0],
+                             backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), eager)
+
+
+# ------------------------------------------------------------------- Hugging Face transformers
+
+
+def test_register_transformers_without_transformers_returns_false(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_transformers(name, *args, **kwargs):
+        if name == "transformers" or name.startswith("transformers."):
+            raise ImportError("no transformers")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_transformers)
+    assert leanops.integrations.register_transformers() is False
+
+
+@pytest.mark.slow
+def test_transformers_attn_implementation_leanops(tmp_path):
+    """A tiny random-weight Llama (GQA) saved and reloaded with attn_implementation="leanops":
+    logits match "eager" with and without padding, and a cached decode step matches too."""
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed")
+    assert leanops.integrations.register_transformers()
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path)
+    models = {impl: transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation=impl).eval()
+              for impl in ("eager", "leanops")}
+    assert models["leanops"].config._attn_implementation == "leanops"
+    ids = torch.randint(0, 128, (2, 11))
+    pad = torch.ones(2, 11, dtype=torch.long)
+    pad[1, :3] = 0  # left padding
+    with torch.no_grad():
+        for mask in (None, pad):
+            want = models["eager"](ids, attention_mask=mask).logits
+            got = models["leanops"](ids, attention_mask=mask).logits
+            keep = slice(None) if mask is None else mask.bool()
+            torch.testing.assert_close(got[keep], want[keep], rtol=1e-4, atol=1e-4)
+        outs = {}
+        for impl, m in models.items():
+            first = m(ids, use_cache=True)
+            nxt = first.logits[:, -1:].argmax(-1)
+            outs[impl] = m(nxt, past_key_values=first.past_key_values, use_cache=True).logits
+        torch.testing.assert_close(outs["leanops"], outs["eager"], rtol=1e-4, atol=1e-4)

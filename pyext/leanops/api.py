@@ -3,6 +3,7 @@ quantised models through safetensors (no pickle)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -18,12 +19,26 @@ from leanops.quant import int4 as int4_format
 from leanops.quant.config import (
     Int4WeightOnlyConfig,
     Int8DynamicConfig,
+    Int8TrainingConfig,
     Int8WeightOnlyConfig,
     QuantConfig,
 )
 from leanops.quant.smoothquant import collect_activation_amax, smoothing_factors
+from leanops.training.linear import Int8TrainingLinear
 
 logger = logging.getLogger("leanops")
+
+
+@contextlib.contextmanager
+def log_level(level: int):
+    """Set the "leanops" logger's level inside the block only (e.g. logging.ERROR to silence the
+    per-layer skip messages of quantize_ in a benchmark), restoring it afterwards."""
+    previous = logger.level
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(previous)
 
 FilterFn = Callable[[nn.Module, str], bool]
 
@@ -68,8 +83,8 @@ def quantize_(
     """
     if not isinstance(config, QuantConfig):
         raise TypeError(
-            "config must be Int8DynamicConfig(), Int8WeightOnlyConfig() or "
-            f"Int4WeightOnlyConfig(...), got {type(config).__name__}"
+            "config must be Int8DynamicConfig(), Int8WeightOnlyConfig(), "
+            f"Int4WeightOnlyConfig(...) or Int8TrainingConfig(), got {type(config).__name__}"
         )
     if isinstance(model, nn.Linear):
         raise ValueError(
@@ -115,6 +130,8 @@ def quantize_(
             new = Int4WeightOnlyLinear.from_linear(
                 linear, config.group_size_for(linear.in_features), config.symmetric
             )
+        elif isinstance(config, Int8TrainingConfig):
+            new = Int8TrainingLinear.from_linear(linear)
         else:
             raise TypeError(f"quantize_: unsupported config {type(config).__name__}")
         new.train(linear.training)

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import leanops
+from leanops.api import log_level
 from leanops.bench.runner import Case, Settings, run_cases
 from leanops.models import mini_encoder, set_attention_fn, tiny_llama
 from leanops.quant import sqnr_db
@@ -191,9 +192,9 @@ def model_cases(model: str = "tiny-llama", preset: str | None = None, batch: int
             continue
         variant = copy.deepcopy(dense)
         if apply is not None:
-            logging.getLogger("leanops").setLevel(logging.ERROR)  # no per-layer chatter here
             try:
-                apply(variant, calib)
+                with log_level(logging.ERROR):  # no per-layer chatter in a benchmark table
+                    apply(variant, calib)
             except Exception as exc:
                 cases.append(Case(op=f"{model} {phase}", dims=prefill_dims, flops=prefill_flops, min_bytes=0,
                                   rate=None, make_inputs=tuple, skip=f"variant could not be built: "

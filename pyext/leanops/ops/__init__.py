@@ -9,8 +9,14 @@ from leanops.ops.attention import (
     attention_int8,
     attention_varlen,
 )
+from leanops.ops.fake_quant import (
+    fake_quantize_int4,
+    fake_quantize_int8_per_channel,
+    fake_quantize_per_token_int8,
+)
 from leanops.ops.int4 import int4_weight_mm
 from leanops.ops.int8 import int8_dynamic_linear, int8_mm, int8_weight_mm, quantize_per_token_int8
+from leanops.ops.int8_training import int8_training_linear
 from leanops.ops.sparse24 import sparse24_int4_mm, sparse24_mm
 
 __all__ = [
@@ -18,9 +24,13 @@ __all__ = [
     "attention_fwd",
     "attention_int8",
     "attention_varlen",
+    "fake_quantize_int4",
+    "fake_quantize_int8_per_channel",
+    "fake_quantize_per_token_int8",
     "int4_weight_mm",
     "int8_dynamic_linear",
     "int8_mm",
+    "int8_training_linear",
     "int8_weight_mm",
     "quantize_per_token_int8",
     "sparse24_int4_mm",

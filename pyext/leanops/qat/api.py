@@ -9,14 +9,13 @@ from collections.abc import Callable
 
 from torch import nn
 
-from leanops.api import _replace, _why_not_quantizable
+from leanops.api import format_unsupported
+from leanops.nn.swap import FilterFn, replace_module, select_linears
 from leanops.qat.linear import QAT_CONFIGS, QATLinear
 from leanops.quant.config import Int8DynamicConfig, QuantConfig
 from leanops.quant.smoothquant import collect_activation_amax, smoothing_factors
 
 logger = logging.getLogger("leanops")
-
-FilterFn = Callable[[nn.Module, str], bool]
 
 
 def prepare_(
@@ -56,35 +55,22 @@ def prepare_(
             "Int8DynamicConfig(smoothquant_alpha=...) needs calibrate=, a callable that runs "
             "sample inputs through the model, e.g. calibrate=lambda m: m(sample_batch)"
         )
-    mha_children = {
-        f"{name}.{child}" if name else child
-        for name, m in model.named_modules()
-        if isinstance(m, nn.MultiheadAttention)
-        for child, _ in m.named_children()
-    }
-    targets: dict[str, nn.Linear] = {}
     for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear):
-            continue
-        if filter_fn is not None and not filter_fn(module, name):
-            continue
-        if isinstance(module, QATLinear):
+        if isinstance(module, QATLinear) and (filter_fn is None or filter_fn(module, name)):
             raise ValueError(
                 f"prepare_: {name!r} is already a QATLinear; convert_ it first or leave it out "
                 "with filter_fn"
             )
-        reason = _why_not_quantizable(name, module, config, mha_children)
-        if reason is not None:
-            logger.warning("qat.prepare_: left %s dense: %s", name, reason)
-            continue
-        targets[name] = module
+    targets = select_linears(
+        model, filter_fn, "qat.prepare_", why_not=lambda name, linear: format_unsupported(linear, config)
+    )
 
     act_amax = collect_activation_amax(model, targets, calibrate) if smoothquant else {}
     for name, linear in targets.items():
         smoothing = None
         if smoothquant:
             smoothing = smoothing_factors(act_amax[name], linear.weight, config.smoothquant_alpha)
-        _replace(model, name, QATLinear.from_linear(linear, config, learnable_scales, smoothing))
+        replace_module(model, name, QATLinear.from_linear(linear, config, learnable_scales, smoothing))
     logger.info("qat.prepare_: %d layer(s) prepared for %s", len(targets), config)
     return model
 
@@ -111,6 +97,6 @@ def convert_(model: nn.Module, *, sparse_24: bool = False) -> nn.Module:
             if reason is not None:
                 logger.warning("qat.convert_: %s stays dense (not 2:4): %s", name, reason)
                 sparse = False
-        _replace(model, name, layer.convert(sparse_24=sparse))
+        replace_module(model, name, layer.convert(sparse_24=sparse))
     logger.info("qat.convert_: %d layer(s) converted", len(names))
     return model

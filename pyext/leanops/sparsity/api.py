@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from leanops import calibration
-from leanops.api import _replace, _why_not_quantizable
 from leanops.nn.sparse import SparseLinear
+from leanops.nn.swap import FilterFn, replace_module, select_linears
 from leanops.sparsity import format as sparse_format
 from leanops.sparsity import pruning
 from leanops.sparsity.config import SemiSparseConfig
@@ -20,18 +20,8 @@ from leanops.sparsity.masks import check_nm
 
 logger = logging.getLogger("leanops")
 
-FilterFn = Callable[[nn.Module, str], bool]
 
 _PURPOSE = {"wanda": "Wanda", "sparsegpt": "SparseGPT"}
-
-
-def _mha_children(model: nn.Module) -> set[str]:
-    return {
-        f"{name}.{child}" if name else child
-        for name, m in model.named_modules()
-        if isinstance(m, nn.MultiheadAttention)
-        for child, _ in m.named_children()
-    }
 
 
 def _select(model, filter_fn, why_not, caller) -> dict[str, nn.Linear]:
@@ -40,19 +30,7 @@ def _select(model, filter_fn, why_not, caller) -> dict[str, nn.Linear]:
             f"{caller} swaps or prunes layers inside a model; for a single nn.Linear use "
             "leanops.SparseLinear.from_linear(layer) or leanops.sparsity.prune_magnitude(weight)"
         )
-    mha = _mha_children(model)
-    targets = {}
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear):
-            continue
-        if filter_fn is not None and not filter_fn(module, name):
-            continue
-        reason = _why_not_quantizable(name, module, None, mha) or why_not(name, module)
-        if reason is not None:
-            logger.warning("%s: left %s dense: %s", caller, name, reason)
-            continue
-        targets[name] = module
-    return targets
+    return select_linears(model, filter_fn, caller, why_not)
 
 
 def _statistics(model, targets, method, calibrate, caller):
@@ -175,6 +153,6 @@ def sparsify_(
             kernel=config.kernel,
         )
         new.train(linear.training)
-        _replace(model, name, new)
+        replace_module(model, name, new)
     logger.info("sparsify_: %d layer(s) made 2:4 sparse with %s", len(targets), config)
     return model

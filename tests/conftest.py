@@ -58,3 +58,28 @@ def _library_leaves_logging_alone():
     before = logger.level
     yield
     assert logger.level == before, "the 'leanops' logger level was changed and not restored"
+
+
+@pytest.fixture
+def poisoned():
+    """The test's allocations are poisoned (see helpers.poisoned_memory)."""
+    from helpers import poisoned_memory
+
+    with poisoned_memory():
+        yield
+
+
+@pytest.fixture
+def compiled_triton():
+    """Tests of Triton kernels compiled for the GPU (not the interpreter)."""
+    if INTERPRETER:
+        pytest.skip("TRITON_INTERPRET is set: Triton does not compile for the GPU in this process")
+    reason = leanops.backends()["triton"]["reason"]
+    if reason is not None:
+        pytest.skip(f"Triton backend unavailable: {reason}")
+
+
+@pytest.fixture
+def no_autotune(monkeypatch):
+    """One default config per shape instead of an autotuning search (broad sweeps)."""
+    monkeypatch.setenv("LEANOPS_TRITON_AUTOTUNE", "0")

@@ -8,7 +8,6 @@ most 2x the baseline's plus a small floor. The broad sweep runs with LEANOPS_TRI
 The `sanitize` cases are what bench/gpu_check.sh runs under compute-sanitizer.
 """
 
-import os
 
 import leanops
 import pytest
@@ -17,23 +16,14 @@ import torch.nn.functional as F
 from leanops.ops import attention as A
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-pytestmark = [pytest.mark.cuda, pytest.mark.filterwarnings("ignore:tl.make_block_ptr is deprecated")]
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.usefixtures("compiled_triton"),
+    pytest.mark.filterwarnings("ignore:tl.make_block_ptr is deprecated"),
+]
 
 DEV = "cuda"
 FLOOR = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
-
-
-@pytest.fixture(autouse=True)
-def _compiled_triton():
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        pytest.skip("TRITON_INTERPRET is set: Triton does not compile for the GPU in this process")
-    if leanops.backends()["triton"]["reason"] is not None:
-        pytest.skip(f"Triton backend unavailable: {leanops.backends()['triton']['reason']}")
-
-
-@pytest.fixture
-def no_autotune(monkeypatch):
-    monkeypatch.setenv("LEANOPS_TRITON_AUTOTUNE", "0")
 
 
 def _math(q, k, v, mask, scale, dtype):

@@ -13,11 +13,11 @@ the bias path, varlen, the split-KV decode path (3 splits: uneven and empty spli
 Outputs are poisoned (NaN-filled torch.empty) so an unwritten element cannot pass by luck.
 """
 
-import contextlib
 
 import leanops
 import pytest
 import torch
+from helpers import poisoned_memory
 from leanops import ops
 from leanops.ops import attention as A
 
@@ -33,19 +33,6 @@ FLOOR = {torch.float16: 2.0**-10, torch.float32: 1e-5}
 @pytest.fixture(autouse=True)
 def _interpreter_only(interpreter):
     pass
-
-
-@contextlib.contextmanager
-def poisoned():
-    prev = torch.are_deterministic_algorithms_enabled()
-    prev_fill = torch.utils.deterministic.fill_uninitialized_memory
-    torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(prev)
-        torch.utils.deterministic.fill_uninitialized_memory = prev_fill
 
 
 def assert_2x(got, ref64, base, dtype, what):
@@ -88,7 +75,7 @@ def run_dense(b, hq, hkv, sq, sk, d, dtype, wl=-1, wr=-1, softcap=0.0, bias=None
         q, k, v = (torch.randn(b, h, s, d).to(dtype) for h, s in ((hq, sq), (hkv, sk), (hkv, sk)))
     do = torch.randn(b, hq, sq, d).to(dtype)
     qq, kk, vv = (t.detach().clone().requires_grad_(grad) for t in (q, k, v))
-    with leanops.use_backend("triton"), poisoned():
+    with leanops.use_backend("triton"), poisoned_memory():
         out, lse = ops.attention_fwd(qq, kk, vv, bias, scale=scale, window_left=wl,
                                      window_right=wr, softcap=softcap)
         grads = torch.autograd.grad(out, (qq, kk, vv), do) if grad else None
@@ -190,7 +177,7 @@ def test_varlen(causal, hq, hkv):
     do = torch.randn_like(q)
     qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
     wr = 0 if causal else -1
-    with leanops.use_backend("triton"), poisoned():
+    with leanops.use_backend("triton"), poisoned_memory():
         out = ops.attention_varlen(qq, kk, vv, cu_q, cu_k, max(lens_q), max(lens_k), causal=causal)
         dq, dk, dv = torch.autograd.grad(out, (qq, kk, vv), do)
     parts = {n: ([], []) for n in ("o", "dq", "dk", "dv")}
@@ -262,7 +249,7 @@ def test_attention_decode_kv_cache(paged, page):
     if paged:
         kp, vp, table = _paged(k, v, lens, page)
         cache = (kp, vp, lens, table)
-    with leanops.use_backend("triton"), poisoned():
+    with leanops.use_backend("triton"), poisoned_memory():
         out = leanops.attention_decode(q, *cache)
     for i in range(b):
         n = int(lens[i])
@@ -318,7 +305,7 @@ def test_int8_attention(causal):
     b, h, s, d = 1, 2, 97, 64
     q, k, v = (torch.randn(b, h, s, d, dtype=torch.float16) for _ in range(3))
     k = k + 1.5  # a shared offset: smoothing keeps it out of the int8 grid
-    with leanops.use_backend("triton"), poisoned():
+    with leanops.use_backend("triton"), poisoned_memory():
         got = leanops.attention_int8(q, k, v, causal=causal)
     with leanops.use_backend("reference"):
         definition = leanops.attention_int8(q, k, v, causal=causal)

@@ -20,12 +20,12 @@ the one-element path, one chunk and the multi-chunk loop (rows too long for regi
 last blocks (M not a multiple of the rows per block).
 """
 
-import contextlib
 import os
 
 import leanops
 import pytest
 import torch
+from helpers import poisoned_memory
 from leanops import dispatch, ops
 from leanops.quant import int8 as int8_format
 
@@ -67,19 +67,6 @@ def _reference(x, smooth=None):
     return int8_format.quantize_per_token_int8(x.cpu(), None if smooth is None else smooth.cpu())
 
 
-@contextlib.contextmanager
-def _deterministic_fill():
-    prev = torch.are_deterministic_algorithms_enabled()
-    prev_fill = torch.utils.deterministic.fill_uninitialized_memory
-    torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(prev)
-        torch.utils.deterministic.fill_uninitialized_memory = prev_fill
-
-
 def _bait_allocator(m, k, device):
     """Leave free blocks of the outputs' sizes holding impossible values; the caching allocator
     hands the most recently freed best fit to the next allocation of that size."""
@@ -90,7 +77,7 @@ def _bait_allocator(m, k, device):
 
 def _runs(fn, x, smooth=None):
     """The op's outputs from the two poisoned runs."""
-    with _deterministic_fill():
+    with poisoned_memory():
         first = fn(x, smooth)
     _bait_allocator(x.shape[0], x.shape[1], x.device)
     second = fn(x, smooth)

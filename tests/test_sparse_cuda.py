@@ -8,13 +8,12 @@ output. Sweeps run with LEANOPS_TRITON_AUTOTUNE=0 (one default config per shape)
 config is run explicitly in test_every_config_is_correct, the autotuner in test_autotuned_path.
 """
 
-import contextlib
-import os
 
 import leanops
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import poisoned_memory
 from leanops import ops
 from leanops.nn import SparseLinear
 from leanops.quant import sqnr_db
@@ -27,7 +26,7 @@ from leanops.sparsity import (
 )
 from torch import nn
 
-pytestmark = pytest.mark.cuda
+pytestmark = [pytest.mark.cuda, pytest.mark.usefixtures("compiled_triton")]
 
 triton = pytest.importorskip("triton")
 from leanops.triton import _common as C  # noqa: E402
@@ -39,34 +38,8 @@ LLAMA_7B = [(4096, 4096), (4096, 11008), (11008, 4096)]  # (K, N)
 IDS = [f"K{k}xN{n}" for k, n in LLAMA_7B]
 
 
-@pytest.fixture(autouse=True)
-def _compiled_triton():
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        pytest.skip("TRITON_INTERPRET is set: Triton does not compile for the GPU in this process")
-    if leanops.backends()["triton"]["reason"] is not None:
-        pytest.skip(f"Triton backend unavailable: {leanops.backends()['triton']['reason']}")
-
-
-@pytest.fixture
-def no_autotune(monkeypatch):
-    monkeypatch.setenv("LEANOPS_TRITON_AUTOTUNE", "0")
-
-
-@contextlib.contextmanager
-def poisoned():
-    prev = torch.are_deterministic_algorithms_enabled()
-    prev_fill = torch.utils.deterministic.fill_uninitialized_memory
-    torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(prev)
-        torch.utils.deterministic.fill_uninitialized_memory = prev_fill
-
-
 def _triton(fn, *args):
-    with poisoned(), leanops.use_backend("triton"):
+    with poisoned_memory(), leanops.use_backend("triton"):
         out = fn(*args)
     torch.cuda.synchronize()
     return out
@@ -174,7 +147,7 @@ def test_every_config_is_correct(m):
         kept = [c for c in configs if keep(c, named)]
         assert kept
         for cfg in kept:
-            with poisoned():  # only around the launch: cuBLAS in the check refuses this mode
+            with poisoned_memory():  # only around the launch: cuBLAS in the check refuses this mode
                 out = launch(*args, cfg=cfg)
             torch.cuda.synchronize()
             check(args, fn=lambda *a, out=out: out)

@@ -32,17 +32,6 @@ MS = (1, 3, 17, 64)
 LAYOUTS = ("contiguous", "slice", "transposed")
 
 
-@pytest.fixture
-def poisoned():
-    prev = torch.are_deterministic_algorithms_enabled()
-    prev_fill = torch.utils.deterministic.fill_uninitialized_memory
-    torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    yield
-    torch.use_deterministic_algorithms(prev)
-    torch.utils.deterministic.fill_uninitialized_memory = prev_fill
-
-
 def _both(fn, *args):
     with leanops.use_backend("triton"):
         got = fn(*args)

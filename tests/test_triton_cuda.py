@@ -17,9 +17,15 @@ import leanops
 import pytest
 import torch
 import torch.nn.functional as F
+from gemm_checks import DEV, assert_int4_output
+from gemm_checks import assert_2x_rule as _assert_2x_rule
+from gemm_checks import assert_within_ulp as _assert_within_ulp
+from gemm_checks import assert_written as _assert_written
+from gemm_checks import int4_case as _int4_case
+from gemm_checks import int8_mm_case as _int8_mm_case
 from helpers import poisoned_memory
 from leanops import ops
-from leanops.quant import dequantize_int4, quantize_int4, quantize_int8_per_channel
+from leanops.quant import quantize_int8_per_channel
 from leanops.quant.int8 import quantize_per_token_int8 as quantize_reference
 
 pytestmark = [pytest.mark.cuda, pytest.mark.usefixtures("compiled_triton")]
@@ -31,7 +37,6 @@ from leanops.triton import int8_mm as T8  # noqa: E402
 from leanops.triton import int8_weight_mm as T8W  # noqa: E402
 from leanops.triton import quantize as TQ  # noqa: E402
 
-DEV = "cuda"
 MS = (1, 3, 17, 100, 1024)
 LLAMA_7B = [(4096, 4096), (4096, 11008), (11008, 4096), (4096, 12288)]  # (K, N)
 LLAMA_IDS = [f"K{k}xN{n}" for k, n in LLAMA_7B]
@@ -50,31 +55,6 @@ def _reference(fn, *args):
         return fn(*args)
 
 
-def _ulp(ref, dtype):
-    fi = torch.finfo(dtype)
-    mag = ref.double().abs().clamp_min(fi.tiny)
-    return torch.exp2(torch.floor(torch.log2(mag))) * fi.eps
-
-
-def _assert_written(got, want):
-    assert torch.equal(got.isnan(), want.isnan()), "NaN pattern differs: an output was not written?"
-
-
-def _assert_within_ulp(got, want):
-    _assert_written(got, want)
-    assert got.dtype == want.dtype
-    diff = (got.double() - want.double()).abs()
-    bad = diff > _ulp(want, want.dtype)
-    assert not bad.any(), f"{bad.sum().item()} outputs off by > 1 ulp (max {diff.max():.3g})"
-
-
-def _assert_2x_rule(got, ref64, same_dtype, dtype):
-    err = (got.double() - ref64).abs().max().item()
-    base = (same_dtype.double() - ref64).abs().max().item()
-    floor = torch.finfo(dtype).eps * ref64.abs().max().item()
-    assert err <= 2 * base + floor, f"error {err:.3g} vs PyTorch {base:.3g} (+ floor {floor:.3g})"
-
-
 def _assert_quantize_exact(got, want):
     (q, s), (q_ref, s_ref) = got, want
     q, q_ref = q.cpu(), q_ref.cpu()
@@ -84,15 +64,6 @@ def _assert_quantize_exact(got, want):
 
 # ---------------------------------------------------------------------------------------------
 # Cases
-
-
-def _int8_mm_case(m, k, n, out_dtype, bias_dtype, scale_dtype=torch.float32):
-    a = torch.randint(-127, 128, (m, k), dtype=torch.int8, device=DEV)
-    b = torch.randint(-127, 128, (n, k), dtype=torch.int8, device=DEV)
-    sa = (torch.rand(m, device=DEV) * 1e-3 + 1e-4).to(scale_dtype)
-    sb = (torch.rand(n, device=DEV) * 1e-3 + 1e-4).to(scale_dtype)
-    bias = None if bias_dtype is None else torch.randn(n, device=DEV, dtype=bias_dtype)
-    return a, b, sa, sb, bias, out_dtype
 
 
 def _check_int8_mm(args, fn=None):
@@ -119,23 +90,9 @@ def _check_int8_weight(args, fn=None):
     return got
 
 
-def _int4_case(m, k, n, g, symmetric, dtype, bias=True, scale_dtype=None):
-    packed, scales, zeros = quantize_int4(
-        torch.randn(n, k, device=DEV), g, symmetric, scale_dtype=scale_dtype or dtype
-    )
-    x = torch.randn(m, k, device=DEV, dtype=dtype)
-    return x, packed, scales, zeros, g, (torch.randn(n, device=DEV, dtype=dtype) if bias else None)
-
-
 def _check_int4(args, fn=None):
-    x, packed, scales, zeros, g, b = args
     got = fn(*args) if fn else _triton(ops.int4_weight_mm, *args)
-    dense = dequantize_int4(packed, scales, zeros, g).to(x.dtype)
-    ref64 = x.double() @ dense.double().t()
-    if b is not None:
-        ref64 = ref64 + b.double()
-    _assert_written(got, ref64)
-    _assert_2x_rule(got, ref64, F.linear(x, dense, b), x.dtype)
+    assert_int4_output(got, args)
     return got
 
 

@@ -51,10 +51,23 @@ def _int4_weight_mm_reference(x, w_packed, scales, zeros, group_size, bias=None)
     return out.to(x.dtype)
 
 
+def _int4_weight_mm_cuda_supports(x, w_packed, scales, zeros, group_size, bias=None):
+    # The tensor-core kernel (kernels/cuda/int4_weight_mm.cu) dequantises into 16-bit mma
+    # operands in the scales' dtype, which is then also x's; anything else runs on Triton.
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        return f"the CUDA kernel takes float16/bfloat16 x, got {x.dtype}"
+    if scales.dtype != x.dtype:
+        return f"the CUDA kernel needs scales in x's dtype ({x.dtype}), got {scales.dtype}"
+    if w_packed.data_ptr() % 16 != 0:  # cp.async copies 16-byte units; a fresh tensor is aligned
+        return "the CUDA kernel needs w_packed's data 16-byte aligned (it is a view at an odd offset)"
+    return None
+
+
 _int4_weight_mm_backends = OpBackends(
     "int4_weight_mm",
     reference=_int4_weight_mm_reference,
     triton="leanops.triton.int4_weight_mm:int4_weight_mm",
+    cuda_supports=_int4_weight_mm_cuda_supports,
 )
 
 

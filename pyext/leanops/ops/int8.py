@@ -111,8 +111,27 @@ def _int8_mm_reference(a, b, a_scale, b_scale, bias=None, out_dtype=None):
     return out.to(DEFAULT_OUT_DTYPE if out_dtype is None else out_dtype)
 
 
+# The CUDA kernel (kernels/cuda/int8_mm.cu) copies K in 16-byte units and accumulates in
+# int32, exact while K * 128 * 128 < 2**31; kernels/cuda/int8_mm.h has the same bound.
+INT8_MM_CUDA_MAX_K = 65536
+
+
+def _int8_mm_cuda_supports(a, b, a_scale, b_scale, bias=None, out_dtype=None):
+    k = a.shape[1]
+    if k % 16 != 0:
+        return f"the CUDA kernel needs K to be a multiple of 16, got K = {k}"
+    if k > INT8_MM_CUDA_MAX_K:
+        return f"the CUDA kernel's int32 accumulation is bounded to K <= {INT8_MM_CUDA_MAX_K}, got K = {k}"
+    if b.data_ptr() % 16 != 0:  # cp.async copies 16-byte units; a fresh tensor is aligned
+        return "the CUDA kernel needs b's data 16-byte aligned (it is a view at an odd offset)"
+    return None
+
+
 _int8_mm_backends = OpBackends(
-    "int8_mm", reference=_int8_mm_reference, triton="leanops.triton.int8_mm:int8_mm"
+    "int8_mm",
+    reference=_int8_mm_reference,
+    triton="leanops.triton.int8_mm:int8_mm",
+    cuda_supports=_int8_mm_cuda_supports,
 )
 
 

@@ -1,0 +1,65 @@
+"""Cases and accuracy rules shared by the GPU matmul tests of every backend (Triton in
+test_triton_cuda.py, the CUDA C++ kernels in test_gemm_cuda.py), so both are held to one bar.
+
+int8_mm within 1 ulp of out_dtype (normally bit-exact); weight-only matmuls within 2x the error
+of PyTorch's same-dtype matmul against an fp64 evaluation, plus one ulp at the largest output.
+"""
+
+import torch
+import torch.nn.functional as F
+from leanops.quant import dequantize_int4, quantize_int4
+
+DEV = "cuda"
+
+
+def ulp(ref, dtype):
+    fi = torch.finfo(dtype)
+    mag = ref.double().abs().clamp_min(fi.tiny)
+    return torch.exp2(torch.floor(torch.log2(mag))) * fi.eps
+
+
+def assert_written(got, want):
+    assert torch.equal(got.isnan(), want.isnan()), "NaN pattern differs: an output was not written?"
+
+
+def assert_within_ulp(got, want):
+    assert_written(got, want)
+    assert got.dtype == want.dtype
+    diff = (got.double() - want.double()).abs()
+    bad = diff > ulp(want, want.dtype)
+    assert not bad.any(), f"{bad.sum().item()} outputs off by > 1 ulp (max {diff.max():.3g})"
+
+
+def assert_2x_rule(got, ref64, same_dtype, dtype):
+    err = (got.double() - ref64).abs().max().item()
+    base = (same_dtype.double() - ref64).abs().max().item()
+    floor = torch.finfo(dtype).eps * ref64.abs().max().item()
+    assert err <= 2 * base + floor, f"error {err:.3g} vs PyTorch {base:.3g} (+ floor {floor:.3g})"
+
+
+def int8_mm_case(m, k, n, out_dtype, bias_dtype, scale_dtype=torch.float32):
+    a = torch.randint(-127, 128, (m, k), dtype=torch.int8, device=DEV)
+    b = torch.randint(-127, 128, (n, k), dtype=torch.int8, device=DEV)
+    sa = (torch.rand(m, device=DEV) * 1e-3 + 1e-4).to(scale_dtype)
+    sb = (torch.rand(n, device=DEV) * 1e-3 + 1e-4).to(scale_dtype)
+    bias = None if bias_dtype is None else torch.randn(n, device=DEV, dtype=bias_dtype)
+    return a, b, sa, sb, bias, out_dtype
+
+
+def int4_case(m, k, n, g, symmetric, dtype, bias=True, scale_dtype=None):
+    packed, scales, zeros = quantize_int4(
+        torch.randn(n, k, device=DEV), g, symmetric, scale_dtype=scale_dtype or dtype
+    )
+    x = torch.randn(m, k, device=DEV, dtype=dtype)
+    return x, packed, scales, zeros, g, (torch.randn(n, device=DEV, dtype=dtype) if bias else None)
+
+
+def assert_int4_output(got, args):
+    """got = int4_weight_mm(*args) against an fp64 evaluation of the same dequantised weight."""
+    x, packed, scales, zeros, g, b = args
+    dense = dequantize_int4(packed, scales, zeros, g).to(x.dtype)
+    ref64 = x.double() @ dense.double().t()
+    if b is not None:
+        ref64 = ref64 + b.double()
+    assert_written(got, ref64)
+    assert_2x_rule(got, ref64, F.linear(x, dense, b), x.dtype)

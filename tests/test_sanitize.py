@@ -7,10 +7,13 @@ import pytest
 import torch
 from leanops import ops
 from leanops.quant import quantize_int4, quantize_int8_per_channel
+from leanops.sparsity import compress_24, nm_mask
 
 pytestmark = [pytest.mark.cuda, pytest.mark.sanitize]
 
-SHAPES = [(1, 33, 64), (3, 72, 96), (17, 40, 160)]  # (M, N, K): ragged against every tile
+# (M, N, K): ragged against every tile; (2, 40, 1024) takes the CUDA GEMMs' split-K path and
+# (70, 136, 192) their large-M tile.
+SHAPES = [(1, 33, 64), (3, 72, 96), (17, 40, 160), (2, 40, 1024), (70, 136, 192)]
 
 
 def _gpu_backends(op):
@@ -32,15 +35,24 @@ def _calls(m, n, k):
     packed, scales, zeros = quantize_int4(torch.randn(n, k, device=dev), 32, False, torch.bfloat16)
     bias = torch.randn(n, device=dev, dtype=torch.bfloat16)
     xq, xs = ops.quantize_per_token_int8(x)
+    # 2:4: K rounded up to the CUDA kernel's multiple of 64 (64, 128, 192: partial k-tiles);
+    # M and N stay ragged.
+    k24 = -(-k // 64) * 64
+    w24 = torch.randn(n, k24, device=dev)
+    values, meta = compress_24(w24.to(torch.bfloat16), nm_mask(w24.abs()))
+    x24 = torch.randn(m, k24, device=dev, dtype=torch.bfloat16)
     return {
         "quantize_per_token_int8": lambda: ops.quantize_per_token_int8(x, torch.rand(k, device=dev) + 0.5),
         "int8_mm": lambda: ops.int8_mm(xq, w, xs, ws, bias, torch.bfloat16),
         "int8_weight_mm": lambda: ops.int8_weight_mm(x, w, ws, bias),
         "int4_weight_mm": lambda: ops.int4_weight_mm(x, packed, scales, zeros, 32, bias),
+        "sparse24_mm": lambda: ops.sparse24_mm(x24, values, meta, bias),
     }
 
 
-@pytest.mark.parametrize("op", ["quantize_per_token_int8", "int8_mm", "int8_weight_mm", "int4_weight_mm"])
+@pytest.mark.parametrize(
+    "op", ["quantize_per_token_int8", "int8_mm", "int8_weight_mm", "int4_weight_mm", "sparse24_mm"]
+)
 @pytest.mark.parametrize("m,n,k", SHAPES)
 def test_gpu_kernels_on_ragged_shapes(op, m, n, k):
     calls = _calls(m, n, k)

@@ -9,9 +9,15 @@ The compressed layout is documented in leanops.sparsity.format. Numerics every b
   sparse24_int4_mm  kept values (q - z) * s in the scales' dtype (one rounding, as int4), placed
                     by meta, converted to x's dtype; then as above.
 
-Backends: a future CUDA kernel registers as leanops_C::sparse24_mm / leanops_C::sparse24_int4_mm
-with these schemas and is picked up by OpBackends with no Python change (it may repack
-(values, meta) offline for mma.sp; see leanops.sparsity.format).
+Backends (cuda -> triton -> reference, see leanops.dispatch):
+  sparse24_mm       "cuda": leanops_C::sparse24_mm (kernels/cuda/sparse24_mm.cu), the sparse
+                    tensor cores (mma.sp, sm_80+) reading the stored (values, meta) as they are.
+                    It takes x float16/bfloat16 with values of the same dtype and K a multiple
+                    of 64 (bias any float dtype, x any strides); `_sparse24_mm_cuda_supports`
+                    says why not otherwise and the call goes to Triton (fp32, mixed dtypes,
+                    K % 64 != 0). "triton": every dtype and K.
+  sparse24_int4_mm  "triton" only; a CUDA kernel would register as leanops_C::sparse24_int4_mm
+                    with this schema and be picked up by OpBackends with no Python change.
 """
 
 from __future__ import annotations
@@ -75,10 +81,32 @@ def _sparse24_mm_reference(x, values, meta, bias=None):
     return out.to(x.dtype)
 
 
+# What leanops_C::sparse24_mm takes (its binding checks the same and raises otherwise).
+_CUDA_DTYPES = (torch.float16, torch.bfloat16)
+_CUDA_K_MULTIPLE = 64  # the kernel's k-tile; kernels/cuda/sparse24_mm.h kSparse24KMultiple
+
+
+def _sparse24_mm_cuda_supports(x, values, meta, bias=None):
+    """None if the CUDA kernel can run this (already checked) call, else why not."""
+    if x.dtype not in _CUDA_DTYPES:
+        return f"the CUDA kernel takes float16/bfloat16 x, got {x.dtype}"
+    if values.dtype != x.dtype:
+        return f"the CUDA kernel needs values in x's dtype ({x.dtype}), got {values.dtype}"
+    k = x.shape[1]
+    if k % _CUDA_K_MULTIPLE != 0:
+        return f"the CUDA kernel needs K a multiple of {_CUDA_K_MULTIPLE}, got K = {k}"
+    if k > 1 << 30 or values.shape[0] > 1 << 30:
+        return f"the CUDA kernel takes K and N up to 2^30, got K = {k}, N = {values.shape[0]}"
+    if x.shape[0] > 65535 * 128:
+        return f"the CUDA kernel takes M up to {65535 * 128}, got M = {x.shape[0]}"
+    return None
+
+
 _sparse24_mm_backends = OpBackends(
     "sparse24_mm",
     reference=_sparse24_mm_reference,
     triton="leanops.triton.sparse24_mm:sparse24_mm",
+    cuda_supports=_sparse24_mm_cuda_supports,
 )
 
 
@@ -149,9 +177,7 @@ def _check_sparse24_int4_mm(x, values, meta, scales, zeros, group_size, bias=Non
         check_tensor(op, "zeros", zeros, dtypes=UINT8, shape=(n, groups), contiguous=True)
     if bias is not None:
         check_tensor(op, "bias", bias, dtypes=FLOAT_DTYPES, shape=(n,), contiguous=True)
-    check_same_device(
-        op, x=x, values=values, meta=meta, scales=scales, zeros=zeros, bias=bias
-    )
+    check_same_device(op, x=x, values=values, meta=meta, scales=scales, zeros=zeros, bias=bias)
 
 
 def _sparse24_int4_mm_reference(x, values, meta, scales, zeros, group_size, bias=None):

@@ -1,0 +1,411 @@
+// 2:4 sparse x dense GEMM on the sparse tensor cores: out = x @ W^T + bias, with W [N, K] the
+// 2:4 weight in the stored format of leanops.sparsity.format (values [N, K/2], meta uint8
+// [N, K/8]), x [M, K] and out [M, N] fp16 or bf16, fp32 accumulation, one final rounding.
+// Numerics follow leanops.ops.sparse24._sparse24_mm_reference (up to fp32 summation order).
+//
+// The sparse operand of mma.sp is A (row-major M x K), so the kernel computes the transpose,
+// out^T [N, M] = W [N, K] . x^T [K, M]: the mma's M dimension runs over weight rows (n), its N
+// dimension over tokens (m), and x [M, K] row-major is exactly the "col" (K-major) B operand.
+//
+// Instruction: mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32.{f16,bf16}.{..}.f32
+// (PTX ISA 8.5+, sm_80+). The ::ordered_metadata form is the one the PTX ISA advises ("mma.sp
+// may have substantially reduced performance on some target architectures"); it requires i0 < i1
+// in every group code, which is exactly the format's rule (check_meta), so the stored codes go
+// to the tensor cores unchanged.
+//
+// --- Where each thread's operands come from (g = lane / 4, t = lane % 4) -------------------
+// One mma covers 16 weight rows x 32 input columns (8 groups of 4, 16 stored values per row).
+//
+// A, the sparse weight (PTX ISA 9.7.14.6.2.2, "Matrix Fragments for sparse mma.m16n8k32 with
+// .f16 and .bf16 types", Multiplicand A): four .b32 registers, each holding the two kept values
+// of one 4-wide chunk: a0,a1 = row g, chunk t (columns 4t..4t+3); a2,a3 = row g+8, chunk t;
+// a4,a5 = row g, chunk t+4 (columns 16+4t..); a6,a7 = row g+8, chunk t+4. In the stored values
+// a chunk's two kept entries are adjacent (values[n, 2c], values[n, 2c+1], i0 first: the order
+// the mma pairs them with the code's i0 and i1), so in the 16 x 16 tile of stored values this is
+// the dense m16n8k16 A layout: register j holds row g + 8*(j&1), stored columns 8*(j>>1) + 2t,
+// +1. ldmatrix.x4 on the four 8x8 quadrants (order: top-left, bottom-left, top-right,
+// bottom-right) produces exactly that (lane l addresses row l%8 of quadrant l/8).
+//
+// B, the dense activations (same section, Multiplicand B, Figure 121: the m16n8k32 16-bit B
+// layout): register j holds B[k = 8j + 2t, 8j + 2t + 1][n = g], i.e. x[token g][k0 + 8j + 2t,
+// +1]: two adjacent columns of one token row. ldmatrix.x4 (non-transposed) on the four 8x8
+// blocks "8 tokens x 8 columns" at column offsets 0, 8, 16, 24 produces exactly that.
+//
+// Metadata (same section, Metadata, Figure 122, and 9.7.14.6.1 "Sparse matrix storage": for
+// m16n8k32 a thread PAIR of each quad contributes, selector 0 = threads T0, T1): the .b32 of
+// thread t in {0, 1} of quad g holds, in bits 0-15, the 4 group codes (one nibble each, i0 in
+// the low two bits, groups in K order) of row g for columns 16t..16t+15 of the k32 slice, and
+// in bits 16-31 the same for row g+8. That 16-bit word is word (k0/16 + t) of the row in the
+// stored format read as little-endian 16-bit words (byte j = groups 2j | 2j+1 << 4), so each
+// thread assembles its register from two 16-bit shared loads, no bit shuffling. Threads 2, 3 of
+// each quad load the same words as 0, 1 (lane & 1) and are ignored by the instruction.
+// Figure 122 is an image in the PTX ISA; this reading of it is shared by MLIR's sparse mma
+// integration test (sparse-mma-2-4-f16.mlir), Triton's SparseDot lowering and CUTLASS's use of
+// 16-bit metadata words. If outputs come out wrong on a GPU, check this mapping first.
+//
+// C/D (PTX ISA 9.7.14.5.8, m16n8k16 float accumulators): c0,c1 = (row g, cols 2t, 2t+1), c2,c3
+// = (row g+8, same cols): rows are weight rows n, columns tokens m.
+//
+// --- Tiling --------------------------------------------------------------------------------
+// Two configs (fp16 and bf16 each: four instantiations, for compile time):
+//   large  M > 64: CTA 128 weight rows x 128 tokens, BK = 64 input columns per stage,
+//          8 warps as 2 (n) x 4 (m), warp tile 64 x 32 (4 x 4 mma tiles), 3 stages.
+//   small  M <= 64 (decode): CTA 32 weight rows x 16 tokens, BK = 256 per stage, 4 warps that
+//          split each stage's 8 k32 slices between them (intra-CTA split-K, summed in shared
+//          memory at the end), 5 stages: many CTAs and ~27 KB of weights in flight per CTA to
+//          keep HBM busy when the GEMM is a weight stream.
+// Shared memory per stage: values [BN][BK/2] + 16 bytes pad per row, x [BM][BK] + 16 bytes pad,
+// meta [BN][BK/8]. The 16-byte pad makes the 8 row addresses of every ldmatrix fall in 8
+// distinct 16-byte bank groups (row pitches 80, 144, 272, 528 bytes are 5, 9, 17, 33 units of
+// 16: odd, so 8 consecutive rows cover all residues mod 8) -> conflict-free ldmatrix.
+// Both fit the 99 KB per-block limit of sm_89 (87 KB large, 89 KB small).
+//
+// --- Edges ---------------------------------------------------------------------------------
+// Every global read is a cp.async of 16 (values, x) or 8 (meta) bytes. Tokens past M and
+// columns past K are zero-filled (src-size 0: nothing is read). Weight rows past N are clamped
+// to row N-1 instead of zero-filled: a zero metadata byte is an invalid code for mma.sp, and
+// those rows' outputs are never stored anyway. K is a multiple of 64 and a k32 slice is either
+// wholly inside K or wholly outside, so slices past K (only in the last stage of the small
+// config) are skipped by a warp-uniform branch rather than fed zero codes. Offsets that can
+// pass 2^31 (row * stride) are int64.
+//
+// Epilogue: the fp32 accumulators go through shared memory ([kWarpsK][BM][BN + 4] floats,
+// reusing the drained pipeline buffers), so the small config sums its split-K partials there
+// and both write out with coalesced stores along n (out row-major [M, N]), adding the fp32 bias
+// and rounding once.
+
+#include "sparse24_mm.h"
+
+#include <atomic>
+#include <cstdint>
+#include <type_traits>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+namespace leanops {
+namespace {
+
+template <int BN_, int BM_, int BK_, int WarpsN_, int WarpsM_, int WarpsK_, int Stages_,
+          int MinBlocks_>
+struct Config {
+  static constexpr int BN = BN_;          // weight rows per CTA (mma M)
+  static constexpr int BM = BM_;          // tokens per CTA (mma N)
+  static constexpr int BK = BK_;          // input columns (logical K) per pipeline stage
+  static constexpr int kWarpsN = WarpsN_;
+  static constexpr int kWarpsM = WarpsM_;
+  static constexpr int kWarpsK = WarpsK_;  // warps sharing one stage's k32 slices
+  static constexpr int kStages = Stages_;
+  static constexpr int kMinBlocks = MinBlocks_;  // __launch_bounds__: CTAs per SM to fit
+  static constexpr int kWarps = WarpsN_ * WarpsM_ * WarpsK_;
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int WN = BN / kWarpsN;  // weight rows per warp
+  static constexpr int WM = BM / kWarpsM;  // tokens per warp
+  static constexpr int MI = WN / 16;       // mma tiles along n per warp
+  static constexpr int NI = WM / 8;        // mma tiles along m per warp
+  static constexpr int kSlices = BK / 32;  // k32 slices per stage
+  static constexpr int kSlicesPerWarp = kSlices / kWarpsK;
+
+  // Shared-memory pitches in bytes (see the header comment for the 16-byte pad).
+  static constexpr int kValPitch = BK + 16;       // BK/2 16-bit values + pad
+  static constexpr int kXPitch = BK * 2 + 16;     // BK 16-bit values + pad
+  static constexpr int kMetaPitch = BK / 8;       // one nibble per group of 4
+  static constexpr int kValBytes = BN * kValPitch;
+  static constexpr int kXBytes = BM * kXPitch;
+  static constexpr int kMetaBytes = BN * kMetaPitch;
+  static constexpr int kStageBytes = kValBytes + kXBytes + kMetaBytes;
+  static constexpr int kPipeBytes = kStages * kStageBytes;
+  static constexpr int kRedPitch = BN + 4;  // floats; +4 spreads the accumulator stores
+  static constexpr int kRedBytes = kWarpsK * BM * kRedPitch * 4;
+  static constexpr int kSmemBytes = kPipeBytes > kRedBytes ? kPipeBytes : kRedBytes;
+
+  static_assert(BK % 64 == 0 && WN % 16 == 0 && WM % 8 == 0, "tile shape");
+  static_assert(kSlices % kWarpsK == 0, "each warp takes the same number of k32 slices");
+  static_assert(kValBytes % 16 == 0 && kXBytes % 16 == 0 && kMetaBytes % 16 == 0, "alignment");
+  static_assert(kSmemBytes <= 99 * 1024, "must fit sm_89's per-block shared memory");
+};
+
+using LargeConfig = Config<128, 128, 64, 2, 4, 1, 3, 2>;
+using SmallConfig = Config<32, 16, 256, 1, 1, 4, 5, 2>;
+constexpr int64_t kSmallMaxM = 64;
+
+// ---- PTX wrappers -------------------------------------------------------------------------
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// Global -> shared copies; with valid == false nothing is read and the bytes are zero-filled.
+__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+               "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_8(uint32_t dst, const void* src, bool valid) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(dst), "l"(src),
+               "r"(valid ? 8 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+// d += A(2:4 sparse, 16 x 32) * B(32 x 8), metadata e, sparsity selector 0 (threads T0, T1 of
+// each quad supply e).
+template <typename T>
+__device__ __forceinline__ void mma_sp_16832(float (&d)[4], const uint32_t (&a)[4],
+                                             const uint32_t (&b)[4], uint32_t e) {
+  if constexpr (std::is_same_v<T, __half>) {
+    asm volatile(
+        "mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32.f16.f16.f32 "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9, %10, %11}, {%0, %1, %2, %3}, %12, 0x0;\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(b[2]),
+          "r"(b[3]), "r"(e));
+  } else {
+    asm volatile(
+        "mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32.bf16.bf16.f32 "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9, %10, %11}, {%0, %1, %2, %3}, %12, 0x0;\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(b[2]),
+          "r"(b[3]), "r"(e));
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ T from_float(float v) {
+  if constexpr (std::is_same_v<T, __half>) {
+    return __float2half_rn(v);
+  } else {
+    return __float2bfloat16_rn(v);
+  }
+}
+
+// ---- the kernel ---------------------------------------------------------------------------
+
+template <typename T, typename C>
+__global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
+    sparse24_mm_kernel(const T* __restrict__ x, int64_t ldx, const T* __restrict__ values,
+                       const uint8_t* __restrict__ meta, const float* __restrict__ bias,
+                       T* __restrict__ out, int m, int n, int k) {
+  extern __shared__ __align__(16) unsigned char smem[];
+
+  const int tid = threadIdx.x;
+  const int lane = tid % 32;
+  const int warp = tid / 32;
+  // Warp roles: n fastest, then m, then k (the split-K index of the small config).
+  const int warp_n = warp % C::kWarpsN;
+  const int warp_m = (warp / C::kWarpsN) % C::kWarpsM;
+  const int warp_k = warp / (C::kWarpsN * C::kWarpsM);
+  const int n0 = blockIdx.x * C::BN;
+  const int m0 = blockIdx.y * C::BM;
+  const int64_t half_k = k / 2;  // stored values per weight row
+  const int64_t meta_k = k / 8;  // metadata bytes per weight row
+  const int num_tiles = (k + C::BK - 1) / C::BK;
+
+  const uint32_t smem_base = smem_addr(smem);
+  auto val_stage = [&](int s) { return smem_base + s * C::kStageBytes; };
+  auto x_stage = [&](int s) { return smem_base + s * C::kStageBytes + C::kValBytes; };
+  auto meta_stage = [&](int s) { return s * C::kStageBytes + C::kValBytes + C::kXBytes; };
+
+  // Issue the cp.async copies of k-tile `tile` into stage `s`.
+  auto load_tile = [&](int tile, int s) {
+    const int kbase = tile * C::BK;
+    // values: BN rows x BK/2 values = BK/16 chunks of 16 bytes (8 values) per row.
+    constexpr int kValChunksPerRow = C::BK / 16;
+#pragma unroll
+    for (int c = tid; c < C::BN * kValChunksPerRow; c += C::kThreads) {
+      const int row = c / kValChunksPerRow;
+      const int col = c % kValChunksPerRow;
+      const int64_t kv = kbase / 2 + col * 8;  // stored-value column
+      const int wrow = min(n0 + row, n - 1);   // clamp: never an invalid (zero) code
+      const bool valid = kv < half_k;
+      const T* src = valid ? values + static_cast<int64_t>(wrow) * half_k + kv : values;
+      cp_async_16(val_stage(s) + row * C::kValPitch + col * 16, src, valid);
+    }
+    // x: BM rows x BK values = BK/8 chunks of 16 bytes per row.
+    constexpr int kXChunksPerRow = C::BK / 8;
+#pragma unroll
+    for (int c = tid; c < C::BM * kXChunksPerRow; c += C::kThreads) {
+      const int row = c / kXChunksPerRow;
+      const int col = c % kXChunksPerRow;
+      const int kx = kbase + col * 8;
+      const bool valid = (m0 + row < m) && (kx < k);
+      const T* src = valid ? x + static_cast<int64_t>(m0 + row) * ldx + kx : x;
+      cp_async_16(x_stage(s) + row * C::kXPitch + col * 16, src, valid);
+    }
+    // meta: BN rows x BK/8 bytes = BK/64 chunks of 8 bytes per row.
+    constexpr int kMetaChunksPerRow = C::BK / 64;
+#pragma unroll
+    for (int c = tid; c < C::BN * kMetaChunksPerRow; c += C::kThreads) {
+      const int row = c / kMetaChunksPerRow;
+      const int col = c % kMetaChunksPerRow;
+      const int64_t kb = kbase / 8 + col * 8;  // metadata byte column
+      const int wrow = min(n0 + row, n - 1);
+      const bool valid = kb < meta_k;
+      const uint8_t* src = valid ? meta + static_cast<int64_t>(wrow) * meta_k + kb : meta;
+      cp_async_8(smem_base + meta_stage(s) + row * C::kMetaPitch + col * 8, src, valid);
+    }
+  };
+
+  float acc[C::MI][C::NI][4];
+#pragma unroll
+  for (int i = 0; i < C::MI; ++i)
+#pragma unroll
+    for (int j = 0; j < C::NI; ++j)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) acc[i][j][r] = 0.0f;
+
+  // Per-lane ldmatrix row offsets (bytes), fixed for the whole kernel.
+  //   A (values): quadrant q = lane/8 is (rows 8*(q&1).., stored cols 8*(q>>1)..): a0..a3 above.
+  //   B (x): block q = lane/8 is (tokens 0..7, columns 8q..8q+7): b0..b3 above.
+  const int q = lane / 8;
+  const int r8 = lane % 8;
+  const uint32_t a_lane_off =
+      (warp_n * C::WN + r8 + 8 * (q & 1)) * C::kValPitch + (q >> 1) * 8 * 2;
+  const uint32_t b_lane_off = (warp_m * C::WM + r8) * C::kXPitch + q * 8 * 2;
+  // Metadata: row g of each 16-row tile (and g+8), 16-bit word (lane & 1) of the k32 slice.
+  const int g = lane / 4;
+  const int meta_lane_off = (warp_n * C::WN + g) * C::kMetaPitch + (lane & 1) * 2;
+
+  // Prologue: fill kStages - 1 stages.
+#pragma unroll
+  for (int s = 0; s < C::kStages - 1; ++s) {
+    if (s < num_tiles) load_tile(s, s);
+    cp_async_commit();
+  }
+
+  for (int tile = 0; tile < num_tiles; ++tile) {
+    // Tile `tile` has landed once at most kStages - 2 younger groups are pending; the barrier
+    // also tells every warp that the stage read in the previous iteration is free again.
+    cp_async_wait<C::kStages - 2>();
+    __syncthreads();
+    {
+      const int next = tile + C::kStages - 1;
+      if (next < num_tiles) load_tile(next, next % C::kStages);
+      cp_async_commit();  // always, so the group count per iteration stays fixed
+    }
+
+    const int s = tile % C::kStages;
+    const uint32_t vs = val_stage(s);
+    const uint32_t xs = x_stage(s);
+    const unsigned char* ms = smem + meta_stage(s);
+#pragma unroll
+    for (int j = 0; j < C::kSlicesPerWarp; ++j) {
+      const int slice = j * C::kWarpsK + warp_k;
+      // K % 64 == 0: a slice is wholly in or out of K (warp-uniform branch, never zero codes).
+      if (tile * C::BK + slice * 32 >= k) break;
+      uint32_t b[C::NI][4];
+#pragma unroll
+      for (int ni = 0; ni < C::NI; ++ni) {
+        ldmatrix_x4(b[ni], xs + b_lane_off + ni * 8 * C::kXPitch + slice * 32 * 2);
+      }
+#pragma unroll
+      for (int mi = 0; mi < C::MI; ++mi) {
+        uint32_t a[4];
+        ldmatrix_x4(a, vs + a_lane_off + mi * 16 * C::kValPitch + slice * 16 * 2);
+        const unsigned char* mrow = ms + meta_lane_off + mi * 16 * C::kMetaPitch + slice * 4;
+        const uint32_t lo = *reinterpret_cast<const uint16_t*>(mrow);
+        const uint32_t hi = *reinterpret_cast<const uint16_t*>(mrow + 8 * C::kMetaPitch);
+        const uint32_t e = lo | (hi << 16);
+#pragma unroll
+        for (int ni = 0; ni < C::NI; ++ni) mma_sp_16832<T>(acc[mi][ni], a, b[ni], e);
+      }
+    }
+  }
+
+  // Epilogue. Drain the (empty) trailing groups and make sure no warp still reads a stage
+  // before the buffers are reused for the fp32 tile.
+  cp_async_wait<0>();
+  __syncthreads();
+  float* red = reinterpret_cast<float*>(smem);  // [kWarpsK][BM][kRedPitch], indexed [m][n]
+  const int t = lane % 4;
+#pragma unroll
+  for (int mi = 0; mi < C::MI; ++mi) {
+#pragma unroll
+    for (int ni = 0; ni < C::NI; ++ni) {
+      const int nn = warp_n * C::WN + mi * 16 + g;
+      const int mm = warp_m * C::WM + ni * 8 + 2 * t;
+      float* base = red + (warp_k * C::BM + mm) * C::kRedPitch + nn;
+      base[0] = acc[mi][ni][0];                       // (n, m)
+      base[C::kRedPitch] = acc[mi][ni][1];            // (n, m + 1)
+      base[8] = acc[mi][ni][2];                       // (n + 8, m)
+      base[C::kRedPitch + 8] = acc[mi][ni][3];        // (n + 8, m + 1)
+    }
+  }
+  __syncthreads();
+  // Consecutive threads take consecutive n: coalesced stores along out's rows.
+  for (int idx = tid; idx < C::BM * C::BN; idx += C::kThreads) {
+    const int mm = idx / C::BN;
+    const int nn = idx % C::BN;
+    const int gm = m0 + mm;
+    const int gn = n0 + nn;
+    if (gm >= m || gn >= n) continue;
+    float v = 0.0f;
+#pragma unroll
+    for (int w = 0; w < C::kWarpsK; ++w) v += red[(w * C::BM + mm) * C::kRedPitch + nn];
+    if (bias != nullptr) v += bias[gn];
+    out[static_cast<int64_t>(gm) * n + gn] = from_float<T>(v);
+  }
+}
+
+template <typename T, typename C>
+cudaError_t launch(const void* x, int64_t ldx, const void* values, const uint8_t* meta,
+                   const float* bias, void* out, int64_t m, int64_t n, int64_t k,
+                   cudaStream_t stream) {
+  auto kernel = sparse24_mm_kernel<T, C>;
+  // Above 48 KB of dynamic shared memory a kernel must opt in, per device. Once per process and
+  // device for this instantiation (a race only repeats the idempotent call); decode-size calls
+  // take a few microseconds, so the driver call is not repeated on every launch.
+  static std::atomic<bool> configured[64] = {};
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  if (device < 0 || device >= 64 || !configured[device].load(std::memory_order_relaxed)) {
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               C::kSmemBytes);
+    if (err != cudaSuccess) return err;
+    if (device >= 0 && device < 64) configured[device].store(true, std::memory_order_relaxed);
+  }
+  const dim3 grid(static_cast<unsigned>((n + C::BN - 1) / C::BN),
+                  static_cast<unsigned>((m + C::BM - 1) / C::BM));
+  kernel<<<grid, C::kThreads, C::kSmemBytes, stream>>>(
+      static_cast<const T*>(x), ldx, static_cast<const T*>(values), meta, bias,
+      static_cast<T*>(out), static_cast<int>(m), static_cast<int>(n), static_cast<int>(k));
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t dispatch(const void* x, int64_t ldx, const void* values, const uint8_t* meta,
+                     const float* bias, void* out, int64_t m, int64_t n, int64_t k,
+                     cudaStream_t stream) {
+  if (m <= kSmallMaxM) {
+    return launch<T, SmallConfig>(x, ldx, values, meta, bias, out, m, n, k, stream);
+  }
+  return launch<T, LargeConfig>(x, ldx, values, meta, bias, out, m, n, k, stream);
+}
+
+}  // namespace
+
+cudaError_t launch_sparse24_mm(const void* x, int64_t x_row_stride, const void* values,
+                               const uint8_t* meta, const float* bias, void* out,
+                               Sparse24Dtype dtype, int64_t m, int64_t n, int64_t k,
+                               cudaStream_t stream) {
+  if (m < 1 || n < 1 || n > (int64_t{1} << 30) || k < kSparse24KMultiple ||
+      k % kSparse24KMultiple != 0 || k > (int64_t{1} << 30) || m > kSparse24MaxM ||
+      x_row_stride < 0) {
+    return cudaErrorInvalidValue;
+  }
+  if (dtype == Sparse24Dtype::kFloat16) {
+    return dispatch<__half>(x, x_row_stride, values, meta, bias, out, m, n, k, stream);
+  }
+  return dispatch<__nv_bfloat16>(x, x_row_stride, values, meta, bias, out, m, n, k, stream);
+}
+
+}  // namespace leanops

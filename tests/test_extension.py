@@ -18,7 +18,7 @@ import torch
 from leanops import dispatch
 
 # Every op that has a CUDA kernel in kernels/. Adding a kernel means adding its name here.
-CUDA_OPS = ["int4_weight_mm", "int8_mm", "quantize_per_token_int8", "sparse24_mm"]
+CUDA_OPS = ["int4_weight_mm", "int8_mm", "quantize_per_token_int8", "sparse24_int4_mm", "sparse24_mm"]
 DEFAULT_ARCHS = "80;89;90a"  # setup.py's default LEANOPS_CUDA_ARCHS
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 

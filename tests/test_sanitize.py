@@ -7,7 +7,7 @@ import pytest
 import torch
 from leanops import ops
 from leanops.quant import quantize_int4, quantize_int8_per_channel
-from leanops.sparsity import compress_24, nm_mask
+from leanops.sparsity import compress_24, compress_24_int4, nm_mask
 
 pytestmark = [pytest.mark.cuda, pytest.mark.sanitize]
 
@@ -40,6 +40,8 @@ def _calls(m, n, k):
     k24 = -(-k // 64) * 64
     w24 = torch.randn(n, k24, device=dev)
     values, meta = compress_24(w24.to(torch.bfloat16), nm_mask(w24.abs()))
+    # 2:4 + int4 on the same weight: group_size 64 (one group per k64 block), zero points.
+    v4, s4, z4, m4 = compress_24_int4(w24, 64, False, nm_mask(w24.abs()), torch.bfloat16)
     x24 = torch.randn(m, k24, device=dev, dtype=torch.bfloat16)
     return {
         "quantize_per_token_int8": lambda: ops.quantize_per_token_int8(x, torch.rand(k, device=dev) + 0.5),
@@ -47,11 +49,20 @@ def _calls(m, n, k):
         "int8_weight_mm": lambda: ops.int8_weight_mm(x, w, ws, bias),
         "int4_weight_mm": lambda: ops.int4_weight_mm(x, packed, scales, zeros, 32, bias),
         "sparse24_mm": lambda: ops.sparse24_mm(x24, values, meta, bias),
+        "sparse24_int4_mm": lambda: ops.sparse24_int4_mm(x24, v4, m4, s4, z4, 64, bias),
     }
 
 
 @pytest.mark.parametrize(
-    "op", ["quantize_per_token_int8", "int8_mm", "int8_weight_mm", "int4_weight_mm", "sparse24_mm"]
+    "op",
+    [
+        "quantize_per_token_int8",
+        "int8_mm",
+        "int8_weight_mm",
+        "int4_weight_mm",
+        "sparse24_mm",
+        "sparse24_int4_mm",
+    ],
 )
 @pytest.mark.parametrize("m,n,k", SHAPES)
 def test_gpu_kernels_on_ragged_shapes(op, m, n, k):

@@ -16,8 +16,14 @@ Backends (cuda -> triton -> reference, see leanops.dispatch):
                     of 64 (bias any float dtype, x any strides); `_sparse24_mm_cuda_supports`
                     says why not otherwise and the call goes to Triton (fp32, mixed dtypes,
                     K % 64 != 0). "triton": every dtype and K.
-  sparse24_int4_mm  "triton" only; a CUDA kernel would register as leanops_C::sparse24_int4_mm
-                    with this schema and be picked up by OpBackends with no Python change.
+  sparse24_int4_mm  "cuda": leanops_C::sparse24_int4_mm (kernels/cuda/sparse24_int4_mm.cu), the
+                    same mma.sp kernel with the kept values dequantised from the stored int4
+                    codes in registers ((q - z) * s, one rounding, bit-identical to the
+                    reference's). It takes x float16/bfloat16 with scales of the same dtype and
+                    K a multiple of 64 (group_size is already a multiple of 64 dividing K);
+                    `_sparse24_int4_mm_cuda_supports` says why not otherwise and the call goes
+                    to Triton (fp32 x, scales in another dtype, K % 64 != 0). "triton": every
+                    dtype and K.
 """
 
 from __future__ import annotations
@@ -83,7 +89,7 @@ def _sparse24_mm_reference(x, values, meta, bias=None):
 
 # What leanops_C::sparse24_mm takes (its binding checks the same and raises otherwise).
 _CUDA_DTYPES = (torch.float16, torch.bfloat16)
-_CUDA_K_MULTIPLE = 64  # the kernel's k-tile; kernels/cuda/sparse24_mm.h kSparse24KMultiple
+_CUDA_K_MULTIPLE = 64  # the kernels' k-tile: kSparse24KMultiple, kSparse24Int4KMultiple
 
 
 def _sparse24_mm_cuda_supports(x, values, meta, bias=None):
@@ -188,10 +194,29 @@ def _sparse24_int4_mm_reference(x, values, meta, scales, zeros, group_size, bias
     return out.to(x.dtype)
 
 
+def _sparse24_int4_mm_cuda_supports(x, values, meta, scales, zeros, group_size, bias=None):
+    """None if the CUDA kernel can run this (already checked) call, else why not."""
+    # The kernel dequantises into 16-bit mma operands in the scales' dtype, which must then
+    # also be x's (kernels/sparse24_int4_mm.cpp checks the same and raises otherwise).
+    if x.dtype not in _CUDA_DTYPES:
+        return f"the CUDA kernel takes float16/bfloat16 x, got {x.dtype}"
+    if scales.dtype != x.dtype:
+        return f"the CUDA kernel needs scales in x's dtype ({x.dtype}), got {scales.dtype}"
+    k = x.shape[1]
+    if k % _CUDA_K_MULTIPLE != 0:
+        return f"the CUDA kernel needs K a multiple of {_CUDA_K_MULTIPLE}, got K = {k}"
+    if k > 1 << 30 or values.shape[0] > 1 << 30:
+        return f"the CUDA kernel takes K and N up to 2^30, got K = {k}, N = {values.shape[0]}"
+    if x.shape[0] > 65535 * 128:
+        return f"the CUDA kernel takes M up to {65535 * 128}, got M = {x.shape[0]}"
+    return None
+
+
 _sparse24_int4_mm_backends = OpBackends(
     "sparse24_int4_mm",
     reference=_sparse24_int4_mm_reference,
     triton="leanops.triton.sparse24_mm:sparse24_int4_mm",
+    cuda_supports=_sparse24_int4_mm_cuda_supports,
 )
 
 

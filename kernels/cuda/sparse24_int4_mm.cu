@@ -1,0 +1,522 @@
+// 2:4 sparse + int4 GEMM on the sparse tensor cores: out = x @ W^T + bias, with W [N, K] the 2:4
+// weight whose kept values are int4 group-quantised, in the stored format of
+// leanops.sparsity.format (values uint8 [N, K/4] = int4 codes of the K/2 kept values, low nibble
+// = even kept index; scales [N, K/g]; zeros uint8 [N, K/g] or none (zero point 8); meta uint8
+// [N, K/8]); x [M, K] and out [M, N] fp16 or bf16, fp32 accumulation, one final rounding.
+// Numerics follow leanops.ops.sparse24._sparse24_int4_mm_reference (up to fp32 summation order).
+//
+// This is sparse24_mm.cu (read its header first: out^T = W x^T with the weight as mma.sp's
+// sparse A operand, mma.sp::ordered_metadata m16n8k32, the B and metadata fragments, the
+// clamped rows and the shared-memory epilogue are the same) with the A fragment built from the
+// packed codes instead of ldmatrix on 16-bit values.
+//
+// --- The A fragment from the codes (g = lane / 4, t = lane % 4) ----------------------------
+// Per 16-row x 32-input-column mma (16 kept values per row), register j of A holds row
+// g + 8*(j&1), kept columns 8*(j>>1) + 2t, +1 (sparse24_mm.cu: the dense m16n8k16 A layout on the
+// 16 x 16 tile of kept values). Kept columns 2c, 2c+1 (the two entries of 4-input group c, i0's
+// first) are exactly byte c of the row's codes (low nibble 2c, high nibble 2c+1), and a k32 slice
+// is 8 code bytes. So
+//   a0 = byte t   of row g      a1 = byte t   of row g+8
+//   a2 = byte t+4 of row g      a3 = byte t+4 of row g+8
+// i.e. with the slice's 8 bytes of a row read as two 32-bit words (w.x = bytes 0-3, w.y = 4-7):
+// byte t of w.x and of w.y. Each thread reads them with one 64-bit shared load per row (all four
+// threads of a quad load the same 8 bytes: a broadcast) and expands each byte b to a half2
+// (b & 15, b >> 4) in the 16-bit type:
+//   v = prmt(w, w >> 4, sel_t)      bytes [w.b_t, -, (w>>4).b_t, -]: low nibbles = b.lo, b.hi
+//   v = (v & 0x000F000F) | magic    halves 1024 + q (fp16, 0x6400) / 128 + q (bf16, 0x4300),
+//                                   exact (the ulp there is 1)
+//   a = (v - (magic + z)) * s       __hsub2 exact (q - z, a small integer), __hmul2 the single
+//                                   rounding of the format: bit-identical to the reference
+// (shift + prmt + lop3 + hsub2 + hmul2 per register; int4_weight_mm.cu uses the same exact
+// dequant).
+//
+// Why this, and not the alternatives:
+//  - int4_weight_mm.cu's trick (give each thread contiguous K and permute x to match) does not
+//    carry over: a sparse A chunk is tied to its metadata nibble and to 4 B rows that other
+//    threads hold, so a K permutation must move whole groups of 4, which breaks ldmatrix for x
+//    and needs nibble shuffles of the metadata. Keeping K in order keeps B and metadata exactly
+//    as in sparse24_mm.cu (already reasoned about once) and costs ~5 ALU ops per A register.
+//  - Repacking the codes offline (Marlin-style interleave) would make the A loads one 128-bit
+//    load per thread with no byte picking, but the stored format is the one passed around
+//    (no second copy of the weight, same bytes for every backend); not done in this version.
+//  - Scales/zeros are not staged through shared memory: a stage holds BK/g <= 4 scales per row
+//    (2 bytes each, under cp.async's 4-byte minimum and not 4-byte aligned in general). Each
+//    thread reads its rows' scales (and zeros) from global memory (L1/L2-resident: <= 1/32 of
+//    the code bytes) one k-tile ahead of their use, as int4_weight_mm.cu does.
+// A group spans g >= 64 input columns and a warp works on whole 64-column k-blocks (2 slices,
+// 16 code bytes per row), so one scale per (row, k-block) covers both slices.
+//
+// --- Tiling --------------------------------------------------------------------------------
+// Two configs (x fp16/bf16 x symmetric/zero points: eight instantiations, for compile time):
+//   large  M > 64: CTA 128 weight rows x 128 tokens, BK = 64 (one k-block) per stage, 8 warps
+//          as 2 (n) x 4 (m), warp tile 64 x 32 (4 x 4 mma tiles), 4 stages (84 KB).
+//   small  M <= 64 (decode): CTA 32 weight rows x 16 tokens, BK = 256 per stage, 4 warps that
+//          take one 64-column k-block of each stage each (intra-CTA split-K, summed in shared
+//          memory at the end), 6 stages (70.5 KB): the weight is 3x smaller per column than
+//          sparse24_mm's, so one more stage keeps as many weight bytes in flight per CTA.
+// Shared memory per stage: codes [BN][BK/4 (+16 when BK/4 is an even number of 16-byte units)],
+// x [BM][BK] + 16 bytes pad per row, meta [BN][BK/8]. Code row pitches 16 (large) and 80 (small)
+// bytes put the 8 rows g of a 64-bit code load in 8 distinct bank pairs (conflict-free); x as in
+// sparse24_mm.cu (odd multiples of 16 bytes: conflict-free ldmatrix).
+//
+// --- Edges ---------------------------------------------------------------------------------
+// As sparse24_mm.cu: cp.async of 16 (codes, x) or 8 (meta) bytes, zero-filled past M; weight rows
+// past N clamped to row N-1 (a zero metadata code is invalid for mma.sp; those outputs are never
+// stored); K % 64 == 0 so a k-block is wholly in or out of K, and blocks past K (only in the last
+// stage of the small config) are skipped by a warp-uniform branch, never fed zero codes. Scale
+// reads clamp the row to N-1 and the group to K/g - 1. Offsets that can pass 2^31 are int64.
+
+#include "sparse24_int4_mm.h"
+
+#include <atomic>
+#include <cstdint>
+#include <type_traits>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+namespace leanops {
+namespace {
+
+template <int BN_, int BM_, int BK_, int WarpsN_, int WarpsM_, int WarpsK_, int Stages_,
+          int MinBlocks_>
+struct Config {
+  static constexpr int BN = BN_;          // weight rows per CTA (mma M)
+  static constexpr int BM = BM_;          // tokens per CTA (mma N)
+  static constexpr int BK = BK_;          // input columns (logical K) per pipeline stage
+  static constexpr int kWarpsN = WarpsN_;
+  static constexpr int kWarpsM = WarpsM_;
+  static constexpr int kWarpsK = WarpsK_;  // warps sharing one stage's k64 blocks
+  static constexpr int kStages = Stages_;
+  static constexpr int kMinBlocks = MinBlocks_;  // __launch_bounds__: CTAs per SM to fit
+  static constexpr int kWarps = WarpsN_ * WarpsM_ * WarpsK_;
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int WN = BN / kWarpsN;  // weight rows per warp
+  static constexpr int WM = BM / kWarpsM;  // tokens per warp
+  static constexpr int MI = WN / 16;       // mma tiles along n per warp
+  static constexpr int NI = WM / 8;        // mma tiles along m per warp
+  static constexpr int kBlocks = BK / 64;  // 64-column k-blocks per stage
+  static constexpr int kBlocksPerWarp = kBlocks / kWarpsK;
+
+  // Shared-memory pitches in bytes (see the header comment).
+  static constexpr int kCodeRow = BK / 4;  // code bytes per row per stage
+  static constexpr int kCodePitch = (kCodeRow / 16) % 2 == 1 ? kCodeRow : kCodeRow + 16;
+  static constexpr int kXPitch = BK * 2 + 16;  // BK 16-bit values + pad
+  static constexpr int kMetaPitch = BK / 8;    // one nibble per group of 4
+  static constexpr int kCodeBytes = BN * kCodePitch;
+  static constexpr int kXBytes = BM * kXPitch;
+  static constexpr int kMetaBytes = BN * kMetaPitch;
+  static constexpr int kStageBytes = kCodeBytes + kXBytes + kMetaBytes;
+  static constexpr int kPipeBytes = kStages * kStageBytes;
+  static constexpr int kRedPitch = BN + 4;  // floats; +4 spreads the accumulator stores
+  static constexpr int kRedBytes = kWarpsK * BM * kRedPitch * 4;
+  static constexpr int kSmemBytes = kPipeBytes > kRedBytes ? kPipeBytes : kRedBytes;
+
+  static_assert(BK % 64 == 0 && WN % 16 == 0 && WM % 8 == 0, "tile shape");
+  static_assert(kBlocks % kWarpsK == 0, "each warp takes the same number of k64 blocks");
+  static_assert(kCodeBytes % 16 == 0 && kXBytes % 16 == 0 && kMetaBytes % 16 == 0, "alignment");
+  static_assert(kSmemBytes <= 99 * 1024, "must fit sm_89's per-block shared memory");
+};
+
+using LargeConfig = Config<128, 128, 64, 2, 4, 1, 4, 1>;
+using SmallConfig = Config<32, 16, 256, 1, 1, 4, 6, 2>;
+constexpr int64_t kSmallMaxM = 64;
+
+template <bool kBF16>
+struct Half;
+
+template <>
+struct Half<false> {
+  using T = __half;
+  using T2 = __half2;
+  // 0x6400 is 1024.0 in fp16, whose ulp is 1: 0x6400 | q is exactly 1024 + q for q < 16.
+  static constexpr uint32_t kMagic = 0x64006400u;
+  static constexpr int kMagicValue = 1024;
+  static __device__ __forceinline__ T2 pair(float v) { return __float2half2_rn(v); }
+  static __device__ __forceinline__ T from_float(float v) { return __float2half_rn(v); }
+};
+
+template <>
+struct Half<true> {
+  using T = __nv_bfloat16;
+  using T2 = __nv_bfloat162;
+  // 0x4300 is 128.0 in bf16, whose ulp is 1 (7 mantissa bits): 0x4300 | q is exactly 128 + q.
+  static constexpr uint32_t kMagic = 0x43004300u;
+  static constexpr int kMagicValue = 128;
+  static __device__ __forceinline__ T2 pair(float v) { return __float2bfloat162_rn(v); }
+  static __device__ __forceinline__ T from_float(float v) { return __float2bfloat16_rn(v); }
+};
+
+template <typename T2>
+__device__ __forceinline__ uint32_t as_u32(T2 v) {
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+template <typename T2>
+__device__ __forceinline__ T2 as_pair(uint32_t v) {
+  return *reinterpret_cast<T2*>(&v);
+}
+
+// ---- PTX wrappers -------------------------------------------------------------------------
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// Global -> shared copies; with valid == false nothing is read and the bytes are zero-filled.
+__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+               "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_8(uint32_t dst, const void* src, bool valid) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(dst), "l"(src),
+               "r"(valid ? 8 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+// d += A(2:4 sparse, 16 x 32) * B(32 x 8), metadata e, sparsity selector 0 (threads T0, T1 of
+// each quad supply e).
+template <bool kBF16>
+__device__ __forceinline__ void mma_sp_16832(float (&d)[4], const uint32_t (&a)[4],
+                                             const uint32_t (&b)[4], uint32_t e) {
+  if constexpr (!kBF16) {
+    asm volatile(
+        "mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32.f16.f16.f32 "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9, %10, %11}, {%0, %1, %2, %3}, %12, 0x0;\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(b[2]),
+          "r"(b[3]), "r"(e));
+  } else {
+    asm volatile(
+        "mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32.bf16.bf16.f32 "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9, %10, %11}, {%0, %1, %2, %3}, %12, 0x0;\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(b[2]),
+          "r"(b[3]), "r"(e));
+  }
+}
+
+// Byte t of `word` (sel = the lane's selector, see the header) -> half2 (b & 15, b >> 4) of the
+// kept values (q - z) * s: low half the even kept index (i0's value), high half the odd one.
+template <bool kBF16>
+__device__ __forceinline__ uint32_t dequant_byte(uint32_t word, uint32_t sel,
+                                                 typename Half<kBF16>::T2 offset,
+                                                 typename Half<kBF16>::T2 scale) {
+  using H = Half<kBF16>;
+  const uint32_t v = (__byte_perm(word, word >> 4, sel) & 0x000F000Fu) | H::kMagic;
+  return as_u32(__hmul2(__hsub2(as_pair<typename H::T2>(v), offset), scale));
+}
+
+// ---- the kernel ---------------------------------------------------------------------------
+
+template <bool kBF16, bool kZeros, typename C>
+__global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
+    sparse24_int4_mm_kernel(const typename Half<kBF16>::T* __restrict__ x, int64_t ldx,
+                            const uint8_t* __restrict__ codes, const uint8_t* __restrict__ meta,
+                            const typename Half<kBF16>::T* __restrict__ scales,
+                            const uint8_t* __restrict__ zeros, int group_size,
+                            const float* __restrict__ bias, typename Half<kBF16>::T* __restrict__ out,
+                            int m, int n, int k) {
+  using H = Half<kBF16>;
+  using T = typename H::T;
+  using T2 = typename H::T2;
+  extern __shared__ __align__(16) unsigned char smem[];
+
+  const int tid = threadIdx.x;
+  const int lane = tid % 32;
+  const int warp = tid / 32;
+  // Warp roles: n fastest, then m, then k (the split-K index of the small config).
+  const int warp_n = warp % C::kWarpsN;
+  const int warp_m = (warp / C::kWarpsN) % C::kWarpsM;
+  const int warp_k = warp / (C::kWarpsN * C::kWarpsM);
+  const int g = lane / 4;
+  const int t = lane % 4;
+  const int n0 = blockIdx.x * C::BN;
+  const int m0 = blockIdx.y * C::BM;
+  const int64_t code_k = k / 4;  // code bytes per weight row
+  const int64_t meta_k = k / 8;  // metadata bytes per weight row
+  const int64_t groups = k / group_size;
+  const int num_tiles = (k + C::BK - 1) / C::BK;
+
+  const uint32_t smem_base = smem_addr(smem);
+  auto code_stage = [&](int s) { return smem_base + s * C::kStageBytes; };
+  auto x_stage = [&](int s) { return smem_base + s * C::kStageBytes + C::kCodeBytes; };
+  auto meta_stage = [&](int s) { return s * C::kStageBytes + C::kCodeBytes + C::kXBytes; };
+
+  // Issue the cp.async copies of k-tile `tile` into stage `s`.
+  auto load_tile = [&](int tile, int s) {
+    const int kbase = tile * C::BK;
+    // codes: BN rows x BK/4 bytes = BK/64 chunks of 16 bytes (one k64 block each) per row.
+    constexpr int kCodeChunksPerRow = C::BK / 64;
+#pragma unroll
+    for (int c = tid; c < C::BN * kCodeChunksPerRow; c += C::kThreads) {
+      const int row = c / kCodeChunksPerRow;
+      const int col = c % kCodeChunksPerRow;
+      const int64_t kc = kbase / 4 + col * 16;  // code byte column
+      const int wrow = min(n0 + row, n - 1);    // clamp: never an invalid (zero) code
+      const bool valid = kc < code_k;
+      const uint8_t* src = valid ? codes + static_cast<int64_t>(wrow) * code_k + kc : codes;
+      cp_async_16(code_stage(s) + row * C::kCodePitch + col * 16, src, valid);
+    }
+    // x: BM rows x BK values = BK/8 chunks of 16 bytes per row.
+    constexpr int kXChunksPerRow = C::BK / 8;
+#pragma unroll
+    for (int c = tid; c < C::BM * kXChunksPerRow; c += C::kThreads) {
+      const int row = c / kXChunksPerRow;
+      const int col = c % kXChunksPerRow;
+      const int kx = kbase + col * 8;
+      const bool valid = (m0 + row < m) && (kx < k);
+      const T* src = valid ? x + static_cast<int64_t>(m0 + row) * ldx + kx : x;
+      cp_async_16(x_stage(s) + row * C::kXPitch + col * 16, src, valid);
+    }
+    // meta: BN rows x BK/8 bytes = BK/64 chunks of 8 bytes per row.
+    constexpr int kMetaChunksPerRow = C::BK / 64;
+#pragma unroll
+    for (int c = tid; c < C::BN * kMetaChunksPerRow; c += C::kThreads) {
+      const int row = c / kMetaChunksPerRow;
+      const int col = c % kMetaChunksPerRow;
+      const int64_t kb = kbase / 8 + col * 8;  // metadata byte column
+      const int wrow = min(n0 + row, n - 1);
+      const bool valid = kb < meta_k;
+      const uint8_t* src = valid ? meta + static_cast<int64_t>(wrow) * meta_k + kb : meta;
+      cp_async_8(smem_base + meta_stage(s) + row * C::kMetaPitch + col * 8, src, valid);
+    }
+  };
+
+  // Scale and (magic + zero point) of this thread's rows (g, g+8 of each mma tile) for each of
+  // the warp's k64 blocks of one k-tile. (magic + z) is pre-added so the dequant is one
+  // subtract: (magic + q) - (magic + z) = q - z exactly.
+  struct Quant {
+    T2 scale[C::kBlocksPerWarp][C::MI][2];
+    T2 offset[kZeros ? C::kBlocksPerWarp : 1][kZeros ? C::MI : 1][2];
+  };
+  auto load_quant = [&](int tile, Quant& qp) {
+#pragma unroll
+    for (int jb = 0; jb < C::kBlocksPerWarp; ++jb) {
+      const int64_t kcol = static_cast<int64_t>(tile) * C::BK + (jb * C::kWarpsK + warp_k) * 64;
+      // A k64 block lies in one group (g is a multiple of 64); blocks past K (skipped) clamp.
+      const int64_t grp = min(kcol / group_size, groups - 1);
+#pragma unroll
+      for (int mi = 0; mi < C::MI; ++mi) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int64_t row = min(n0 + C::WN * warp_n + 16 * mi + g + 8 * h, n - 1);
+          const T s = scales[row * groups + grp];
+          qp.scale[jb][mi][h] = T2{s, s};
+          if constexpr (kZeros) {
+            const int z = zeros[row * groups + grp];
+            qp.offset[jb][mi][h] = H::pair(static_cast<float>(H::kMagicValue + z));
+          }
+        }
+      }
+    }
+  };
+
+  float acc[C::MI][C::NI][4];
+#pragma unroll
+  for (int i = 0; i < C::MI; ++i)
+#pragma unroll
+    for (int j = 0; j < C::NI; ++j)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) acc[i][j][r] = 0.0f;
+
+  // Per-lane offsets (bytes), fixed for the whole kernel.
+  //   B (x): ldmatrix block q = lane/8 is (tokens 0..7, columns 8q..8q+7), as sparse24_mm.cu.
+  const int q = lane / 8;
+  const int r8 = lane % 8;
+  const uint32_t b_lane_off = (warp_m * C::WM + r8) * C::kXPitch + q * 8 * 2;
+  //   A (codes): row g of each 16-row tile (and g+8); the byte is picked by the selector.
+  const uint32_t code_lane_off = (warp_n * C::WN + g) * C::kCodePitch;
+  //   prmt selector: bytes [w.b_t, w.b_t, (w>>4).b_t, (w>>4).b_t] (bytes 1, 3 are masked off).
+  const uint32_t sel = t | (t << 4) | ((4 + t) << 8) | ((4 + t) << 12);
+  //   Metadata: row g (and g+8), 16-bit word (lane & 1) of the k32 slice, as sparse24_mm.cu.
+  const int meta_lane_off = (warp_n * C::WN + g) * C::kMetaPitch + (lane & 1) * 2;
+  const T2 sym_offset = H::pair(static_cast<float>(H::kMagicValue + 8));
+
+  // Prologue: fill kStages - 1 stages.
+#pragma unroll
+  for (int s = 0; s < C::kStages - 1; ++s) {
+    if (s < num_tiles) load_tile(s, s);
+    cp_async_commit();
+  }
+  // Two register sets, never indexed by a runtime value (that would put them in local memory).
+  Quant quant, quant_next;
+  load_quant(0, quant);
+
+  for (int tile = 0; tile < num_tiles; ++tile) {
+    // Tile `tile` has landed once at most kStages - 2 younger groups are pending; the barrier
+    // also tells every warp that the stage read in the previous iteration is free again.
+    cp_async_wait<C::kStages - 2>();
+    __syncthreads();
+    {
+      const int next = tile + C::kStages - 1;
+      if (next < num_tiles) load_tile(next, next % C::kStages);
+      cp_async_commit();  // always, so the group count per iteration stays fixed
+    }
+    if (tile + 1 < num_tiles) load_quant(tile + 1, quant_next);
+
+    const int s = tile % C::kStages;
+    const unsigned char* cs = smem + (code_stage(s) - smem_base) + code_lane_off;
+    const uint32_t xs = x_stage(s) + b_lane_off;
+    const unsigned char* ms = smem + meta_stage(s) + meta_lane_off;
+#pragma unroll
+    for (int jb = 0; jb < C::kBlocksPerWarp; ++jb) {
+      const int block = jb * C::kWarpsK + warp_k;
+      // K % 64 == 0: a block is wholly in or out of K (warp-uniform branch, never zero codes).
+      if (tile * C::BK + block * 64 >= k) break;
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int slice = 2 * block + half;  // k32 slice within the stage
+        uint32_t b[C::NI][4];
+#pragma unroll
+        for (int ni = 0; ni < C::NI; ++ni) {
+          ldmatrix_x4(b[ni], xs + ni * 8 * C::kXPitch + slice * 32 * 2);
+        }
+#pragma unroll
+        for (int mi = 0; mi < C::MI; ++mi) {
+          // The slice's 8 code bytes of rows g and g+8.
+          const unsigned char* crow = cs + mi * 16 * C::kCodePitch + slice * 8;
+          const uint2 lo = *reinterpret_cast<const uint2*>(crow);
+          const uint2 hi = *reinterpret_cast<const uint2*>(crow + 8 * C::kCodePitch);
+          T2 off0 = sym_offset, off1 = sym_offset;
+          if constexpr (kZeros) {
+            off0 = quant.offset[jb][mi][0];
+            off1 = quant.offset[jb][mi][1];
+          }
+          const T2 s0 = quant.scale[jb][mi][0];
+          const T2 s1 = quant.scale[jb][mi][1];
+          const uint32_t a[4] = {
+              dequant_byte<kBF16>(lo.x, sel, off0, s0),   // row g,   group t
+              dequant_byte<kBF16>(hi.x, sel, off1, s1),   // row g+8, group t
+              dequant_byte<kBF16>(lo.y, sel, off0, s0),   // row g,   group t+4
+              dequant_byte<kBF16>(hi.y, sel, off1, s1)};  // row g+8, group t+4
+          const unsigned char* mrow = ms + mi * 16 * C::kMetaPitch + slice * 4;
+          const uint32_t mlo = *reinterpret_cast<const uint16_t*>(mrow);
+          const uint32_t mhi = *reinterpret_cast<const uint16_t*>(mrow + 8 * C::kMetaPitch);
+          const uint32_t e = mlo | (mhi << 16);
+#pragma unroll
+          for (int ni = 0; ni < C::NI; ++ni) mma_sp_16832<kBF16>(acc[mi][ni], a, b[ni], e);
+        }
+      }
+    }
+    quant = quant_next;
+  }
+
+  // Epilogue. Drain the (empty) trailing groups and make sure no warp still reads a stage
+  // before the buffers are reused for the fp32 tile.
+  cp_async_wait<0>();
+  __syncthreads();
+  float* red = reinterpret_cast<float*>(smem);  // [kWarpsK][BM][kRedPitch], indexed [m][n]
+#pragma unroll
+  for (int mi = 0; mi < C::MI; ++mi) {
+#pragma unroll
+    for (int ni = 0; ni < C::NI; ++ni) {
+      const int nn = warp_n * C::WN + mi * 16 + g;
+      const int mm = warp_m * C::WM + ni * 8 + 2 * t;
+      float* base = red + (warp_k * C::BM + mm) * C::kRedPitch + nn;
+      base[0] = acc[mi][ni][0];                 // (n, m)
+      base[C::kRedPitch] = acc[mi][ni][1];      // (n, m + 1)
+      base[8] = acc[mi][ni][2];                 // (n + 8, m)
+      base[C::kRedPitch + 8] = acc[mi][ni][3];  // (n + 8, m + 1)
+    }
+  }
+  __syncthreads();
+  // Consecutive threads take consecutive n: coalesced stores along out's rows.
+  for (int idx = tid; idx < C::BM * C::BN; idx += C::kThreads) {
+    const int mm = idx / C::BN;
+    const int nn = idx % C::BN;
+    const int gm = m0 + mm;
+    const int gn = n0 + nn;
+    if (gm >= m || gn >= n) continue;
+    float v = 0.0f;
+#pragma unroll
+    for (int w = 0; w < C::kWarpsK; ++w) v += red[(w * C::BM + mm) * C::kRedPitch + nn];
+    if (bias != nullptr) v += bias[gn];
+    out[static_cast<int64_t>(gm) * n + gn] = H::from_float(v);
+  }
+}
+
+template <bool kBF16, bool kZeros, typename C>
+cudaError_t launch(const void* x, int64_t ldx, const uint8_t* codes, const uint8_t* meta,
+                   const void* scales, const uint8_t* zeros, int64_t group_size,
+                   const float* bias, void* out, int64_t m, int64_t n, int64_t k,
+                   cudaStream_t stream) {
+  using T = typename Half<kBF16>::T;
+  auto kernel = sparse24_int4_mm_kernel<kBF16, kZeros, C>;
+  // Above 48 KB of dynamic shared memory a kernel must opt in, per device. Once per process and
+  // device for this instantiation (a race only repeats the idempotent call).
+  static std::atomic<bool> configured[64] = {};
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  if (device < 0 || device >= 64 || !configured[device].load(std::memory_order_relaxed)) {
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               C::kSmemBytes);
+    if (err != cudaSuccess) return err;
+    if (device >= 0 && device < 64) configured[device].store(true, std::memory_order_relaxed);
+  }
+  const dim3 grid(static_cast<unsigned>((n + C::BN - 1) / C::BN),
+                  static_cast<unsigned>((m + C::BM - 1) / C::BM));
+  kernel<<<grid, C::kThreads, C::kSmemBytes, stream>>>(
+      static_cast<const T*>(x), ldx, codes, meta, static_cast<const T*>(scales), zeros,
+      static_cast<int>(group_size), bias, static_cast<T*>(out), static_cast<int>(m),
+      static_cast<int>(n), static_cast<int>(k));
+  return cudaGetLastError();
+}
+
+template <bool kBF16, bool kZeros>
+cudaError_t dispatch(const void* x, int64_t ldx, const uint8_t* codes, const uint8_t* meta,
+                     const void* scales, const uint8_t* zeros, int64_t group_size,
+                     const float* bias, void* out, int64_t m, int64_t n, int64_t k,
+                     cudaStream_t stream) {
+  if (m <= kSmallMaxM) {
+    return launch<kBF16, kZeros, SmallConfig>(x, ldx, codes, meta, scales, zeros, group_size,
+                                              bias, out, m, n, k, stream);
+  }
+  return launch<kBF16, kZeros, LargeConfig>(x, ldx, codes, meta, scales, zeros, group_size, bias,
+                                            out, m, n, k, stream);
+}
+
+template <bool kBF16>
+cudaError_t dispatch_zeros(const void* x, int64_t ldx, const uint8_t* codes, const uint8_t* meta,
+                           const void* scales, const uint8_t* zeros, int64_t group_size,
+                           const float* bias, void* out, int64_t m, int64_t n, int64_t k,
+                           cudaStream_t stream) {
+  if (zeros != nullptr) {
+    return dispatch<kBF16, true>(x, ldx, codes, meta, scales, zeros, group_size, bias, out, m, n,
+                                 k, stream);
+  }
+  return dispatch<kBF16, false>(x, ldx, codes, meta, scales, zeros, group_size, bias, out, m, n,
+                                k, stream);
+}
+
+}  // namespace
+
+cudaError_t launch_sparse24_int4_mm(const void* x, int64_t x_row_stride, const uint8_t* values,
+                                    const uint8_t* meta, const void* scales, const uint8_t* zeros,
+                                    int64_t group_size, const float* bias, void* out,
+                                    Sparse24Dtype dtype, int64_t m, int64_t n, int64_t k,
+                                    cudaStream_t stream) {
+  if (m < 1 || n < 1 || n > (int64_t{1} << 30) || k < kSparse24Int4KMultiple ||
+      k % kSparse24Int4KMultiple != 0 || k > (int64_t{1} << 30) || m > kSparse24Int4MaxM ||
+      x_row_stride < 0 || group_size < 64 || group_size % 64 != 0 || k % group_size != 0) {
+    return cudaErrorInvalidValue;
+  }
+  if (dtype == Sparse24Dtype::kFloat16) {
+    return dispatch_zeros<false>(x, x_row_stride, values, meta, scales, zeros, group_size, bias,
+                                 out, m, n, k, stream);
+  }
+  return dispatch_zeros<true>(x, x_row_stride, values, meta, scales, zeros, group_size, bias, out,
+                              m, n, k, stream);
+}
+
+}  // namespace leanops

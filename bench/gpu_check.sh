@@ -99,9 +99,9 @@ if want bench; then
     --out "$out/bench.json" --csv "$out/bench.csv" --plot "$out/bench.png"
   sed -n '/^op /,$p' "$logs/bench_all.log" >> "$summary"
   # The full Llama-7B matmul sweep without energy (with it, ~10 min: the per-command limit).
-  # M = 1, 16 (decode), 64, 128, 2048, 4096: the points issue 3's targets name; rows say which
+  # M = 1, 16 (decode), 64, 128, 512, 2048, 4096: the points issues 3 and 4 name; rows say which
   # backend (cuda / triton) ran, against F.linear and torch._int_mm + dequant in the same run.
-  run_phase bench_matmul $py -m leanops.cli bench matmul --shapes llama-7b --batch 1,16,64,128,2048,4096 \
+  run_phase bench_matmul $py -m leanops.cli bench matmul --shapes llama-7b --batch 1,16,64,128,512,2048,4096 \
     --progress plain --out "$out/matmul.json" --csv "$out/matmul.csv"
   run_phase bench_matmul_13b $py -m leanops.cli bench matmul --shapes llama-13b --batch 1,16,64,2048 \
     --progress plain --out "$logs/matmul_13b.json"

@@ -5,6 +5,7 @@
 #ifdef LEANOPS_WITH_CUDA
 
 #include <cstdint>
+#include <cstdlib>
 #include <optional>
 
 #include <ATen/core/Tensor.h>
@@ -32,6 +33,33 @@ inline at::Tensor rows_16_byte_aligned(const at::Tensor& t) {
 inline std::optional<at::Tensor> as_fp32(const std::optional<at::Tensor>& t) {
   if (!t.has_value()) return std::nullopt;
   return t->to(at::kFloat).contiguous();
+}
+
+// Tuning and test overrides of the GEMM plans, read on every call (getenv is cheap next to a
+// launch) so a benchmark or test can sweep them in one process:
+//   LEANOPS_CUDA_GEMM_CONFIG  0 (small-M tile), 1 (medium), 2 (large-M); unset: chosen by M
+//   LEANOPS_CUDA_GEMM_SPLITS  K splits over blocks, >= 1; unset: chosen from the SM count
+struct PlanOverride {
+  int config = -1;
+  int splits = 0;
+};
+
+inline int env_int(const char* name, int lo, int hi, const char* allowed) {
+  const char* v = std::getenv(name);
+  if (v == nullptr || *v == '\0') return -1;
+  char* end = nullptr;
+  const long parsed = std::strtol(v, &end, 10);
+  TORCH_CHECK_VALUE(*end == '\0' && parsed >= lo && parsed <= hi, name, " must be ", allowed,
+                    " (or unset); got '", v, "'");
+  return static_cast<int>(parsed);
+}
+
+inline PlanOverride plan_override() {
+  PlanOverride o;
+  o.config = env_int("LEANOPS_CUDA_GEMM_CONFIG", 0, 2, "0, 1 or 2");
+  const int splits = env_int("LEANOPS_CUDA_GEMM_SPLITS", 1, 1 << 16, "a positive integer");
+  o.splits = splits > 0 ? splits : 0;
+  return o;
 }
 
 inline int sm_count(int device) {

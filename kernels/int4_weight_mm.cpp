@@ -100,8 +100,10 @@ at::Tensor int4_weight_mm_cuda(const at::Tensor& x_arg, const at::Tensor& w_pack
       group_size,
       dtype == at::kBFloat16,
   };
+  const leanops::binding::PlanOverride ovr = leanops::binding::plan_override();
   const leanops::Int4WeightMmPlan plan =
-      leanops::plan_int4_weight_mm(m, n, k, leanops::binding::sm_count(device));
+      leanops::plan_int4_weight_mm(m, n, k, leanops::binding::sm_count(device),
+                                 ovr.config, ovr.splits);
   at::Tensor workspace;
   if (plan.workspace_elems > 0) {
     workspace = at::empty({plan.workspace_elems}, x_arg.options().dtype(at::kFloat));

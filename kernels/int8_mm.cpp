@@ -89,8 +89,10 @@ at::Tensor int8_mm_cuda(const at::Tensor& a_arg, const at::Tensor& b, const at::
       n,
       k,
   };
+  const leanops::binding::PlanOverride ovr = leanops::binding::plan_override();
   const leanops::Int8MmPlan plan =
-      leanops::plan_int8_mm(m, n, k, leanops::binding::sm_count(device));
+      leanops::plan_int8_mm(m, n, k, leanops::binding::sm_count(device),
+                                 ovr.config, ovr.splits);
   at::Tensor workspace;
   if (plan.workspace_elems > 0) {
     workspace = at::empty({plan.workspace_elems}, a_arg.options().dtype(at::kInt));

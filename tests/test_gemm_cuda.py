@@ -178,3 +178,33 @@ def test_int8_dynamic_linear_runs_both_cuda_kernels():
     got = _cuda(ops.int8_dynamic_linear, x, w, ws, None, None)
     want = _reference(ops.int8_dynamic_linear, x, w, ws, None, None)
     assert torch.equal(got, want)
+
+
+# ---------------------------------------------------------------------------------------------
+# Every tile configuration and split-K count on ragged shapes, whatever M would pick: the plan
+# overrides (LEANOPS_CUDA_GEMM_CONFIG / _SPLITS, read per call by the bindings) exist so tests
+# and tuning sessions can reach each compiled kernel explicitly.
+
+
+@pytest.mark.parametrize("config", [0, 1, 2])
+@pytest.mark.parametrize("splits", [1, 3, 7])
+@pytest.mark.parametrize("m", [1, 37, 130])
+def test_every_config_and_split(monkeypatch, config, splits, m):
+    monkeypatch.setenv("LEANOPS_CUDA_GEMM_CONFIG", str(config))
+    monkeypatch.setenv("LEANOPS_CUDA_GEMM_SPLITS", str(splits))
+    k, n = 64 * 21, 8 * 25  # 21 K tiles of 64 (10.5 of 128), N ragged against 64 and 128
+    for dtype, symmetric in ((torch.float16, False), (torch.bfloat16, True)):
+        args = int4_case(m, k, n, 64, symmetric, dtype, bias=True)
+        assert_int4_output(_cuda(ops.int4_weight_mm, *args), args)
+    _check_int8_mm(int8_mm_case(m, k, n, torch.bfloat16, torch.float32))
+
+
+def test_plan_override_errors_name_the_variable(monkeypatch):
+    args = int8_mm_case(4, 256, 64, torch.float16, None)
+    monkeypatch.setenv("LEANOPS_CUDA_GEMM_CONFIG", "3")
+    with pytest.raises(ValueError, match="LEANOPS_CUDA_GEMM_CONFIG must be 0, 1 or 2"):
+        _cuda(ops.int8_mm, *args)
+    monkeypatch.setenv("LEANOPS_CUDA_GEMM_CONFIG", "1")
+    monkeypatch.setenv("LEANOPS_CUDA_GEMM_SPLITS", "zero")
+    with pytest.raises(ValueError, match="LEANOPS_CUDA_GEMM_SPLITS must be a positive integer"):
+        _cuda(ops.int8_mm, *args)

@@ -90,7 +90,14 @@ struct SplitK {
   int tiles_per_split; // K tiles each split walks
 };
 
-inline SplitK plan_split_k(int64_t output_tiles, int k_tiles, int sm_count, int max_splits) {
+// forced > 0 replaces the heuristic (clamped to [1, k_tiles]).
+inline SplitK plan_split_k(int64_t output_tiles, int k_tiles, int sm_count, int max_splits,
+                           int forced = 0) {
+  if (forced > 0) {
+    const int splits = forced < k_tiles ? forced : k_tiles;
+    const int per = (k_tiles + splits - 1) / splits;
+    return SplitK{(k_tiles + per - 1) / per, per};
+  }
   // Aim for two waves of blocks; never give a split fewer than 4 K tiles (below that the
   // pipeline prologue and the workspace traffic cost more than the parallelism gains).
   int splits = 1;

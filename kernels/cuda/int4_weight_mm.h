@@ -28,7 +28,11 @@ struct Int4WeightMmPlan {
   int64_t workspace_elems; // fp32 elements of workspace the caller allocates (0 if splits == 1)
 };
 
-Int4WeightMmPlan plan_int4_weight_mm(int64_t m, int64_t n, int64_t k, int sm_count);
+// force_config (0 small, 1 medium, 2 large; -1: by M) and force_splits (> 0; 0: by the SM
+// count) override the heuristics: every configuration is correct for every shape, and the tests
+// and tuning sessions pick them explicitly (LEANOPS_CUDA_GEMM_CONFIG / _SPLITS, see the binding).
+Int4WeightMmPlan plan_int4_weight_mm(int64_t m, int64_t n, int64_t k, int sm_count,
+                                     int force_config = -1, int force_splits = 0);
 
 // Launches on `stream`; `workspace` holds plan.workspace_elems floats. Returns the launch error.
 cudaError_t launch_int4_weight_mm(const Int4WeightMmArgs& args, const Int4WeightMmPlan& plan,

@@ -237,18 +237,20 @@ cudaError_t launch_config(const Int8MmArgs& args, const Int8MmPlan& plan, int32_
 
 }  // namespace
 
-Int8MmPlan plan_int8_mm(int64_t m, int64_t n, int64_t k, int sm_count) {
+Int8MmPlan plan_int8_mm(int64_t m, int64_t n, int64_t k, int sm_count, int force_config,
+                        int force_splits) {
   int config, bm, bn;
-  if (m <= SmallM::BM) {
+  if (force_config == 0 || (force_config < 0 && m <= SmallM::BM)) {
     config = 0, bm = SmallM::BM, bn = SmallM::BN;
-  } else if (m <= MediumM::BM) {
+  } else if (force_config == 1 || (force_config < 0 && m <= MediumM::BM)) {
     config = 1, bm = MediumM::BM, bn = MediumM::BN;
   } else {
     config = 2, bm = LargeM::BM, bn = LargeM::BN;
   }
   const int64_t tiles = ((m + bm - 1) / bm) * ((n + bn - 1) / bn);
   const int k_tiles = static_cast<int>((k + BK - 1) / BK);
-  const gemm::SplitK split = gemm::plan_split_k(tiles, k_tiles, sm_count, /*max_splits=*/16);
+  const gemm::SplitK split =
+      gemm::plan_split_k(tiles, k_tiles, sm_count, /*max_splits=*/16, force_splits);
   return Int8MmPlan{config, split.splits, split.tiles_per_split,
                     split.splits > 1 ? split.splits * m * n : 0};
 }

@@ -33,7 +33,9 @@ struct Int8MmPlan {
   int64_t workspace_elems;  // int32 elements of workspace the caller allocates
 };
 
-Int8MmPlan plan_int8_mm(int64_t m, int64_t n, int64_t k, int sm_count);
+// force_config / force_splits: as plan_int4_weight_mm (int4_weight_mm.h).
+Int8MmPlan plan_int8_mm(int64_t m, int64_t n, int64_t k, int sm_count, int force_config = -1,
+                        int force_splits = 0);
 
 cudaError_t launch_int8_mm(const Int8MmArgs& args, const Int8MmPlan& plan, int32_t* workspace,
                            cudaStream_t stream);

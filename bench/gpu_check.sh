@@ -4,7 +4,7 @@
 #   bash bench/gpu_check.sh [OUT_DIR] [PHASES]
 #
 # OUT_DIR defaults to $OUT (the device tool's return folder) or ./gpu_check_out. PHASES is a
-# comma list, default "install,test,sanitize,bench,demo":
+# comma list, default "install,test,sanitize,bench,tune,demo,examples":
 #   install   build the extension for this GPU's arch only, pip install -e (uses the machine's
 #             own torch/triton; installs nothing from the network)
 #   test      the whole test suite on the GPU (cuda tests included), then again in a GPU-less
@@ -12,7 +12,9 @@
 #             Triton-interpreter tests that skip when a GPU is visible
 #   sanitize  compute-sanitizer memcheck on a small suite of every CUDA C++ and Triton kernel
 #   bench     every op vs its dense baseline with energy; the Llama-7B matmul sweep
-#             (M = 1,16,128,2048); the attention baselines
+#             (M = 1,16,64,128,512,2048,4096) and Llama-13B; the attention baselines
+#   tune      bench/tune_gemm.py: every tile x split-K plan of the CUDA GEMMs vs the heuristic
+#             and dense bf16 (Llama-7B shapes)
 #   demo      the README demo (TinyLlama dense vs quantised: size, error, speed, energy)
 #   examples  int8 training step vs bf16 (Llama-8B MLP block), and the real pretrained model
 #             (all-MiniLM-L6-v2) on the GPU when its package is installed or carried as a wheel
@@ -25,7 +27,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 out=${1:-${OUT:-./gpu_check_out}}
-phases=${2:-install,test,sanitize,bench,demo,examples}
+phases=${2:-install,test,sanitize,bench,tune,demo,examples}
 mkdir -p "$out"
 logs=$(mktemp -d)
 summary=$out/summary.txt
@@ -107,6 +109,13 @@ if want bench; then
     --progress plain --out "$logs/matmul_13b.json"
   run_phase bench_attention $py -m leanops.cli bench attention --seqlen 1024,4096,16384 --causal \
     --progress plain --out "$logs/attention.json"
+fi
+
+if want tune; then
+  # Every tile x split-K plan of the CUDA GEMMs against the heuristic's pick and dense bf16,
+  # Llama-7B shapes (bench/tune_gemm.py; ~2 min).
+  run_phase tune_gemm $py bench/tune_gemm.py --out "$logs/tune_gemm.json"
+  grep -E "^(int4_weight_mm|int8_mm) " "$logs/tune_gemm.log" >> "$summary" || true
 fi
 
 if want demo; then

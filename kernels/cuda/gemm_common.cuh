@@ -9,6 +9,7 @@
 // int4_weight_mm.cu for the mapping).
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 
 #include <cuda_runtime.h>
@@ -79,6 +80,26 @@ __device__ __forceinline__ void mma_16832_s8(int (&c)[4], const uint32_t (&a)[4]
       "{%8,%9}, {%0,%1,%2,%3};\n"
       : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// ---- launch helpers -------------------------------------------------------------------------
+// Above 48 KB of dynamic shared memory a kernel must opt in, per device. Done once per process,
+// device and kernel (a race only repeats the idempotent call), not per launch, so a launch being
+// captured into a CUDA graph (after the usual warm-up call) makes no driver call but the launch.
+// `done` must be a static owned by exactly one kernel instantiation (kernels with the same
+// signature are indistinguishable by type, so the flag cannot live here).
+using PerDeviceFlags = std::atomic<bool>[64];
+
+template <typename Kernel>
+inline cudaError_t allow_dynamic_smem(Kernel kernel, int bytes, PerDeviceFlags& done) {
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  const bool cached = device >= 0 && device < 64;
+  if (cached && done[device].load(std::memory_order_relaxed)) return cudaSuccess;
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  if (err == cudaSuccess && cached) done[device].store(true, std::memory_order_relaxed);
+  return err;
 }
 
 // ---- split-K plan ---------------------------------------------------------------------------

@@ -352,8 +352,8 @@ cudaError_t launch_config(const Int4WeightMmArgs& args, const Int4WeightMmPlan& 
                           float* workspace, cudaStream_t stream) {
   auto kernel = int4_weight_mm_kernel<C, kBF16, kZeros>;
   if (C::SMEM_BYTES > 48 * 1024) {
-    const cudaError_t err = cudaFuncSetAttribute(
-        kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM_BYTES);
+    static gemm::PerDeviceFlags opted_in = {};  // one per instantiation of this function
+    const cudaError_t err = gemm::allow_dynamic_smem(kernel, C::SMEM_BYTES, opted_in);
     if (err != cudaSuccess) return err;
   }
   const dim3 grid(static_cast<unsigned>((args.n + C::BN - 1) / C::BN),

@@ -224,8 +224,8 @@ cudaError_t launch_config(const Int8MmArgs& args, const Int8MmPlan& plan, int32_
                           cudaStream_t stream) {
   auto kernel = int8_mm_kernel<C>;
   if (C::SMEM_BYTES > 48 * 1024) {
-    const cudaError_t err = cudaFuncSetAttribute(
-        kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM_BYTES);
+    static gemm::PerDeviceFlags opted_in = {};  // one per instantiation of this function
+    const cudaError_t err = gemm::allow_dynamic_smem(kernel, C::SMEM_BYTES, opted_in);
     if (err != cudaSuccess) return err;
   }
   const dim3 grid(static_cast<unsigned>((args.n + C::BN - 1) / C::BN),

@@ -1,29 +1,91 @@
-// Building blocks shared by the tensor-core GEMMs (int4_weight_mm.cu, int8_mm.cu): cp.async
-// copies into shared memory, mma.sync wrappers, and the split-K plan.
+// Building blocks shared by the tensor-core GEMMs (int4_weight_mm.cu, int8_mm.cu, sparse24_mm.cu,
+// sparse24_int4_mm.cu): the 16-bit type traits with the int4 magic numbers, cp.async copies into
+// shared memory, ldmatrix, the mma.sync / mma.sp wrappers, the shared-memory opt-in and the
+// split-K plan. (What only the two 2:4 kernels share is in sparse24_common.cuh.)
 //
-// Why no ldmatrix: both GEMMs read every operand with plain 64/128-bit shared loads. The
-// mma.sync fragments tie each thread to fixed K positions, but a dot product does not care in
-// which order K is summed, so each kernel picks the K order that makes a thread's K positions
-// contiguous in memory, and uses that same order for both operands. That is what lets the int4
-// kernel read the stored leanops.quant.int4 layout as it is, with no repacking (see
-// int4_weight_mm.cu for the mapping).
+// Why no ldmatrix in the dense GEMMs: int4_weight_mm and int8_mm read every operand with plain
+// 64/128-bit shared loads. The mma.sync fragments tie each thread to fixed K positions, but a
+// dot product does not care in which order K is summed, so each kernel picks the K order that
+// makes a thread's K positions contiguous in memory, and uses that same order for both operands.
+// That is what lets the int4 kernel read the stored leanops.quant.int4 layout as it is, with no
+// repacking (see int4_weight_mm.cu for the mapping). The 2:4 kernels cannot reorder K (a sparse
+// chunk is tied to its metadata nibble), so they use ldmatrix_x4 (sparse24_int4_mm.cu's header says why).
 #pragma once
 
 #include <atomic>
 #include <cstdint>
 
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 namespace leanops::gemm {
 
+// ---- 16-bit types ---------------------------------------------------------------------------
+// Half<kBF16>: the fp16 (false) or bf16 (true) element and pair types, their conversions, and
+// the magic number of the exact int4 dequant: kMagic | q (q < 16, in each half) is exactly
+// kMagicValue + q, so (kMagic | q) - (kMagicValue + z) is the integer q - z with no rounding.
+template <bool kBF16>
+struct Half;
+
+template <>
+struct Half<false> {
+  using T = __half;
+  using T2 = __half2;
+  // 0x6400 is 1024.0 in fp16, whose ulp is 1: 0x6400 | q is exactly 1024 + q for q < 16.
+  static constexpr uint32_t kMagic = 0x64006400u;
+  static constexpr int kMagicValue = 1024;
+  static __device__ __forceinline__ T2 pair(float v) { return __float2half2_rn(v); }
+  static __device__ __forceinline__ T from_float(float v) { return __float2half_rn(v); }
+  static __device__ __forceinline__ T2 from_floats(float a, float b) {
+    return __floats2half2_rn(a, b);
+  }
+};
+
+template <>
+struct Half<true> {
+  using T = __nv_bfloat16;
+  using T2 = __nv_bfloat162;
+  // 0x4300 is 128.0 in bf16, whose ulp is 1 (7 mantissa bits): 0x4300 | q is exactly 128 + q.
+  static constexpr uint32_t kMagic = 0x43004300u;
+  static constexpr int kMagicValue = 128;
+  static __device__ __forceinline__ T2 pair(float v) { return __float2bfloat162_rn(v); }
+  static __device__ __forceinline__ T from_float(float v) { return __float2bfloat16_rn(v); }
+  static __device__ __forceinline__ T2 from_floats(float a, float b) {
+    return __floats2bfloat162_rn(a, b);
+  }
+};
+
+// Bit casts between a 16-bit pair and the 32-bit register the mma operands are made of.
+template <typename T2>
+__device__ __forceinline__ uint32_t as_u32(T2 v) {
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+template <typename T2>
+__device__ __forceinline__ T2 as_pair(uint32_t v) {
+  return *reinterpret_cast<T2*>(&v);
+}
+
 // ---- cp.async (sm_80+) --------------------------------------------------------------------
-// 16-byte global -> shared copy; when `valid` is false nothing is read and the 16 bytes are
-// zero-filled (src-size 0), which is how tiles past the edge of the matrix read as zeros.
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// Global -> shared copies; when `valid` is false nothing is read and the bytes are zero-filled
+// (src-size 0), which is how tiles past the edge of the matrix read as zeros. `dst` is a
+// shared-state-space address (smem_addr), the form the 2:4 kernels compute their offsets in.
+__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+               "r"(valid ? 16 : 0));
+}
+// The same from a generic pointer into shared memory.
 __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool valid) {
-  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  const int src_bytes = valid ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem),
-               "r"(src_bytes));
+  cp_async_16(smem_addr(smem), gmem, valid);
+}
+// 8 bytes (.ca: cp.async.cg only takes 16-byte copies).
+__device__ __forceinline__ void cp_async_8(uint32_t dst, const void* src, bool valid) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(dst), "l"(src),
+               "r"(valid ? 8 : 0));
 }
 
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
@@ -39,6 +101,14 @@ __device__ __forceinline__ uint4 lds128(const void* p) {
 }
 __device__ __forceinline__ uint2 lds64(const void* p) {
   return *reinterpret_cast<const uint2*>(p);
+}
+
+// Four 8x8 b16 matrices; lane l supplies the address of row l % 8 of matrix l / 8, and register
+// j of every lane receives its fragment of matrix j (row lane / 4, columns 2 (lane % 4), +1).
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
 }
 
 // ---- mma.sync -------------------------------------------------------------------------------
@@ -82,6 +152,29 @@ __device__ __forceinline__ void mma_16832_s8(int (&c)[4], const uint32_t (&a)[4]
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
+// d += A(2:4 sparse, 16 x 32) * B(32 x 8), metadata e, sparsity selector 0 (threads T0, T1 of
+// each quad supply e). mma.sp::ordered_metadata (PTX ISA 8.5+, sm_80+): the form the PTX ISA
+// advises, requiring i0 < i1 in every group code; fragment layouts in sparse24_mm.cu's header.
+template <bool kBF16>
+__device__ __forceinline__ void mma_sp_16832(float (&d)[4], const uint32_t (&a)[4],
+                                             const uint32_t (&b)[4], uint32_t e) {
+  if constexpr (!kBF16) {
+    asm volatile(
+        "mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32.f16.f16.f32 "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9, %10, %11}, {%0, %1, %2, %3}, %12, 0x0;\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(b[2]),
+          "r"(b[3]), "r"(e));
+  } else {
+    asm volatile(
+        "mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32.bf16.bf16.f32 "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9, %10, %11}, {%0, %1, %2, %3}, %12, 0x0;\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(b[2]),
+          "r"(b[3]), "r"(e));
+  }
+}
+
 // ---- launch helpers -------------------------------------------------------------------------
 // Above 48 KB of dynamic shared memory a kernel must opt in, per device. Done once per process,
 // device and kernel (a race only repeats the idempotent call), not per launch, so a launch being
@@ -100,6 +193,24 @@ inline cudaError_t allow_dynamic_smem(Kernel kernel, int bytes, PerDeviceFlags& 
   err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
   if (err == cudaSuccess && cached) done[device].store(true, std::memory_order_relaxed);
   return err;
+}
+
+// Launches a split-K GEMM kernel(args, workspace, tiles_per_split) of tile C (C::BM x C::BN
+// output tiles, C::THREADS threads, C::SMEM_BYTES of dynamic shared memory) on the grid
+// (N tiles, M tiles, plan.splits), opting in first when C::SMEM_BYTES is above 48 KB. `opted_in`
+// is the caller's static, one per kernel instantiation (see allow_dynamic_smem).
+template <class C, typename Kernel, typename Args, typename Plan, typename Workspace>
+cudaError_t launch_split_k(Kernel kernel, PerDeviceFlags& opted_in, const Args& args,
+                           const Plan& plan, Workspace* workspace, cudaStream_t stream) {
+  if (C::SMEM_BYTES > 48 * 1024) {
+    const cudaError_t err = allow_dynamic_smem(kernel, C::SMEM_BYTES, opted_in);
+    if (err != cudaSuccess) return err;
+  }
+  const dim3 grid(static_cast<unsigned>((args.n + C::BN - 1) / C::BN),
+                  static_cast<unsigned>((args.m + C::BM - 1) / C::BM),
+                  static_cast<unsigned>(plan.splits));
+  kernel<<<grid, C::THREADS, C::SMEM_BYTES, stream>>>(args, workspace, plan.tiles_per_split);
+  return cudaGetLastError();
 }
 
 // ---- split-K plan ---------------------------------------------------------------------------

@@ -58,51 +58,14 @@
 namespace leanops {
 namespace {
 
+using gemm::as_pair;
+using gemm::as_u32;
 using gemm::cp_async_16;
 using gemm::cp_async_commit;
 using gemm::cp_async_wait;
 using gemm::lds128;
+using gemm::Half;
 using gemm::lds64;
-
-template <bool kBF16>
-struct Half;
-
-template <>
-struct Half<false> {
-  using T = __half;
-  using T2 = __half2;
-  // 0x6400 is 1024.0 in fp16, whose ulp is 1: 0x6400 | q is exactly 1024 + q for q < 16.
-  static constexpr uint32_t kMagic = 0x64006400u;
-  static constexpr int kMagicValue = 1024;
-  static __device__ __forceinline__ T2 pair(float v) { return __float2half2_rn(v); }
-  static __device__ __forceinline__ T from_float(float v) { return __float2half_rn(v); }
-  static __device__ __forceinline__ T2 from_floats(float a, float b) {
-    return __floats2half2_rn(a, b);
-  }
-};
-
-template <>
-struct Half<true> {
-  using T = __nv_bfloat16;
-  using T2 = __nv_bfloat162;
-  // 0x4300 is 128.0 in bf16, whose ulp is 1 (7 mantissa bits): 0x4300 | q is exactly 128 + q.
-  static constexpr uint32_t kMagic = 0x43004300u;
-  static constexpr int kMagicValue = 128;
-  static __device__ __forceinline__ T2 pair(float v) { return __float2bfloat162_rn(v); }
-  static __device__ __forceinline__ T from_float(float v) { return __float2bfloat16_rn(v); }
-  static __device__ __forceinline__ T2 from_floats(float a, float b) {
-    return __floats2bfloat162_rn(a, b);
-  }
-};
-
-template <typename T2>
-__device__ __forceinline__ uint32_t as_u32(T2 v) {
-  return *reinterpret_cast<uint32_t*>(&v);
-}
-template <typename T2>
-__device__ __forceinline__ T2 as_pair(uint32_t v) {
-  return *reinterpret_cast<T2*>(&v);
-}
 
 // Tile shapes. BM x BN output tile per block, BK columns of K per pipeline stage (a multiple of
 // 64, a power of two times 64 for the w swizzle), WARPS_M x WARPS_N warps.
@@ -350,17 +313,9 @@ __global__ void __launch_bounds__(256)
 template <class C, bool kBF16, bool kZeros>
 cudaError_t launch_config(const Int4WeightMmArgs& args, const Int4WeightMmPlan& plan,
                           float* workspace, cudaStream_t stream) {
-  auto kernel = int4_weight_mm_kernel<C, kBF16, kZeros>;
-  if (C::SMEM_BYTES > 48 * 1024) {
-    static gemm::PerDeviceFlags opted_in = {};  // one per instantiation of this function
-    const cudaError_t err = gemm::allow_dynamic_smem(kernel, C::SMEM_BYTES, opted_in);
-    if (err != cudaSuccess) return err;
-  }
-  const dim3 grid(static_cast<unsigned>((args.n + C::BN - 1) / C::BN),
-                  static_cast<unsigned>((args.m + C::BM - 1) / C::BM),
-                  static_cast<unsigned>(plan.splits));
-  kernel<<<grid, C::THREADS, C::SMEM_BYTES, stream>>>(args, workspace, plan.tiles_per_split);
-  return cudaGetLastError();
+  static gemm::PerDeviceFlags opted_in = {};  // one per instantiation of this function
+  return gemm::launch_split_k<C>(int4_weight_mm_kernel<C, kBF16, kZeros>, opted_in, args, plan,
+                                 workspace, stream);
 }
 
 template <class C, bool kBF16>

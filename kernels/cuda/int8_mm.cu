@@ -222,17 +222,8 @@ __global__ void __launch_bounds__(256)
 template <class C>
 cudaError_t launch_config(const Int8MmArgs& args, const Int8MmPlan& plan, int32_t* workspace,
                           cudaStream_t stream) {
-  auto kernel = int8_mm_kernel<C>;
-  if (C::SMEM_BYTES > 48 * 1024) {
-    static gemm::PerDeviceFlags opted_in = {};  // one per instantiation of this function
-    const cudaError_t err = gemm::allow_dynamic_smem(kernel, C::SMEM_BYTES, opted_in);
-    if (err != cudaSuccess) return err;
-  }
-  const dim3 grid(static_cast<unsigned>((args.n + C::BN - 1) / C::BN),
-                  static_cast<unsigned>((args.m + C::BM - 1) / C::BM),
-                  static_cast<unsigned>(plan.splits));
-  kernel<<<grid, C::THREADS, C::SMEM_BYTES, stream>>>(args, workspace, plan.tiles_per_split);
-  return cudaGetLastError();
+  static gemm::PerDeviceFlags opted_in = {};  // one per instantiation of this function
+  return gemm::launch_split_k<C>(int8_mm_kernel<C>, opted_in, args, plan, workspace, stream);
 }
 
 }  // namespace

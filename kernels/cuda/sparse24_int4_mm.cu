@@ -8,7 +8,9 @@
 // This is sparse24_mm.cu (read its header first: out^T = W x^T with the weight as mma.sp's
 // sparse A operand, mma.sp::ordered_metadata m16n8k32, the B and metadata fragments, the
 // clamped rows and the shared-memory epilogue are the same) with the A fragment built from the
-// packed codes instead of ldmatrix on 16-bit values.
+// packed codes instead of ldmatrix on 16-bit values. What the two kernels share is written once,
+// in sparse24_common.cuh (tile shape, x and metadata loads, metadata register, epilogue) and
+// gemm_common.cuh (PTX wrappers, the 16-bit traits and magic numbers of the int4 dequant).
 //
 // --- The A fragment from the codes (g = lane / 4, t = lane % 4) ----------------------------
 // Per 16-row x 32-input-column mma (16 kept values per row), register j of A holds row
@@ -68,142 +70,48 @@
 
 #include "sparse24_int4_mm.h"
 
-#include <atomic>
 #include <cstdint>
-#include <type_traits>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "gemm_common.cuh"
+#include "sparse24_common.cuh"
+
 namespace leanops {
 namespace {
 
-template <int BN_, int BM_, int BK_, int WarpsN_, int WarpsM_, int WarpsK_, int Stages_,
-          int MinBlocks_>
-struct Config {
-  static constexpr int BN = BN_;          // weight rows per CTA (mma M)
-  static constexpr int BM = BM_;          // tokens per CTA (mma N)
-  static constexpr int BK = BK_;          // input columns (logical K) per pipeline stage
-  static constexpr int kWarpsN = WarpsN_;
-  static constexpr int kWarpsM = WarpsM_;
-  static constexpr int kWarpsK = WarpsK_;  // warps sharing one stage's k64 blocks
-  static constexpr int kStages = Stages_;
-  static constexpr int kMinBlocks = MinBlocks_;  // __launch_bounds__: CTAs per SM to fit
-  static constexpr int kWarps = WarpsN_ * WarpsM_ * WarpsK_;
-  static constexpr int kThreads = kWarps * 32;
-  static constexpr int WN = BN / kWarpsN;  // weight rows per warp
-  static constexpr int WM = BM / kWarpsM;  // tokens per warp
-  static constexpr int MI = WN / 16;       // mma tiles along n per warp
-  static constexpr int NI = WM / 8;        // mma tiles along m per warp
+using gemm::as_pair;
+using gemm::as_u32;
+using gemm::cp_async_16;
+using gemm::cp_async_commit;
+using gemm::cp_async_wait;
+using gemm::Half;
+using gemm::ldmatrix_x4;
+using gemm::mma_sp_16832;
+using gemm::smem_addr;
+
+// The weight operand: code_row = BK/4 code bytes per row and stage, padded by 16 bytes when that
+// is an even number of 16-byte units (see the header comment: row pitches 16 and 80 bytes).
+constexpr int code_pitch(int code_row) {
+  return (code_row / 16) % 2 == 1 ? code_row : code_row + 16;
+}
+
+template <int BN, int BM, int BK, int WarpsN, int WarpsM, int WarpsK, int Stages, int MinBlocks>
+struct Config : sparse24::Tile<BN, BM, BK, WarpsN, WarpsM, WarpsK, Stages, MinBlocks,
+                               code_pitch(BK / 4)> {
+  using Base =
+      sparse24::Tile<BN, BM, BK, WarpsN, WarpsM, WarpsK, Stages, MinBlocks, code_pitch(BK / 4)>;
   static constexpr int kBlocks = BK / 64;  // 64-column k-blocks per stage
-  static constexpr int kBlocksPerWarp = kBlocks / kWarpsK;
-
-  // Shared-memory pitches in bytes (see the header comment).
-  static constexpr int kCodeRow = BK / 4;  // code bytes per row per stage
-  static constexpr int kCodePitch = (kCodeRow / 16) % 2 == 1 ? kCodeRow : kCodeRow + 16;
-  static constexpr int kXPitch = BK * 2 + 16;  // BK 16-bit values + pad
-  static constexpr int kMetaPitch = BK / 8;    // one nibble per group of 4
-  static constexpr int kCodeBytes = BN * kCodePitch;
-  static constexpr int kXBytes = BM * kXPitch;
-  static constexpr int kMetaBytes = BN * kMetaPitch;
-  static constexpr int kStageBytes = kCodeBytes + kXBytes + kMetaBytes;
-  static constexpr int kPipeBytes = kStages * kStageBytes;
-  static constexpr int kRedPitch = BN + 4;  // floats; +4 spreads the accumulator stores
-  static constexpr int kRedBytes = kWarpsK * BM * kRedPitch * 4;
-  static constexpr int kSmemBytes = kPipeBytes > kRedBytes ? kPipeBytes : kRedBytes;
-
-  static_assert(BK % 64 == 0 && WN % 16 == 0 && WM % 8 == 0, "tile shape");
-  static_assert(kBlocks % kWarpsK == 0, "each warp takes the same number of k64 blocks");
-  static_assert(kCodeBytes % 16 == 0 && kXBytes % 16 == 0 && kMetaBytes % 16 == 0, "alignment");
-  static_assert(kSmemBytes <= 99 * 1024, "must fit sm_89's per-block shared memory");
+  static constexpr int kBlocksPerWarp = kBlocks / WarpsK;  // k64 blocks per warp per stage
+  static constexpr int kCodePitch = Base::kAPitch;
+  static constexpr int kCodeBytes = Base::kABytes;
+  static_assert(kBlocks % WarpsK == 0, "each warp takes the same number of k64 blocks");
 };
 
 using LargeConfig = Config<128, 128, 64, 2, 4, 1, 4, 1>;
 using SmallConfig = Config<32, 16, 256, 1, 1, 4, 6, 2>;
 constexpr int64_t kSmallMaxM = 64;
-
-template <bool kBF16>
-struct Half;
-
-template <>
-struct Half<false> {
-  using T = __half;
-  using T2 = __half2;
-  // 0x6400 is 1024.0 in fp16, whose ulp is 1: 0x6400 | q is exactly 1024 + q for q < 16.
-  static constexpr uint32_t kMagic = 0x64006400u;
-  static constexpr int kMagicValue = 1024;
-  static __device__ __forceinline__ T2 pair(float v) { return __float2half2_rn(v); }
-  static __device__ __forceinline__ T from_float(float v) { return __float2half_rn(v); }
-};
-
-template <>
-struct Half<true> {
-  using T = __nv_bfloat16;
-  using T2 = __nv_bfloat162;
-  // 0x4300 is 128.0 in bf16, whose ulp is 1 (7 mantissa bits): 0x4300 | q is exactly 128 + q.
-  static constexpr uint32_t kMagic = 0x43004300u;
-  static constexpr int kMagicValue = 128;
-  static __device__ __forceinline__ T2 pair(float v) { return __float2bfloat162_rn(v); }
-  static __device__ __forceinline__ T from_float(float v) { return __float2bfloat16_rn(v); }
-};
-
-template <typename T2>
-__device__ __forceinline__ uint32_t as_u32(T2 v) {
-  return *reinterpret_cast<uint32_t*>(&v);
-}
-template <typename T2>
-__device__ __forceinline__ T2 as_pair(uint32_t v) {
-  return *reinterpret_cast<T2*>(&v);
-}
-
-// ---- PTX wrappers -------------------------------------------------------------------------
-
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// Global -> shared copies; with valid == false nothing is read and the bytes are zero-filled.
-__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
-               "r"(valid ? 16 : 0));
-}
-__device__ __forceinline__ void cp_async_8(uint32_t dst, const void* src, bool valid) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(dst), "l"(src),
-               "r"(valid ? 8 : 0));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int kPending>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
-}
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-
-// d += A(2:4 sparse, 16 x 32) * B(32 x 8), metadata e, sparsity selector 0 (threads T0, T1 of
-// each quad supply e).
-template <bool kBF16>
-__device__ __forceinline__ void mma_sp_16832(float (&d)[4], const uint32_t (&a)[4],
-                                             const uint32_t (&b)[4], uint32_t e) {
-  if constexpr (!kBF16) {
-    asm volatile(
-        "mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32.f16.f16.f32 "
-        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9, %10, %11}, {%0, %1, %2, %3}, %12, 0x0;\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(b[2]),
-          "r"(b[3]), "r"(e));
-  } else {
-    asm volatile(
-        "mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32.bf16.bf16.f32 "
-        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9, %10, %11}, {%0, %1, %2, %3}, %12, 0x0;\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(b[2]),
-          "r"(b[3]), "r"(e));
-  }
-}
 
 // Byte t of `word` (sel = the lane's selector, see the header) -> half2 (b & 15, b >> 4) of the
 // kept values (q - z) * s: low half the even kept index (i0's value), high half the odd one.
@@ -267,29 +175,8 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
       const uint8_t* src = valid ? codes + static_cast<int64_t>(wrow) * code_k + kc : codes;
       cp_async_16(code_stage(s) + row * C::kCodePitch + col * 16, src, valid);
     }
-    // x: BM rows x BK values = BK/8 chunks of 16 bytes per row.
-    constexpr int kXChunksPerRow = C::BK / 8;
-#pragma unroll
-    for (int c = tid; c < C::BM * kXChunksPerRow; c += C::kThreads) {
-      const int row = c / kXChunksPerRow;
-      const int col = c % kXChunksPerRow;
-      const int kx = kbase + col * 8;
-      const bool valid = (m0 + row < m) && (kx < k);
-      const T* src = valid ? x + static_cast<int64_t>(m0 + row) * ldx + kx : x;
-      cp_async_16(x_stage(s) + row * C::kXPitch + col * 16, src, valid);
-    }
-    // meta: BN rows x BK/8 bytes = BK/64 chunks of 8 bytes per row.
-    constexpr int kMetaChunksPerRow = C::BK / 64;
-#pragma unroll
-    for (int c = tid; c < C::BN * kMetaChunksPerRow; c += C::kThreads) {
-      const int row = c / kMetaChunksPerRow;
-      const int col = c % kMetaChunksPerRow;
-      const int64_t kb = kbase / 8 + col * 8;  // metadata byte column
-      const int wrow = min(n0 + row, n - 1);
-      const bool valid = kb < meta_k;
-      const uint8_t* src = valid ? meta + static_cast<int64_t>(wrow) * meta_k + kb : meta;
-      cp_async_8(smem_base + meta_stage(s) + row * C::kMetaPitch + col * 8, src, valid);
-    }
+    sparse24::load_x_tile<C>(x_stage(s), x, ldx, m0, m, k, kbase, tid);
+    sparse24::load_meta_tile<C>(smem_base + meta_stage(s), meta, meta_k, n0, n, kbase, tid);
   };
 
   // Scale and (magic + zero point) of this thread's rows (g, g+8 of each mma tile) for each of
@@ -399,10 +286,8 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
               dequant_byte<kBF16>(hi.x, sel, off1, s1),   // row g+8, group t
               dequant_byte<kBF16>(lo.y, sel, off0, s0),   // row g,   group t+4
               dequant_byte<kBF16>(hi.y, sel, off1, s1)};  // row g+8, group t+4
-          const unsigned char* mrow = ms + mi * 16 * C::kMetaPitch + slice * 4;
-          const uint32_t mlo = *reinterpret_cast<const uint16_t*>(mrow);
-          const uint32_t mhi = *reinterpret_cast<const uint16_t*>(mrow + 8 * C::kMetaPitch);
-          const uint32_t e = mlo | (mhi << 16);
+          const uint32_t e =
+              sparse24::meta_register<C>(ms + mi * 16 * C::kMetaPitch + slice * 4);
 #pragma unroll
           for (int ni = 0; ni < C::NI; ++ni) mma_sp_16832<kBF16>(acc[mi][ni], a, b[ni], e);
         }
@@ -411,38 +296,8 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
     quant = quant_next;
   }
 
-  // Epilogue. Drain the (empty) trailing groups and make sure no warp still reads a stage
-  // before the buffers are reused for the fp32 tile.
-  cp_async_wait<0>();
-  __syncthreads();
-  float* red = reinterpret_cast<float*>(smem);  // [kWarpsK][BM][kRedPitch], indexed [m][n]
-#pragma unroll
-  for (int mi = 0; mi < C::MI; ++mi) {
-#pragma unroll
-    for (int ni = 0; ni < C::NI; ++ni) {
-      const int nn = warp_n * C::WN + mi * 16 + g;
-      const int mm = warp_m * C::WM + ni * 8 + 2 * t;
-      float* base = red + (warp_k * C::BM + mm) * C::kRedPitch + nn;
-      base[0] = acc[mi][ni][0];                 // (n, m)
-      base[C::kRedPitch] = acc[mi][ni][1];      // (n, m + 1)
-      base[8] = acc[mi][ni][2];                 // (n + 8, m)
-      base[C::kRedPitch + 8] = acc[mi][ni][3];  // (n + 8, m + 1)
-    }
-  }
-  __syncthreads();
-  // Consecutive threads take consecutive n: coalesced stores along out's rows.
-  for (int idx = tid; idx < C::BM * C::BN; idx += C::kThreads) {
-    const int mm = idx / C::BN;
-    const int nn = idx % C::BN;
-    const int gm = m0 + mm;
-    const int gn = n0 + nn;
-    if (gm >= m || gn >= n) continue;
-    float v = 0.0f;
-#pragma unroll
-    for (int w = 0; w < C::kWarpsK; ++w) v += red[(w * C::BM + mm) * C::kRedPitch + nn];
-    if (bias != nullptr) v += bias[gn];
-    out[static_cast<int64_t>(gm) * n + gn] = H::from_float(v);
-  }
+  sparse24::store_output<C, H>(acc, smem, tid, lane, warp_n, warp_m, warp_k, m0, n0, m, n, bias,
+                               out);
 }
 
 template <bool kBF16, bool kZeros, typename C>
@@ -451,26 +306,12 @@ cudaError_t launch(const void* x, int64_t ldx, const uint8_t* codes, const uint8
                    const float* bias, void* out, int64_t m, int64_t n, int64_t k,
                    cudaStream_t stream) {
   using T = typename Half<kBF16>::T;
-  auto kernel = sparse24_int4_mm_kernel<kBF16, kZeros, C>;
-  // Above 48 KB of dynamic shared memory a kernel must opt in, per device. Once per process and
-  // device for this instantiation (a race only repeats the idempotent call).
-  static std::atomic<bool> configured[64] = {};
-  int device = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err != cudaSuccess) return err;
-  if (device < 0 || device >= 64 || !configured[device].load(std::memory_order_relaxed)) {
-    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               C::kSmemBytes);
-    if (err != cudaSuccess) return err;
-    if (device >= 0 && device < 64) configured[device].store(true, std::memory_order_relaxed);
-  }
-  const dim3 grid(static_cast<unsigned>((n + C::BN - 1) / C::BN),
-                  static_cast<unsigned>((m + C::BM - 1) / C::BM));
-  kernel<<<grid, C::kThreads, C::kSmemBytes, stream>>>(
-      static_cast<const T*>(x), ldx, codes, meta, static_cast<const T*>(scales), zeros,
-      static_cast<int>(group_size), bias, static_cast<T*>(out), static_cast<int>(m),
-      static_cast<int>(n), static_cast<int>(k));
-  return cudaGetLastError();
+  static gemm::PerDeviceFlags opted_in = {};  // one per instantiation of this function
+  return sparse24::launch<C>(sparse24_int4_mm_kernel<kBF16, kZeros, C>, opted_in, m, n, stream,
+                             static_cast<const T*>(x), ldx, codes, meta,
+                             static_cast<const T*>(scales), zeros, static_cast<int>(group_size),
+                             bias, static_cast<T*>(out), static_cast<int>(m),
+                             static_cast<int>(n), static_cast<int>(k));
 }
 
 template <bool kBF16, bool kZeros>

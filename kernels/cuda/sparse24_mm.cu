@@ -73,119 +73,48 @@
 // reusing the drained pipeline buffers), so the small config sums its split-K partials there
 // and both write out with coalesced stores along n (out row-major [M, N]), adding the fp32 bias
 // and rounding once.
+//
+// The tile shape, the x and metadata loads, the metadata register and this epilogue are shared
+// with sparse24_int4_mm.cu (sparse24_common.cuh); the PTX wrappers are in gemm_common.cuh.
 
 #include "sparse24_mm.h"
 
-#include <atomic>
 #include <cstdint>
 #include <type_traits>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "gemm_common.cuh"
+#include "sparse24_common.cuh"
+
 namespace leanops {
 namespace {
 
-template <int BN_, int BM_, int BK_, int WarpsN_, int WarpsM_, int WarpsK_, int Stages_,
-          int MinBlocks_>
-struct Config {
-  static constexpr int BN = BN_;          // weight rows per CTA (mma M)
-  static constexpr int BM = BM_;          // tokens per CTA (mma N)
-  static constexpr int BK = BK_;          // input columns (logical K) per pipeline stage
-  static constexpr int kWarpsN = WarpsN_;
-  static constexpr int kWarpsM = WarpsM_;
-  static constexpr int kWarpsK = WarpsK_;  // warps sharing one stage's k32 slices
-  static constexpr int kStages = Stages_;
-  static constexpr int kMinBlocks = MinBlocks_;  // __launch_bounds__: CTAs per SM to fit
-  static constexpr int kWarps = WarpsN_ * WarpsM_ * WarpsK_;
-  static constexpr int kThreads = kWarps * 32;
-  static constexpr int WN = BN / kWarpsN;  // weight rows per warp
-  static constexpr int WM = BM / kWarpsM;  // tokens per warp
-  static constexpr int MI = WN / 16;       // mma tiles along n per warp
-  static constexpr int NI = WM / 8;        // mma tiles along m per warp
+using gemm::cp_async_16;
+using gemm::cp_async_commit;
+using gemm::cp_async_wait;
+using gemm::ldmatrix_x4;
+using gemm::mma_sp_16832;
+using gemm::smem_addr;
+
+// The weight operand: BK/2 16-bit kept values per row and stage, + 16 bytes of pad (the row
+// pitches 80 and 272 bytes are 5 and 17 units of 16: odd, so conflict-free ldmatrix as for x).
+template <int BN, int BM, int BK, int WarpsN, int WarpsM, int WarpsK, int Stages, int MinBlocks>
+struct Config
+    : sparse24::Tile<BN, BM, BK, WarpsN, WarpsM, WarpsK, Stages, MinBlocks, /*APitch=*/BK + 16> {
+  using Base =
+      sparse24::Tile<BN, BM, BK, WarpsN, WarpsM, WarpsK, Stages, MinBlocks, /*APitch=*/BK + 16>;
   static constexpr int kSlices = BK / 32;  // k32 slices per stage
-  static constexpr int kSlicesPerWarp = kSlices / kWarpsK;
-
-  // Shared-memory pitches in bytes (see the header comment for the 16-byte pad).
-  static constexpr int kValPitch = BK + 16;       // BK/2 16-bit values + pad
-  static constexpr int kXPitch = BK * 2 + 16;     // BK 16-bit values + pad
-  static constexpr int kMetaPitch = BK / 8;       // one nibble per group of 4
-  static constexpr int kValBytes = BN * kValPitch;
-  static constexpr int kXBytes = BM * kXPitch;
-  static constexpr int kMetaBytes = BN * kMetaPitch;
-  static constexpr int kStageBytes = kValBytes + kXBytes + kMetaBytes;
-  static constexpr int kPipeBytes = kStages * kStageBytes;
-  static constexpr int kRedPitch = BN + 4;  // floats; +4 spreads the accumulator stores
-  static constexpr int kRedBytes = kWarpsK * BM * kRedPitch * 4;
-  static constexpr int kSmemBytes = kPipeBytes > kRedBytes ? kPipeBytes : kRedBytes;
-
-  static_assert(BK % 64 == 0 && WN % 16 == 0 && WM % 8 == 0, "tile shape");
-  static_assert(kSlices % kWarpsK == 0, "each warp takes the same number of k32 slices");
-  static_assert(kValBytes % 16 == 0 && kXBytes % 16 == 0 && kMetaBytes % 16 == 0, "alignment");
-  static_assert(kSmemBytes <= 99 * 1024, "must fit sm_89's per-block shared memory");
+  static constexpr int kSlicesPerWarp = kSlices / WarpsK;
+  static constexpr int kValPitch = Base::kAPitch;  // BK/2 16-bit values + pad
+  static constexpr int kValBytes = Base::kABytes;
+  static_assert(kSlices % WarpsK == 0, "each warp takes the same number of k32 slices");
 };
 
 using LargeConfig = Config<128, 128, 64, 2, 4, 1, 3, 2>;
 using SmallConfig = Config<32, 16, 256, 1, 1, 4, 5, 2>;
 constexpr int64_t kSmallMaxM = 64;
-
-// ---- PTX wrappers -------------------------------------------------------------------------
-
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// Global -> shared copies; with valid == false nothing is read and the bytes are zero-filled.
-__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
-               "r"(valid ? 16 : 0));
-}
-__device__ __forceinline__ void cp_async_8(uint32_t dst, const void* src, bool valid) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(dst), "l"(src),
-               "r"(valid ? 8 : 0));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int kPending>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
-}
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-
-// d += A(2:4 sparse, 16 x 32) * B(32 x 8), metadata e, sparsity selector 0 (threads T0, T1 of
-// each quad supply e).
-template <typename T>
-__device__ __forceinline__ void mma_sp_16832(float (&d)[4], const uint32_t (&a)[4],
-                                             const uint32_t (&b)[4], uint32_t e) {
-  if constexpr (std::is_same_v<T, __half>) {
-    asm volatile(
-        "mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32.f16.f16.f32 "
-        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9, %10, %11}, {%0, %1, %2, %3}, %12, 0x0;\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(b[2]),
-          "r"(b[3]), "r"(e));
-  } else {
-    asm volatile(
-        "mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32.bf16.bf16.f32 "
-        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9, %10, %11}, {%0, %1, %2, %3}, %12, 0x0;\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(b[2]),
-          "r"(b[3]), "r"(e));
-  }
-}
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v) {
-  if constexpr (std::is_same_v<T, __half>) {
-    return __float2half_rn(v);
-  } else {
-    return __float2bfloat16_rn(v);
-  }
-}
 
 // ---- the kernel ---------------------------------------------------------------------------
 
@@ -194,6 +123,7 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
     sparse24_mm_kernel(const T* __restrict__ x, int64_t ldx, const T* __restrict__ values,
                        const uint8_t* __restrict__ meta, const float* __restrict__ bias,
                        T* __restrict__ out, int m, int n, int k) {
+  constexpr bool kBF16 = !std::is_same_v<T, __half>;
   extern __shared__ __align__(16) unsigned char smem[];
 
   const int tid = threadIdx.x;
@@ -229,29 +159,8 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
       const T* src = valid ? values + static_cast<int64_t>(wrow) * half_k + kv : values;
       cp_async_16(val_stage(s) + row * C::kValPitch + col * 16, src, valid);
     }
-    // x: BM rows x BK values = BK/8 chunks of 16 bytes per row.
-    constexpr int kXChunksPerRow = C::BK / 8;
-#pragma unroll
-    for (int c = tid; c < C::BM * kXChunksPerRow; c += C::kThreads) {
-      const int row = c / kXChunksPerRow;
-      const int col = c % kXChunksPerRow;
-      const int kx = kbase + col * 8;
-      const bool valid = (m0 + row < m) && (kx < k);
-      const T* src = valid ? x + static_cast<int64_t>(m0 + row) * ldx + kx : x;
-      cp_async_16(x_stage(s) + row * C::kXPitch + col * 16, src, valid);
-    }
-    // meta: BN rows x BK/8 bytes = BK/64 chunks of 8 bytes per row.
-    constexpr int kMetaChunksPerRow = C::BK / 64;
-#pragma unroll
-    for (int c = tid; c < C::BN * kMetaChunksPerRow; c += C::kThreads) {
-      const int row = c / kMetaChunksPerRow;
-      const int col = c % kMetaChunksPerRow;
-      const int64_t kb = kbase / 8 + col * 8;  // metadata byte column
-      const int wrow = min(n0 + row, n - 1);
-      const bool valid = kb < meta_k;
-      const uint8_t* src = valid ? meta + static_cast<int64_t>(wrow) * meta_k + kb : meta;
-      cp_async_8(smem_base + meta_stage(s) + row * C::kMetaPitch + col * 8, src, valid);
-    }
+    sparse24::load_x_tile<C>(x_stage(s), x, ldx, m0, m, k, kbase, tid);
+    sparse24::load_meta_tile<C>(smem_base + meta_stage(s), meta, meta_k, n0, n, kbase, tid);
   };
 
   float acc[C::MI][C::NI][4];
@@ -310,75 +219,27 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
       for (int mi = 0; mi < C::MI; ++mi) {
         uint32_t a[4];
         ldmatrix_x4(a, vs + a_lane_off + mi * 16 * C::kValPitch + slice * 16 * 2);
-        const unsigned char* mrow = ms + meta_lane_off + mi * 16 * C::kMetaPitch + slice * 4;
-        const uint32_t lo = *reinterpret_cast<const uint16_t*>(mrow);
-        const uint32_t hi = *reinterpret_cast<const uint16_t*>(mrow + 8 * C::kMetaPitch);
-        const uint32_t e = lo | (hi << 16);
+        const uint32_t e = sparse24::meta_register<C>(
+            ms + meta_lane_off + mi * 16 * C::kMetaPitch + slice * 4);
 #pragma unroll
-        for (int ni = 0; ni < C::NI; ++ni) mma_sp_16832<T>(acc[mi][ni], a, b[ni], e);
+        for (int ni = 0; ni < C::NI; ++ni) mma_sp_16832<kBF16>(acc[mi][ni], a, b[ni], e);
       }
     }
   }
 
-  // Epilogue. Drain the (empty) trailing groups and make sure no warp still reads a stage
-  // before the buffers are reused for the fp32 tile.
-  cp_async_wait<0>();
-  __syncthreads();
-  float* red = reinterpret_cast<float*>(smem);  // [kWarpsK][BM][kRedPitch], indexed [m][n]
-  const int t = lane % 4;
-#pragma unroll
-  for (int mi = 0; mi < C::MI; ++mi) {
-#pragma unroll
-    for (int ni = 0; ni < C::NI; ++ni) {
-      const int nn = warp_n * C::WN + mi * 16 + g;
-      const int mm = warp_m * C::WM + ni * 8 + 2 * t;
-      float* base = red + (warp_k * C::BM + mm) * C::kRedPitch + nn;
-      base[0] = acc[mi][ni][0];                       // (n, m)
-      base[C::kRedPitch] = acc[mi][ni][1];            // (n, m + 1)
-      base[8] = acc[mi][ni][2];                       // (n + 8, m)
-      base[C::kRedPitch + 8] = acc[mi][ni][3];        // (n + 8, m + 1)
-    }
-  }
-  __syncthreads();
-  // Consecutive threads take consecutive n: coalesced stores along out's rows.
-  for (int idx = tid; idx < C::BM * C::BN; idx += C::kThreads) {
-    const int mm = idx / C::BN;
-    const int nn = idx % C::BN;
-    const int gm = m0 + mm;
-    const int gn = n0 + nn;
-    if (gm >= m || gn >= n) continue;
-    float v = 0.0f;
-#pragma unroll
-    for (int w = 0; w < C::kWarpsK; ++w) v += red[(w * C::BM + mm) * C::kRedPitch + nn];
-    if (bias != nullptr) v += bias[gn];
-    out[static_cast<int64_t>(gm) * n + gn] = from_float<T>(v);
-  }
+  sparse24::store_output<C, gemm::Half<kBF16>>(acc, smem, tid, lane, warp_n, warp_m, warp_k,
+                                                 m0, n0, m, n, bias, out);
 }
 
 template <typename T, typename C>
 cudaError_t launch(const void* x, int64_t ldx, const void* values, const uint8_t* meta,
                    const float* bias, void* out, int64_t m, int64_t n, int64_t k,
                    cudaStream_t stream) {
-  auto kernel = sparse24_mm_kernel<T, C>;
-  // Above 48 KB of dynamic shared memory a kernel must opt in, per device. Once per process and
-  // device for this instantiation (a race only repeats the idempotent call); decode-size calls
-  // take a few microseconds, so the driver call is not repeated on every launch.
-  static std::atomic<bool> configured[64] = {};
-  int device = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err != cudaSuccess) return err;
-  if (device < 0 || device >= 64 || !configured[device].load(std::memory_order_relaxed)) {
-    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               C::kSmemBytes);
-    if (err != cudaSuccess) return err;
-    if (device >= 0 && device < 64) configured[device].store(true, std::memory_order_relaxed);
-  }
-  const dim3 grid(static_cast<unsigned>((n + C::BN - 1) / C::BN),
-                  static_cast<unsigned>((m + C::BM - 1) / C::BM));
-  kernel<<<grid, C::kThreads, C::kSmemBytes, stream>>>(
-      static_cast<const T*>(x), ldx, static_cast<const T*>(values), meta, bias,
-      static_cast<T*>(out), static_cast<int>(m), static_cast<int>(n), static_cast<int>(k));
-  return cudaGetLastError();
+  static gemm::PerDeviceFlags opted_in = {};  // one per instantiation of this function
+  return sparse24::launch<C>(sparse24_mm_kernel<T, C>, opted_in, m, n, stream,
+                             static_cast<const T*>(x), ldx, static_cast<const T*>(values), meta,
+                             bias, static_cast<T*>(out), static_cast<int>(m),
+                             static_cast<int>(n), static_cast<int>(k));
 }
 
 template <typename T>

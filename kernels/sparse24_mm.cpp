@@ -22,37 +22,22 @@
 #include <torch/library.h>
 
 #include "cuda/sparse24_mm.h"
+#include "gemm_binding.h"
 
 namespace {
 
-constexpr const char* kOp = "leanops_C::sparse24_mm";
+namespace binding = leanops::binding;
 
-bool aligned(const at::Tensor& t, uintptr_t bytes) {
-  return reinterpret_cast<uintptr_t>(t.data_ptr()) % bytes == 0;
-}
+constexpr const char* kOp = "leanops_C::sparse24_mm";
 
 at::Tensor sparse24_mm_cuda(const at::Tensor& x_arg, const at::Tensor& values_arg,
                             const at::Tensor& meta_arg, const std::optional<at::Tensor>& bias_arg) {
-  // The dispatcher picks this kernel when any argument is a CUDA tensor, so x itself may not be.
-  TORCH_CHECK_VALUE(x_arg.is_cuda(), kOp, ": x must be a CUDA tensor; got one on ", x_arg.device());
-  TORCH_CHECK_VALUE(x_arg.dim() == 2, kOp, ": x must be 2-D [M, K]; got shape ", x_arg.sizes());
+  binding::check_sparse24_x(kOp, x_arg, leanops::kSparse24KMultiple, leanops::kSparse24MaxM);
   const at::ScalarType dtype = x_arg.scalar_type();
-  TORCH_CHECK_VALUE(dtype == at::kHalf || dtype == at::kBFloat16, kOp,
-                    ": x must have dtype float16 or bfloat16 (float32 runs on the Triton "
-                    "backend); got ", dtype);
   const int64_t m = x_arg.size(0);
   const int64_t k = x_arg.size(1);
-  TORCH_CHECK_VALUE(k >= leanops::kSparse24KMultiple && k % leanops::kSparse24KMultiple == 0, kOp,
-                    ": K (the columns of x) must be a positive multiple of ",
-                    leanops::kSparse24KMultiple, " for the CUDA kernel; got K = ", k);
-  TORCH_CHECK_VALUE(k <= (int64_t{1} << 30), kOp,
-                    ": K above 2^30 is not supported; got K = ", k);
-  TORCH_CHECK_VALUE(m <= leanops::kSparse24MaxM, kOp, ": x may have at most ",
-                    leanops::kSparse24MaxM, " rows; got M = ", m);
 
-  TORCH_CHECK_VALUE(values_arg.device() == x_arg.device(), kOp,
-                    ": values must be on x's device (", x_arg.device(), "); got ",
-                    values_arg.device());
+  binding::check_on_device(kOp, "values", values_arg, x_arg);
   TORCH_CHECK_VALUE(values_arg.scalar_type() == dtype, kOp,
                     ": values must have x's dtype (", dtype, "); got ", values_arg.scalar_type());
   TORCH_CHECK_VALUE(values_arg.dim() == 2 && values_arg.size(1) * 2 == k, kOp,
@@ -61,49 +46,24 @@ at::Tensor sparse24_mm_cuda(const at::Tensor& x_arg, const at::Tensor& values_ar
   const int64_t n = values_arg.size(0);
   TORCH_CHECK_VALUE(n <= (int64_t{1} << 30), kOp, ": N above 2^30 is not supported; got ", n);
 
-  TORCH_CHECK_VALUE(meta_arg.device() == x_arg.device(), kOp, ": meta must be on x's device (",
-                    x_arg.device(), "); got ", meta_arg.device());
-  TORCH_CHECK_VALUE(meta_arg.scalar_type() == at::kByte, kOp,
-                    ": meta must have dtype uint8; got ", meta_arg.scalar_type());
-  TORCH_CHECK_VALUE(meta_arg.dim() == 2 && meta_arg.size(0) == n && meta_arg.size(1) * 8 == k,
-                    kOp, ": meta must be uint8 [N, K/8] = [", n, ", ", k / 8, "]; got shape ",
-                    meta_arg.sizes());
-  TORCH_CHECK_VALUE(meta_arg.is_contiguous(), kOp, ": meta must be contiguous");
-
-  if (bias_arg.has_value()) {
-    const at::Tensor& b = *bias_arg;
-    TORCH_CHECK_VALUE(b.device() == x_arg.device(), kOp, ": bias must be on x's device (",
-                      x_arg.device(), "); got ", b.device());
-    TORCH_CHECK_VALUE(at::isFloatingType(b.scalar_type()), kOp,
-                      ": bias must have a floating-point dtype; got ", b.scalar_type());
-    TORCH_CHECK_VALUE(b.dim() == 1 && b.size(0) == n, kOp, ": bias must have shape [N] = [", n,
-                      "]; got ", b.sizes());
-  }
+  binding::check_sparse24_meta(kOp, meta_arg, x_arg, n, k);
+  binding::check_sparse24_bias(kOp, bias_arg, x_arg, n);
 
   // Everything below allocates or launches on x's GPU, which need not be the current one.
   const c10::cuda::CUDAGuard device_guard(x_arg.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x_arg.device().index()).stream();
 
-  // The kernel reads x rows with 16-byte cp.async: it needs unit column stride, a 16-byte
-  // aligned start and a row stride that is a multiple of 8 elements. Activations almost always
-  // have all three; otherwise copy once here, explicitly (a fresh contiguous tensor has them,
-  // K being a multiple of 64), rather than teaching the kernel a slow strided gather.
-  at::Tensor x = x_arg;
-  // (With one row, the row stride is never used.)
-  if (m > 0 && (x.stride(1) != 1 || (m > 1 && x.stride(0) % 8 != 0) || !aligned(x, 16))) {
-    x = x.clone(at::MemoryFormat::Contiguous);
-  }
-  // values: 16-byte cp.async; meta: 8-byte cp.async. Contiguous views into a larger buffer can
-  // start anywhere: realign by copying.
-  const at::Tensor values = aligned(values_arg, 16) ? values_arg : values_arg.clone();
-  const at::Tensor meta = aligned(meta_arg, 8) ? meta_arg : meta_arg.clone();
-  // fp32 bias, as the reference adds bias.float() to the fp32 accumulator (exact for 16-bit
-  // bias, rounds a float64 one the same way).
-  std::optional<at::Tensor> bias;
-  if (bias_arg.has_value()) bias = bias_arg->to(at::kFloat).contiguous();
-
   at::Tensor out = at::empty({m, n}, x_arg.options());
   if (m == 0 || n == 0) return out;
+
+  // x rows are read with 16-byte cp.async (with one row the row stride is never used); values
+  // with 16-byte and meta with 8-byte cp.async.
+  const at::Tensor x = binding::rows_16_byte_aligned(x_arg, /*one_row_any_stride=*/true);
+  const at::Tensor values = binding::realigned(values_arg, 16);
+  const at::Tensor meta = binding::realigned(meta_arg, 8);
+  // fp32 bias, as the reference adds bias.float() to the fp32 accumulator (exact for 16-bit
+  // bias, rounds a float64 one the same way).
+  const std::optional<at::Tensor> bias = binding::as_fp32(bias_arg);
 
   C10_CUDA_CHECK(leanops::launch_sparse24_mm(
       x.data_ptr(), x.stride(0), values.data_ptr(), meta.data_ptr<uint8_t>(),

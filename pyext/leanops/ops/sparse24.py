@@ -92,20 +92,26 @@ _CUDA_DTYPES = (torch.float16, torch.bfloat16)
 _CUDA_K_MULTIPLE = 64  # the kernels' k-tile: kSparse24KMultiple, kSparse24Int4KMultiple
 
 
-def _sparse24_mm_cuda_supports(x, values, meta, bias=None):
-    """None if the CUDA kernel can run this (already checked) call, else why not."""
+def _cuda_unsupported(x, n, name, operand):
+    """The checks both 2:4 CUDA kernels make: None, or why this call cannot run there. `operand`
+    (called `name` in the message) must be in x's dtype; n is the weight's row count."""
     if x.dtype not in _CUDA_DTYPES:
         return f"the CUDA kernel takes float16/bfloat16 x, got {x.dtype}"
-    if values.dtype != x.dtype:
-        return f"the CUDA kernel needs values in x's dtype ({x.dtype}), got {values.dtype}"
+    if operand.dtype != x.dtype:
+        return f"the CUDA kernel needs {name} in x's dtype ({x.dtype}), got {operand.dtype}"
     k = x.shape[1]
     if k % _CUDA_K_MULTIPLE != 0:
         return f"the CUDA kernel needs K a multiple of {_CUDA_K_MULTIPLE}, got K = {k}"
-    if k > 1 << 30 or values.shape[0] > 1 << 30:
-        return f"the CUDA kernel takes K and N up to 2^30, got K = {k}, N = {values.shape[0]}"
+    if k > 1 << 30 or n > 1 << 30:
+        return f"the CUDA kernel takes K and N up to 2^30, got K = {k}, N = {n}"
     if x.shape[0] > 65535 * 128:
         return f"the CUDA kernel takes M up to {65535 * 128}, got M = {x.shape[0]}"
     return None
+
+
+def _sparse24_mm_cuda_supports(x, values, meta, bias=None):
+    """None if the CUDA kernel can run this (already checked) call, else why not."""
+    return _cuda_unsupported(x, values.shape[0], "values", values)
 
 
 _sparse24_mm_backends = OpBackends(
@@ -198,18 +204,7 @@ def _sparse24_int4_mm_cuda_supports(x, values, meta, scales, zeros, group_size, 
     """None if the CUDA kernel can run this (already checked) call, else why not."""
     # The kernel dequantises into 16-bit mma operands in the scales' dtype, which must then
     # also be x's (kernels/sparse24_int4_mm.cpp checks the same and raises otherwise).
-    if x.dtype not in _CUDA_DTYPES:
-        return f"the CUDA kernel takes float16/bfloat16 x, got {x.dtype}"
-    if scales.dtype != x.dtype:
-        return f"the CUDA kernel needs scales in x's dtype ({x.dtype}), got {scales.dtype}"
-    k = x.shape[1]
-    if k % _CUDA_K_MULTIPLE != 0:
-        return f"the CUDA kernel needs K a multiple of {_CUDA_K_MULTIPLE}, got K = {k}"
-    if k > 1 << 30 or values.shape[0] > 1 << 30:
-        return f"the CUDA kernel takes K and N up to 2^30, got K = {k}, N = {values.shape[0]}"
-    if x.shape[0] > 65535 * 128:
-        return f"the CUDA kernel takes M up to {65535 * 128}, got M = {x.shape[0]}"
-    return None
+    return _cuda_unsupported(x, values.shape[0], "scales", scales)
 
 
 _sparse24_int4_mm_backends = OpBackends(

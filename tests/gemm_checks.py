@@ -1,5 +1,6 @@
 """Cases and accuracy rules shared by the GPU matmul tests of every backend (Triton in
-test_triton_cuda.py, the CUDA C++ kernels in test_gemm_cuda.py), so both are held to one bar.
+test_triton_cuda.py, the CUDA C++ kernels in test_gemm_cuda.py and the 2:4 ones in
+test_sparse24_cuda_kernel.py / test_sparse24_int4_cuda_kernel.py), so all are held to one bar.
 
 int8_mm within 1 ulp of out_dtype (normally bit-exact); weight-only matmuls within 2x the error
 of PyTorch's same-dtype matmul against an fp64 evaluation, plus one ulp at the largest output.
@@ -35,6 +36,30 @@ def assert_2x_rule(got, ref64, same_dtype, dtype):
     base = (same_dtype.double() - ref64).abs().max().item()
     floor = torch.finfo(dtype).eps * ref64.abs().max().item()
     assert err <= 2 * base + floor, f"error {err:.3g} vs PyTorch {base:.3g} (+ floor {floor:.3g})"
+
+
+def assert_matches_dense(got, x, dense, bias):
+    """got = x @ dense^T + bias from a kernel (dense: the decompressed weight in x's dtype):
+    every output written (no NaN poison left), and the 2x rule against an fp64 evaluation."""
+    assert got.dtype == x.dtype and got.shape == (x.shape[0], dense.shape[0])
+    assert not got.isnan().any(), "unwritten (NaN-poisoned) outputs"
+    ref64 = x.double() @ dense.double().t()
+    if bias is not None:
+        ref64 = ref64 + bias.double()
+    assert_2x_rule(got, ref64, F.linear(x, dense, bias), x.dtype)
+
+
+def strided_views(x):
+    """x [M, K] in the layouts a binding must either read in place or realign by copying, by
+    name; every one holds the same numbers as x except the row-stride ones (fresh values)."""
+    m, k = x.shape
+    wide = torch.randn(m, 2 * k + 8, device=x.device, dtype=x.dtype)
+    return {
+        "row stride, aligned (read in place)": wide[:, 8 : 8 + k],
+        "row stride, misaligned (copied)": wide[:, 3 : 3 + k],
+        "column-major (copied)": x.t().contiguous().t(),
+        "expanded row (stride 0)": x[:1].expand(m, k),
+    }
 
 
 def int8_mm_case(m, k, n, out_dtype, bias_dtype, scale_dtype=torch.float32):

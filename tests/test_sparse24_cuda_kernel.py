@@ -13,7 +13,7 @@ decode config, larger M the 128 x 128 one); K = 64 and 192 leave most of the dec
 import leanops
 import pytest
 import torch
-import torch.nn.functional as F
+from gemm_checks import assert_matches_dense, strided_views
 from helpers import poisoned_memory
 from leanops import dispatch, ops
 from leanops.ops import sparse24 as sparse24_ops
@@ -51,17 +51,7 @@ def _cuda(x, values, meta, bias):
 
 
 def _assert_2x_rule(got, x, values, meta, bias):
-    assert got.dtype == x.dtype and got.shape == (x.shape[0], values.shape[0])
-    assert not got.isnan().any(), "unwritten (NaN-poisoned) outputs"
-    dense = decompress_24(values, meta).to(x.dtype)
-    ref64 = x.double() @ dense.double().t()
-    if bias is not None:
-        ref64 = ref64 + bias.double()
-    same = F.linear(x, dense, bias)
-    err = (got.double() - ref64).abs().max().item()
-    base = (same.double() - ref64).abs().max().item()
-    floor = torch.finfo(x.dtype).eps * ref64.abs().max().item()
-    assert err <= 2 * base + floor, f"error {err:.3g} vs PyTorch {base:.3g} (+ floor {floor:.3g})"
+    assert_matches_dense(got, x, decompress_24(values, meta).to(x.dtype), bias)
 
 
 @pytest.mark.cuda
@@ -83,14 +73,7 @@ def test_matches_reference_on_odd_shapes(m, n, k, dtype, bias):
 def test_non_contiguous_x_and_other_bias_dtypes(m, dtype):
     n, k = 200, 192
     x, values, meta, bias = _case(m, n, k, dtype, True)
-    wide = torch.randn(m, 2 * k + 8, device=DEV, dtype=dtype)
-    views = {
-        "row stride, aligned (read in place)": wide[:, 8 : 8 + k],
-        "row stride, misaligned (copied)": wide[:, 3 : 3 + k],
-        "column-major (copied)": x.t().contiguous().t(),
-        "expanded row (stride 0)": x[:1].expand(m, k),
-    }
-    for name, view in views.items():
+    for name, view in strided_views(x).items():
         got = _cuda(view, values, meta, bias)
         _assert_2x_rule(got, view, values, meta, bias)
         # the same numbers as the contiguous copy: only the addressing differs

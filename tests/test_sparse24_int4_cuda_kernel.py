@@ -16,7 +16,7 @@ K = 4096 runs the pipeline over many tiles; group sizes 64 .. K (per-channel).
 import leanops
 import pytest
 import torch
-import torch.nn.functional as F
+from gemm_checks import assert_matches_dense, strided_views
 from helpers import poisoned_memory
 from leanops import dispatch, ops
 from leanops.ops import sparse24 as sparse24_ops
@@ -56,17 +56,8 @@ def _cuda(x, values, meta, scales, zeros, group_size, bias):
 
 
 def _assert_2x_rule(got, x, values, meta, scales, zeros, group_size, bias):
-    assert got.dtype == x.dtype and got.shape == (x.shape[0], values.shape[0])
-    assert not got.isnan().any(), "unwritten (NaN-poisoned) outputs"
     dense = decompress_24_int4(values, scales, zeros, meta, group_size).to(x.dtype)
-    ref64 = x.double() @ dense.double().t()
-    if bias is not None:
-        ref64 = ref64 + bias.double()
-    same = F.linear(x, dense, bias)
-    err = (got.double() - ref64).abs().max().item()
-    base = (same.double() - ref64).abs().max().item()
-    floor = torch.finfo(x.dtype).eps * ref64.abs().max().item()
-    assert err <= 2 * base + floor, f"error {err:.3g} vs PyTorch {base:.3g} (+ floor {floor:.3g})"
+    assert_matches_dense(got, x, dense, bias)
 
 
 @pytest.mark.cuda
@@ -103,14 +94,7 @@ def test_group_sizes(m, n, k, group, dtype, zeros):
 def test_non_contiguous_x_and_other_bias_dtypes(m, dtype):
     n, k = 200, 384
     x, values, meta, scales, zeros, g, bias = _case(m, n, k, dtype, True, zeros=True)
-    wide = torch.randn(m, 2 * k + 8, device=DEV, dtype=dtype)
-    views = {
-        "row stride, aligned (read in place)": wide[:, 8 : 8 + k],
-        "row stride, misaligned (copied)": wide[:, 3 : 3 + k],
-        "column-major (copied)": x.t().contiguous().t(),
-        "expanded row (stride 0)": x[:1].expand(m, k),
-    }
-    for name, view in views.items():
+    for name, view in strided_views(x).items():
         got = _cuda(view, values, meta, scales, zeros, g, bias)
         _assert_2x_rule(got, view, values, meta, scales, zeros, g, bias)
         # the same numbers as the contiguous copy: only the addressing differs

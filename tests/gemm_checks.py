@@ -6,11 +6,27 @@ int8_mm within 1 ulp of out_dtype (normally bit-exact); weight-only matmuls with
 of PyTorch's same-dtype matmul against an fp64 evaluation, plus one ulp at the largest output.
 """
 
+import leanops
 import torch
 import torch.nn.functional as F
+from helpers import poisoned_memory
 from leanops.quant import dequantize_int4, quantize_int4
 
 DEV = "cuda"
+
+
+def run_on(backend, fn, *args):
+    """fn(*args) forced onto `backend`; outputs allocated over poisoned memory (an element the
+    kernel never writes shows up as NaN), synchronised so launch errors surface here."""
+    with poisoned_memory(), leanops.use_backend(backend):
+        out = fn(*args)
+    torch.cuda.synchronize()
+    return out
+
+
+def reference(fn, *args):
+    with leanops.use_backend("reference"):
+        return fn(*args)
 
 
 def ulp(ref, dtype):

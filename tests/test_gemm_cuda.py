@@ -17,8 +17,15 @@ import importlib
 import leanops
 import pytest
 import torch
-from gemm_checks import DEV, assert_int4_output, assert_within_ulp, int4_case, int8_mm_case
-from helpers import poisoned_memory
+from gemm_checks import (
+    DEV,
+    assert_int4_output,
+    assert_within_ulp,
+    int4_case,
+    int8_mm_case,
+    reference,
+    run_on,
+)
 from leanops import ops
 
 pytestmark = pytest.mark.cuda
@@ -44,15 +51,10 @@ def _needs_the_cuda_kernels():
 
 
 def _cuda(fn, *args):
-    with poisoned_memory(), leanops.use_backend("cuda"):
-        out = fn(*args)
-    torch.cuda.synchronize()
-    return out
+    return run_on("cuda", fn, *args)
 
 
-def _reference(fn, *args):
-    with leanops.use_backend("reference"):
-        return fn(*args)
+_reference = reference
 
 
 # ---------------------------------------------------------------------------------------------

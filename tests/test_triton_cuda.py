@@ -13,11 +13,10 @@ by test_autotuned_path.
 """
 
 
-import leanops
 import pytest
 import torch
 import torch.nn.functional as F
-from gemm_checks import DEV, assert_int4_output
+from gemm_checks import DEV, assert_int4_output, reference, run_on
 from gemm_checks import assert_2x_rule as _assert_2x_rule
 from gemm_checks import assert_within_ulp as _assert_within_ulp
 from gemm_checks import assert_written as _assert_written
@@ -44,15 +43,10 @@ GROUPS = (32, 64, 128, 256)
 
 
 def _triton(fn, *args):
-    with poisoned_memory(), leanops.use_backend("triton"):
-        out = fn(*args)
-    torch.cuda.synchronize()
-    return out
+    return run_on("triton", fn, *args)
 
 
-def _reference(fn, *args):
-    with leanops.use_backend("reference"):
-        return fn(*args)
+_reference = reference
 
 
 def _assert_quantize_exact(got, want):

@@ -118,7 +118,7 @@ def _cfg(base, **kw):
 
 
 def test_split_k_matches_unsplit_and_is_deterministic():
-    base = next(c for c in TS.SMALL_CONFIGS if c.kwargs["BLOCK_N"] == 64 and c.kwargs["BLOCK_K"] == 128)
+    base = next(c for c in TS.FAMILY.small_configs if c.kwargs["BLOCK_N"] == 64 and c.kwargs["BLOCK_K"] == 128)
     x, values, meta, bias = _sparse_case(5, 4096, 1000, torch.float16)
     outs = [TS._launch(x, values, meta, bias, cfg=_cfg(base, SPLIT_K=s)) for s in (1, 4, 16)]
     for o in outs[1:]:
@@ -135,8 +135,8 @@ def test_split_k_matches_unsplit_and_is_deterministic():
 def test_every_config_is_correct(m):
     k, n = 4096, 1000
     cases = [
-        (TS.CONFIGS, TS._keep, TS._launch, _sparse_case(m, k, n, torch.bfloat16), _check_sparse, None),
-        (TS.INT4_CONFIGS, TS._int4_keep, TS._launch_int4,
+        (TS.FAMILY.configs, TS.FAMILY.keep, TS._launch, _sparse_case(m, k, n, torch.bfloat16), _check_sparse, None),
+        (TS.INT4_FAMILY.configs, TS.INT4_FAMILY.keep, TS._launch_int4,
          _int4_case(m, k, n, 128, False, torch.bfloat16), _check_int4, 128),
     ]
     for configs, keep, launch, args, check, group in cases:

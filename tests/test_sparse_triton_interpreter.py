@@ -174,9 +174,9 @@ def test_real_gpu_configs_in_the_interpreter(interpreter, poisoned, m):
     packed, scales, zeros, meta4 = compress_24_int4(w, 128, False, mask, torch.float32)
     x, bias = torch.randn(m, k), torch.randn(n)
     cases = [
-        (TS.CONFIGS, TS._keep, _args(m, n, k, torch.float32), TS._launch, (x, values, meta, bias),
+        (TS.FAMILY.configs, TS.FAMILY.keep, _args(m, n, k, torch.float32), TS._launch, (x, values, meta, bias),
          ops.sparse24_mm),
-        (TS.INT4_CONFIGS, TS._int4_keep, _args(m, n, k, torch.float32, group=128),
+        (TS.INT4_FAMILY.configs, TS.INT4_FAMILY.keep, _args(m, n, k, torch.float32, group=128),
          TS._launch_int4, (x, packed, meta4, scales, zeros, 128, bias), ops.sparse24_int4_mm),
     ]
     for configs, keep, named, launch, args, op in cases:
@@ -198,9 +198,9 @@ def test_real_gpu_configs_in_the_interpreter(interpreter, poisoned, m):
 @pytest.mark.parametrize("group", [None, 128])
 def test_keep_leaves_a_sane_config_space(m, k, n, group):
     if group is None:
-        configs, keep, args = TS.CONFIGS, TS._keep, _args(m, n, k)
+        configs, keep, args = TS.FAMILY.configs, TS.FAMILY.keep, _args(m, n, k)
     else:
-        configs, keep, args = TS.INT4_CONFIGS, TS._int4_keep, _args(m, n, k, group=group)
+        configs, keep, args = TS.INT4_FAMILY.configs, TS.INT4_FAMILY.keep, _args(m, n, k, group=group)
     kept = [c for c in configs if keep(c, args)]
     assert kept and len(kept) <= 24
     for c in kept:

@@ -215,7 +215,7 @@ def _cfg(base, **kw):
 
 def test_split_k_matches_unsplit():
     base = next(
-        c for c in T8.SMALL_CONFIGS if c.kwargs["BLOCK_N"] == 64 and c.kwargs["BLOCK_K"] == 128
+        c for c in T8.FAMILY.small_configs if c.kwargs["BLOCK_N"] == 64 and c.kwargs["BLOCK_K"] == 128
     )
     m, k, n = 5, 4096, 1000
     a, b, sa, sb, bias, _ = _int8_mm_case(m, k, n, torch.float32, torch.float32)
@@ -242,7 +242,7 @@ def _kept(module, m, n, k, args):
              "x_ptr": args[0]}
     if module is T4:
         named["GROUP_SIZE"] = args[4]
-    return [c for c in module.CONFIGS if module._keep(c, named)]
+    return [c for c in module.FAMILY.configs if module.FAMILY.keep(c, named)]
 
 
 @pytest.mark.slow

@@ -362,7 +362,7 @@ def test_real_gpu_configs_in_the_interpreter(interpreter, poisoned, m):
     for module, args, group in cases:
         named = _args(module, m, n, k, dtype=torch.float32, group=group)
         seen = set()
-        for cfg in (c for c in module.CONFIGS if module._keep(c, named)):
+        for cfg in (c for c in module.FAMILY.configs if module.FAMILY.keep(c, named)):
             tiles = tuple(sorted(cfg.kwargs.items()))
             if tiles in seen:  # num_stages / num_warps mean nothing to the interpreter
                 continue
@@ -429,7 +429,7 @@ FAMILIES = {
 def test_keep_leaves_a_sane_config_space(family, m, k, n):
     module, group = FAMILIES[family]
     args = _args(module, m, n, k, group=group)
-    kept = [c for c in module.CONFIGS if module._keep(c, args)]
+    kept = [c for c in module.FAMILY.configs if module.FAMILY.keep(c, args)]
     assert kept, "keep() rejected every config"
     assert len(kept) <= 24, "too many configs to tune on a cold start"
     for c in kept:
@@ -456,7 +456,7 @@ def test_keep_leaves_a_sane_config_space(family, m, k, n):
 def test_keep_tiny_shapes(family, m):
     module, group = FAMILIES[family]
     k = group or 50
-    kept = [c for c in module.CONFIGS if module._keep(c, _args(module, m, 33, k, group=group))]
+    kept = [c for c in module.FAMILY.configs if module.FAMILY.keep(c, _args(module, m, 33, k, group=group))]
     assert kept and all(c.kwargs["BLOCK_N"] <= 64 for c in kept)
 
 

@@ -435,6 +435,45 @@ def register_family(family: MatmulFamily) -> MatmulFamily:
     return family
 
 
+def group_size_divides_block_k(cfg: triton.Config, args: dict) -> bool:
+    """The hard constraint of the group-quantised families: a K tile lies in one group."""
+    return args["GROUP_SIZE"] % cfg.kwargs["BLOCK_K"] == 0
+
+
+def matmul_family(
+    kernel,
+    *,
+    small_block_ks: tuple,
+    large_block_ks: tuple,
+    x_bytes: float | Callable[[dict], float],
+    w_bytes: float | Callable[[dict], float],
+    ws_dtype: torch.dtype,
+    key: tuple = ("M_BUCKET", "N", "K"),
+    valid: Callable[[triton.Config, dict], bool] | None = None,
+) -> MatmulFamily:
+    """One matmul kernel family: its configs (decode + prefill), keep() predicate, autotuned
+    kernel and registration, built the same way for every family. x_bytes / w_bytes (bytes per
+    activation / per dense weight entry, for the shared-memory estimate) are numbers or
+    functions of the launch arguments (when they depend on the call's dtypes)."""
+    configs = small_m_configs(block_ks=small_block_ks) + large_m_configs(block_ks=large_block_ks)
+
+    def keep(cfg, args):
+        xb = x_bytes(args) if callable(x_bytes) else x_bytes
+        wb = w_bytes(args) if callable(w_bytes) else w_bytes
+        return keep_matmul(cfg, args, x_bytes=xb, w_bytes=wb, valid=valid)
+
+    tuned = autotune(configs, key=list(key), keep=keep)(kernel)
+    return register_family(
+        MatmulFamily(kernel=kernel, tuned=tuned, configs=configs, keep=keep, ws_dtype=ws_dtype,
+                     valid=valid)
+    )
+
+
+def x_element_bytes(args: dict) -> int:
+    """x_bytes of the families whose activations come in any float dtype."""
+    return args["x_ptr"].element_size()
+
+
 def run_matmul(
     family: MatmulFamily,
     args: tuple,

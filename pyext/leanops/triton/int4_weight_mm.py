@@ -91,30 +91,10 @@ _kernel = _int4_weight_mm_kernel
 
 # BLOCK_K 32..256 filtered by the group size (it must divide it): g = 32 streams 16 bytes of
 # packed weight per row per tile, g >= 128 can use 64-128 byte runs.
-SMALL_CONFIGS = C.small_m_configs(block_ks=(32, 64, 128, 256))
-LARGE_CONFIGS = C.large_m_configs(block_ks=(32, 64))
-CONFIGS = SMALL_CONFIGS + LARGE_CONFIGS
-
-
-def _valid(cfg, args):
-    return args["GROUP_SIZE"] % cfg.kwargs["BLOCK_K"] == 0
-
-
-def _keep(cfg, args):
-    return C.keep_matmul(
-        cfg, args, x_bytes=args["x_ptr"].element_size(), w_bytes=0.5, valid=_valid
-    )
-
-
-_tuned = C.autotune(
-    CONFIGS, key=["M_BUCKET", "N", "K", "GROUP_SIZE"], keep=_keep
-)(_kernel)
-
-FAMILY = C.register_family(
-    C.MatmulFamily(
-        kernel=_kernel, tuned=_tuned, configs=CONFIGS, keep=_keep, ws_dtype=torch.float32,
-        valid=_valid,
-    )
+FAMILY = C.matmul_family(
+    _kernel, small_block_ks=(32, 64, 128, 256), large_block_ks=(32, 64),
+    x_bytes=C.x_element_bytes, w_bytes=0.5, ws_dtype=torch.float32,
+    key=("M_BUCKET", "N", "K", "GROUP_SIZE"), valid=C.group_size_divides_block_k,
 )
 
 

@@ -82,19 +82,9 @@ _kernel = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] 
 
 # int8 operands: 128-256 bytes of K per row per tile fill whole cache lines and the int8 MMA
 # (k = 32 per instruction); decode tiles add 64 for small K.
-SMALL_CONFIGS = C.small_m_configs(block_ks=(64, 128, 256))
-LARGE_CONFIGS = C.large_m_configs(block_ks=(64, 128))
-CONFIGS = SMALL_CONFIGS + LARGE_CONFIGS
-
-
-def _keep(cfg, args):
-    return C.keep_matmul(cfg, args, x_bytes=1, w_bytes=1)
-
-
-_tuned = C.autotune(CONFIGS, key=["M_BUCKET", "N", "K"], keep=_keep)(_kernel)
-
-FAMILY = C.register_family(
-    C.MatmulFamily(kernel=_kernel, tuned=_tuned, configs=CONFIGS, keep=_keep, ws_dtype=torch.int32)
+FAMILY = C.matmul_family(
+    _kernel, small_block_ks=(64, 128, 256), large_block_ks=(64, 128), x_bytes=1, w_bytes=1,
+    ws_dtype=torch.int32,
 )
 
 

@@ -75,21 +75,9 @@ _kernel = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] 
 
 # 16-bit activations: BLOCK_K = 64 already moves 128 bytes per x row; 256 only pays off for the
 # decode path where the weight tile (1 byte per value) is the bulk of each load.
-SMALL_CONFIGS = C.small_m_configs(block_ks=(64, 128, 256))
-LARGE_CONFIGS = C.large_m_configs(block_ks=(32, 64))
-CONFIGS = SMALL_CONFIGS + LARGE_CONFIGS
-
-
-def _keep(cfg, args):
-    return C.keep_matmul(cfg, args, x_bytes=args["x_ptr"].element_size(), w_bytes=1)
-
-
-_tuned = C.autotune(CONFIGS, key=["M_BUCKET", "N", "K"], keep=_keep)(_kernel)
-
-FAMILY = C.register_family(
-    C.MatmulFamily(
-        kernel=_kernel, tuned=_tuned, configs=CONFIGS, keep=_keep, ws_dtype=torch.float32
-    )
+FAMILY = C.matmul_family(
+    _kernel, small_block_ks=(64, 128, 256), large_block_ks=(32, 64), x_bytes=C.x_element_bytes,
+    w_bytes=1, ws_dtype=torch.float32,
 )
 
 

@@ -193,24 +193,14 @@ _kernel = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] 
 # The weight stream is 1.125 bytes per dense entry (16-bit values), between int8's 1 and int4's
 # 0.5: the BLOCK_K choices of int8_weight_mm (64..256 for decode, 32/64 for prefill, where the
 # expanded dense tile costs registers like a dequantised one).
-SMALL_CONFIGS = C.small_m_configs(block_ks=(64, 128, 256))
-LARGE_CONFIGS = C.large_m_configs(block_ks=(32, 64))
-CONFIGS = SMALL_CONFIGS + LARGE_CONFIGS
-
-
 def _w_bytes(args) -> float:
     # per dense weight entry: half a value plus an eighth of a meta byte
     return args["values_ptr"].element_size() / 2 + 1 / 8
 
 
-def _keep(cfg, args):
-    return C.keep_matmul(cfg, args, x_bytes=args["x_ptr"].element_size(), w_bytes=_w_bytes(args))
-
-
-_tuned = C.autotune(CONFIGS, key=["M_BUCKET", "N", "K"], keep=_keep)(_kernel)
-
-FAMILY = C.register_family(
-    C.MatmulFamily(kernel=_kernel, tuned=_tuned, configs=CONFIGS, keep=_keep, ws_dtype=torch.float32)
+FAMILY = C.matmul_family(
+    _kernel, small_block_ks=(64, 128, 256), large_block_ks=(32, 64), x_bytes=C.x_element_bytes,
+    w_bytes=_w_bytes, ws_dtype=torch.float32,
 )
 
 
@@ -239,32 +229,12 @@ def sparse24_mm(x, values, meta, bias=None):
 
 _int4_kernel = _sparse24_int4_mm_kernel
 
-# BLOCK_K must divide the group size (a multiple of 64): as int4_weight_mm.
-INT4_SMALL_CONFIGS = C.small_m_configs(block_ks=(32, 64, 128, 256))
-INT4_LARGE_CONFIGS = C.large_m_configs(block_ks=(32, 64))
-INT4_CONFIGS = INT4_SMALL_CONFIGS + INT4_LARGE_CONFIGS
-
-
-def _int4_valid(cfg, args):
-    return args["GROUP_SIZE"] % cfg.kwargs["BLOCK_K"] == 0
-
-
-def _int4_keep(cfg, args):
-    # per dense entry: a quarter byte of codes plus an eighth of a meta byte
-    return C.keep_matmul(
-        cfg, args, x_bytes=args["x_ptr"].element_size(), w_bytes=0.375, valid=_int4_valid
-    )
-
-
-_int4_tuned = C.autotune(
-    INT4_CONFIGS, key=["M_BUCKET", "N", "K", "GROUP_SIZE"], keep=_int4_keep
-)(_int4_kernel)
-
-INT4_FAMILY = C.register_family(
-    C.MatmulFamily(
-        kernel=_int4_kernel, tuned=_int4_tuned, configs=INT4_CONFIGS, keep=_int4_keep,
-        ws_dtype=torch.float32, valid=_int4_valid,
-    )
+# BLOCK_K must divide the group size (a multiple of 64): as int4_weight_mm. Weight bytes per
+# dense entry: a quarter byte of codes plus an eighth of a meta byte.
+INT4_FAMILY = C.matmul_family(
+    _int4_kernel, small_block_ks=(32, 64, 128, 256), large_block_ks=(32, 64),
+    x_bytes=C.x_element_bytes, w_bytes=0.375, ws_dtype=torch.float32,
+    key=("M_BUCKET", "N", "K", "GROUP_SIZE"), valid=C.group_size_divides_block_k,
 )
 
 

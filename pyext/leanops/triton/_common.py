@@ -324,6 +324,25 @@ def k_slice(pid_k, K, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
 
 
 @triton.jit
+def store_tile(out_ptr, out, offs_m, offs_n, M, N, stride_om, stride_on):
+    """The matmul epilogue's store: tile `out` (fp32) rounded once to out's dtype, edge rows and
+    columns masked off."""
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def store_partial(ws_ptr, acc, offs_m, offs_n, M, N, stride_ws_s):
+    """Split-K: this program's unscaled partial sums into slice program_id(1) of the workspace
+    [SPLIT_K, M, N] (contiguous rows of N), for _splitk_reduce_kernel to add in slice order."""
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    ws_ptrs = (ws_ptr + tl.program_id(1).to(tl.int64) * stride_ws_s
+               + offs_m[:, None] * N + offs_n[None, :])
+    tl.store(ws_ptrs, acc, mask=mask)
+
+
+@triton.jit
 def _splitk_reduce_kernel(
     ws_ptr, out_ptr, row_scale_ptr, col_scale_ptr, bias_ptr,
     N, TOTAL, stride_ws_s,

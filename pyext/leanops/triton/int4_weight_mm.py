@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from leanops.triton import _common as C
-from leanops.triton._common import k_slice, tile_ids
+from leanops.triton._common import k_slice, store_partial, store_tile, tile_ids
 
 
 @triton.jit
@@ -74,17 +74,13 @@ def _int4_weight_mm_kernel(
         x_ptrs += x_step
         w_ptrs += BLOCK_K // 2
 
-    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     if SPLIT_K == 1:
         out = acc
         if HAS_BIAS:
             out = out + tl.load(bias_ptr + rn).to(tl.float32)[None, :]
-        out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
-        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask)
+        store_tile(out_ptr, out, offs_m, offs_n, M, N, stride_om, stride_on)
     else:
-        ws_ptrs = (ws_ptr + tl.program_id(1).to(tl.int64) * stride_ws_s
-                   + offs_m[:, None] * N + offs_n[None, :])
-        tl.store(ws_ptrs, acc, mask=mask)
+        store_partial(ws_ptr, acc, offs_m, offs_n, M, N, stride_ws_s)
 
 
 _kernel = _int4_weight_mm_kernel

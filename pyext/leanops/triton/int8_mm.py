@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from leanops.triton import _common as C
-from leanops.triton._common import k_slice, tile_ids
+from leanops.triton._common import k_slice, store_partial, store_tile, tile_ids
 
 
 @triton.jit
@@ -59,21 +59,17 @@ def _int8_mm_kernel(
         a_ptrs += a_step
         b_ptrs += b_step
 
-    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     if SPLIT_K == 1:
         a_s = tl.load(a_scale_ptr + rm).to(tl.float32)
         b_s = tl.load(b_scale_ptr + rn).to(tl.float32)
         out = acc.to(tl.float32) * a_s[:, None] * b_s[None, :]
         if HAS_BIAS:
             out = out + tl.load(bias_ptr + rn).to(tl.float32)[None, :]
-        out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
-        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask)
+        store_tile(out_ptr, out, offs_m, offs_n, M, N, stride_om, stride_on)
     else:
         # Unscaled int32 partials: slices then add exactly in the reduce, which applies the
         # epilogue once, so split-K is bit-identical to the unsplit kernel.
-        ws_ptrs = (ws_ptr + tl.program_id(1).to(tl.int64) * stride_ws_s
-                   + offs_m[:, None] * N + offs_n[None, :])
-        tl.store(ws_ptrs, acc, mask=mask)
+        store_partial(ws_ptr, acc, offs_m, offs_n, M, N, stride_ws_s)
 
 
 _kernel = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})(

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+UINT8 = (torch.uint8,)
 
 
 def _names(dtypes) -> str:
@@ -52,3 +53,13 @@ def check_same_device(op: str, **tensors) -> None:
 def check_out_dtype(op: str, out_dtype) -> None:
     if out_dtype not in FLOAT_DTYPES:
         raise ValueError(f"{op}: out_dtype must be one of {_names(FLOAT_DTYPES)}; got {out_dtype}")
+
+
+def check_group_quant_args(op: str, scales, zeros, bias, n: int, groups: int) -> None:
+    """The per-group quantisation arguments of the int4 ops: scales [N, groups] float, zeros
+    uint8 [N, groups] or None (symmetric), bias [N] or None; all contiguous."""
+    check_tensor(op, "scales", scales, dtypes=FLOAT_DTYPES, shape=(n, groups), contiguous=True)
+    if zeros is not None:
+        check_tensor(op, "zeros", zeros, dtypes=UINT8, shape=(n, groups), contiguous=True)
+    if bias is not None:
+        check_tensor(op, "bias", bias, dtypes=FLOAT_DTYPES, shape=(n,), contiguous=True)

@@ -32,11 +32,15 @@ import torch
 
 from leanops.dispatch import OpBackends
 from leanops.ops._autograd import register_weight_only_autograd
-from leanops.ops._checks import FLOAT_DTYPES, check_same_device, check_tensor
+from leanops.ops._checks import (
+    FLOAT_DTYPES,
+    UINT8,
+    check_group_quant_args,
+    check_same_device,
+    check_tensor,
+)
 from leanops.ops._library import register
 from leanops.sparsity import format as sparse_format
-
-UINT8 = (torch.uint8,)
 
 
 def _check_k(op, x):
@@ -183,12 +187,7 @@ def _check_sparse24_int4_mm(x, values, meta, scales, zeros, group_size, bias=Non
         sparse_format.check_int4_group_size(group_size, k)
     except ValueError as exc:
         raise ValueError(f"{op}: {exc}") from None
-    groups = k // group_size
-    check_tensor(op, "scales", scales, dtypes=FLOAT_DTYPES, shape=(n, groups), contiguous=True)
-    if zeros is not None:
-        check_tensor(op, "zeros", zeros, dtypes=UINT8, shape=(n, groups), contiguous=True)
-    if bias is not None:
-        check_tensor(op, "bias", bias, dtypes=FLOAT_DTYPES, shape=(n,), contiguous=True)
+    check_group_quant_args(op, scales, zeros, bias, n, k // group_size)
     check_same_device(op, x=x, values=values, meta=meta, scales=scales, zeros=zeros, bias=bias)
 
 

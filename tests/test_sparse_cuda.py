@@ -12,7 +12,7 @@ config is run explicitly in test_every_config_is_correct, the autotuner in test_
 import leanops
 import pytest
 import torch
-import torch.nn.functional as F
+from gemm_checks import assert_matches_dense as _assert_2x_rule
 from helpers import poisoned_memory
 from leanops import ops
 from leanops.nn import SparseLinear
@@ -43,19 +43,6 @@ def _triton(fn, *args):
         out = fn(*args)
     torch.cuda.synchronize()
     return out
-
-
-def _assert_2x_rule(got, x, dense, bias):
-    assert not got.isnan().any(), "unwritten (NaN-poisoned) outputs"
-    assert got.dtype == x.dtype
-    ref64 = x.double() @ dense.double().t()
-    if bias is not None:
-        ref64 = ref64 + bias.double()
-    same = F.linear(x, dense, bias)
-    err = (got.double() - ref64).abs().max().item()
-    base = (same.double() - ref64).abs().max().item()
-    floor = torch.finfo(x.dtype).eps * ref64.abs().max().item()
-    assert err <= 2 * base + floor, f"error {err:.3g} vs PyTorch {base:.3g} (+ floor {floor:.3g})"
 
 
 def _sparse_case(m, k, n, dtype, bias=True, values_dtype=None):

@@ -14,7 +14,7 @@ poisoned (NaN-filled torch.empty) so an unwritten element shows.
 import leanops
 import pytest
 import torch
-import torch.nn.functional as F
+from gemm_checks import assert_matches_dense as _assert_2x_rule
 from leanops import ops
 from leanops.sparsity import (
     compress_24,
@@ -46,20 +46,6 @@ def _activation(m, k, dtype, layout):
     if layout == "slice":
         return torch.randn(m, k + 13).to(dtype)[:, 5 : 5 + k]
     return torch.randn(k, m).to(dtype).t()
-
-
-def _assert_2x_rule(got, x, dense, bias):
-    """dense: the op's W in x's dtype. Judged against fp64 math on the same operands."""
-    assert torch.equal(got.isnan(), torch.zeros_like(got, dtype=torch.bool)), "unwritten outputs"
-    assert got.dtype == x.dtype
-    ref64 = x.double() @ dense.double().t()
-    if bias is not None:
-        ref64 = ref64 + bias.double()
-    same = F.linear(x, dense, bias)
-    err = (got.double() - ref64).abs().max().item()
-    base = (same.double() - ref64).abs().max().item()
-    floor = torch.finfo(x.dtype).eps * ref64.abs().max().item()
-    assert err <= 2 * base + floor, f"error {err:.3g} vs PyTorch {base:.3g} (+ floor {floor:.3g})"
 
 
 def _weight(n, k, dtype):

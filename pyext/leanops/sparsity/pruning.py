@@ -11,7 +11,8 @@
               weight's error onto the not-yet-visited inputs of its row through the inverse
               Hessian H = X^T X (an OBS update), so the kept weights change to compensate. This is
               the layer-wise solver with H from the dense model's inputs (the original processes
-              blocks sequentially, feeding each the outputs of the already pruned ones).
+              blocks sequentially, feeding each the outputs of the already pruned ones); the
+              solver (leanops.quant.obs) is GPTQ's, which can quantise in the same pass.
 
 Everything here works on one weight at a time; leanops.sparsity.api drives it over a model.
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from leanops.quant import obs
 from leanops.sparsity.masks import check_nm, nm_mask
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
@@ -57,23 +59,6 @@ def _apply(w: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, w, torch.zeros((), dtype=w.dtype, device=w.device))
 
 
-def _inverse_hessian_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, in fp32, retrying with 10x the
-    damping if rounding makes the matrix indefinite (a rank-deficient H with few tokens)."""
-    k = h.shape[0]
-    eye = torch.eye(k, device=h.device, dtype=h.dtype)
-    scale = float(h.diagonal().mean())
-    for attempt in range(6):
-        lam = damp * (10**attempt) * scale
-        chol, info = torch.linalg.cholesky_ex(h + lam * eye)
-        if int(info) == 0:
-            inv = torch.cholesky_inverse(chol)
-            upper, info = torch.linalg.cholesky_ex(inv, upper=True)
-            if int(info) == 0:
-                return upper
-    raise ValueError("sparsegpt: the Hessian X^T X stays indefinite even with heavy damping")
-
-
 @torch.no_grad()
 def prune_sparsegpt(
     w: torch.Tensor,
@@ -82,6 +67,7 @@ def prune_sparsegpt(
     m: int = 4,
     blocksize: int = 128,
     damp: float = 0.01,
+    quantizer=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SparseGPT's N:M solver: (the updated, pruned weight in w's dtype, keep-mask).
 
@@ -89,6 +75,16 @@ def prune_sparsegpt(
     relative to its mean diagonal). Input channels that never saw a nonzero activation
     (H_jj = 0) carry no signal; their weights are pruned first where the pattern allows
     (their score is 0).
+    quantizer: None, or a leanops.quant.gptq.Int4ColumnQuantizer (in column order) to prune
+    and quantise in the same pass, as the SparseGPT paper's joint mode: masks are still chosen
+    m columns at a time as the solver reaches them; each quantisation group's grid is fitted
+    when the solver reaches the group, on its weights as updated so far (the masks of its later
+    columns are not chosen yet: measured on all-MiniLM-L6-v2, choosing them all at the group's
+    start to fit on kept values only is worse than plain SparseGPT + RTN, while this removes
+    ~40% of the error quantisation adds to pruning); every kept weight is rounded onto the grid
+    with its error spread like a pruned one's. The result lies on the quantizer's grid (in its
+    scales' dtype).
+    The solver is leanops.quant.obs, shared with GPTQ.
     """
     check_nm(n, m)
     rows, k = w.shape
@@ -100,40 +96,25 @@ def prune_sparsegpt(
         raise ValueError(f"blocksize must be a positive multiple of m={m}, got {blocksize!r}")
     if not (damp > 0):
         raise ValueError(f"damp must be positive, got {damp!r}")
-    prune_n = m - n
     W = w.detach().float().clone()
-    H = hessian.detach().float().to(W.device).clone()
-    dead = H.diagonal() == 0
-    H[dead, dead] = 1.0
+    H, dead = obs.prepare_hessian(hessian, W)
     W[:, dead] = 0.0
-    Hinv = _inverse_hessian_cholesky(H, damp)
-
-    keep = torch.ones(rows, k, dtype=torch.bool, device=W.device)
-    for i1 in range(0, k, blocksize):
-        i2 = min(i1 + blocksize, k)
-        W1 = W[:, i1:i2].clone()
-        Q1 = torch.zeros_like(W1)
-        Err1 = torch.zeros_like(W1)
-        Hinv1 = Hinv[i1:i2, i1:i2]
-        pruned1 = torch.zeros_like(W1, dtype=torch.bool)
-        for i in range(i2 - i1):
-            if prune_n and i % m == 0:
-                # OBS saliency of each entry of the next group, with the weights as updated so
-                # far: w^2 / [H^-1]_jj^2 (Cholesky-factor diagonal squared). The smallest go.
-                sal = W1[:, i : i + m] ** 2 / Hinv1.diagonal()[i : i + m].reshape(1, -1) ** 2
-                # Stable order, lowest index first on ties (as nm_mask).
-                drop = torch.argsort(sal, dim=1, stable=True)[:, :prune_n]
-                pruned1.scatter_(1, i + drop, True)
-            col = W1[:, i]
-            d = Hinv1[i, i]
-            q = torch.where(pruned1[:, i], torch.zeros_like(col), col)
-            Q1[:, i] = q
-            err = (col - q) / d
-            W1[:, i:] -= err[:, None] @ Hinv1[i, i:][None, :]
-            Err1[:, i] = err
-        W[:, i1:i2] = Q1
-        keep[:, i1:i2] = ~pruned1
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-    out = W.to(w.dtype)
-    # Rounding to w's dtype cannot create nonzeros where Q1 held exact zeros; keep is the mask.
+    hinv = obs.inverse_hessian_cholesky(H, damp, "sparsegpt")
+    del H
+    prune = (n, m) if n < m else None
+    if quantizer is None:
+        W, keep = obs.solve(W, hinv, blocksize, prune=prune)
+        out = W.to(w.dtype)
+    else:
+        span = quantizer.span
+        if span is None or span % m:
+            raise ValueError(
+                "quantizer must fit its groups in column order (no act-order) with a group "
+                f"size that is a multiple of m={m}"
+            )
+        W, keep = obs.solve(
+            W, hinv, blocksize, quantize=quantizer, fit=quantizer.fit, span=span, prune=prune,
+        )
+        out = W.to(quantizer.scale_dtype)
+    # Rounding to the output dtype cannot create nonzeros where the solver left exact zeros.
     return torch.where(keep, out, torch.zeros((), dtype=out.dtype, device=out.device)), keep

@@ -290,7 +290,7 @@ def test_learnt_scales_train_and_reduce_the_loss():
     losses = {}
     for learnable in (False, True):
         student = nn.Sequential(copy.deepcopy(teacher))
-        prepare_(student, leanops.Int4WeightOnlyConfig(group_size=64), learnable_scales=learnable)
+        prepare_(student, leanops.Int4WeightOnlyConfig(group_size=64, symmetric=True), learnable_scales=learnable)
         # only the scales train: LSQ alone must move them to a better grid than RTN's
         params = [student[0].weight_scale] if learnable else []
         opt = torch.optim.Adam(params, lr=3e-3) if params else None

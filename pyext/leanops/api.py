@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 from torch import nn
 
+from leanops import ptq
 from leanops._version import FORMAT_VERSION, __version__
 from leanops.nn.packed import PackedLinear, packed_linear_from_spec
 from leanops.nn.quantized import Int4WeightOnlyLinear, Int8Linear, Int8WeightOnlyLinear
@@ -64,7 +65,8 @@ def quantize_(
     Layers the kernels cannot take (a group size that does not divide in_features, a non-float
     weight, a projection read directly by nn.MultiheadAttention, ...) are left dense and each is
     logged with its reason on the "leanops" logger. `calibrate(model)` runs sample inputs through
-    the model; it is needed by Int8DynamicConfig(smoothquant_alpha=...).
+    the model; it is needed by Int8DynamicConfig(smoothquant_alpha=...) and by the weight-only
+    configs' algorithm="awq", "gptq" and "awq+gptq" (leanops.ptq runs those and "hqq").
     """
     if not isinstance(config, QuantConfig):
         raise TypeError(
@@ -83,9 +85,20 @@ def quantize_(
             "sample inputs through the model, e.g. calibrate=lambda m: m(sample_batch)"
         )
 
+    calibrated = getattr(config, "algorithm", "rtn") != "rtn"
+    if calibrated and config.needs_calibration and calibrate is None:
+        raise ValueError(
+            f"algorithm={config.algorithm!r} needs calibrate=, a callable that runs sample "
+            "inputs through the model, e.g. calibrate=lambda m: m(sample_batch)"
+        )
+
     targets = select_linears(
         model, filter_fn, "quantize_", why_not=lambda name, linear: format_unsupported(linear, config)
     )
+    if calibrated:
+        ptq.quantize_model_(model, targets, config, calibrate)
+        logger.info("quantize_: %d layer(s) quantised with %s", len(targets), config)
+        return model
 
     act_amax = collect_activation_amax(model, targets, calibrate) if smoothquant else {}
 

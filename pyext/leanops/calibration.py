@@ -10,6 +10,8 @@ statistic. The statistics used in leanops:
   amax            SmoothQuant: max |x_j| per input channel
   sum_of_squares  Wanda: sum over tokens of x_j^2 per input channel (||X_j||^2)
   gram            SparseGPT: X^T X [in, in] and the token count (its Hessian, up to a factor)
+  collect_grams   GPTQ / AWQ: the same, shared by layers that read one input, with the order in
+                  which those sets of layers run (for GPTQ's sequential mode)
 """
 
 from __future__ import annotations
@@ -35,15 +37,28 @@ def collect_input_statistics(
     """
     stats: dict[str, object] = {}
 
+    def record(name, x2d, x):
+        stats[name] = update(x2d, stats.get(name))
+
+    _run_with_hooks(model, layers, calibrate, record, purpose)
+    return stats
+
+
+def _run_with_hooks(model, layers, calibrate, record, purpose) -> None:
+    """Run calibrate(model) with forward pre-hooks calling record(name, x2d, x) for every input
+    x (x2d: x detached, as [tokens, in_features]); the checks of collect_input_statistics."""
+    seen = set()
+
     def hook(name):
-        def record(module, args):
+        def pre(module, args):
             x = args[0].detach()
             x2d = x.reshape(-1, x.shape[-1])
             if not bool(torch.isfinite(x2d).all()):
                 raise ValueError(f"calibration input to {name!r} contains NaN or Inf")
-            stats[name] = update(x2d, stats.get(name))
+            seen.add(name)
+            record(name, x2d, args[0])
 
-        return record
+        return pre
 
     handles = [layer.register_forward_pre_hook(hook(name)) for name, layer in layers.items()]
     try:
@@ -51,12 +66,62 @@ def collect_input_statistics(
     finally:
         for h in handles:
             h.remove()
-    missing = sorted(set(layers) - set(stats))
+    missing = sorted(set(layers) - seen)
     if missing:
         raise ValueError(
             f"calibrate(model) never ran these layers, so {purpose} cannot calibrate them: {missing}"
         )
-    return stats
+
+
+@torch.no_grad()
+def collect_grams(
+    model: nn.Module,
+    layers: dict[str, nn.Module],
+    calibrate: Callable[[nn.Module], object],
+    purpose: str,
+    first_stage_only: bool = False,
+) -> tuple[dict[str, tuple[torch.Tensor, int]], list[list[str]]]:
+    """Run `calibrate(model)` once and return (name -> (X^T X fp32 [in, in], tokens T), stages).
+
+    stages: the layers grouped by the input they read, in the order they first run: layers
+    called one after the other on the very same tensor (q, k and v after one norm; gate and up)
+    form one stage and share one Gram (the same tuple; computed once per call). A layer that
+    once reads a tensor its predecessor did not is a stage of its own. first_stage_only: keep
+    the Grams of the first stage only (the others are still timed to find the stages), for
+    GPTQ's sequential mode, whose later stages must see the outputs of the quantised earlier
+    ones. Raises ValueError as collect_input_statistics does.
+    """
+    stages: list[list[str]] = []
+    stage_of: dict[str, int] = {}
+    acc: dict[int, list] = {}
+    last = {"x": None, "stage": None}
+
+    def record(name, x2d, x):
+        if name not in stage_of:
+            if stages and x is last["x"] and last["stage"] == len(stages) - 1:
+                stages[-1].append(name)
+            else:
+                stages.append([name])
+            stage_of[name] = len(stages) - 1
+        stage = stage_of[name]
+        if x is last["x"] and stage == last["stage"]:
+            return  # a sibling already counted this very tensor
+        last["x"], last["stage"] = x, stage
+        if first_stage_only and stage != 0:
+            return
+        x32 = x2d.float()
+        if stage not in acc:
+            acc[stage] = [torch.zeros(x32.shape[1], x32.shape[1], device=x32.device), 0]
+        acc[stage][0].addmm_(x32.t(), x32)
+        acc[stage][1] += x32.shape[0]
+
+    _run_with_hooks(model, layers, calibrate, record, purpose)
+    grams = {}
+    for stage, (h, count) in acc.items():
+        shared = (h, count)
+        for name in stages[stage]:
+            grams[name] = shared
+    return grams, stages
 
 
 def amax(x2d: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:

@@ -36,6 +36,18 @@ class PackedLinear(nn.Module):
             self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype))
         else:
             self.register_parameter("bias", None)
+        # Optional fp32 [in_features] multiplier of the input (AWQ's 1/s where no earlier op of
+        # the model could absorb it); layers that support it assign a tensor (use_input_scale).
+        self.register_buffer("input_scale", None)
+
+    def use_input_scale(self, device=None) -> None:
+        """Give the layer an input_scale buffer (fp32 [in_features], ones until loaded or set):
+        forward then multiplies its input by it, in fp32, before the matmul."""
+        self.input_scale = torch.ones(self.in_features, dtype=torch.float32, device=device)
+
+    def _scaled_weight(self, w: torch.Tensor) -> torch.Tensor:
+        """w [out, in] (fp32) as the layer applies it: times input_scale along the inputs."""
+        return w if self.input_scale is None else w * self.input_scale[None, :]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
@@ -43,7 +55,10 @@ class PackedLinear(nn.Module):
                 f"{type(self).__name__}: the input's last dimension must be in_features="
                 f"{self.in_features}, got input of shape {tuple(x.shape)}"
             )
-        out = self._matmul(x.reshape(-1, self.in_features))
+        x2d = x.reshape(-1, self.in_features)
+        if self.input_scale is not None:
+            x2d = (x2d.float() * self.input_scale).to(x2d.dtype)
+        out = self._matmul(x2d)
         return out.reshape(*x.shape[:-1], self.out_features)
 
     @property
@@ -80,10 +95,22 @@ class PackedLinear(nn.Module):
         )
 
     @staticmethod
-    def _copy_bias(linear: nn.Linear, module: PackedLinear) -> None:
-        if linear.bias is not None:
-            module.bias.data.copy_(linear.bias.detach())
-            module.bias.requires_grad_(linear.bias.requires_grad)
+    def _set_bias_and_input_scale(module: PackedLinear, bias, input_scale) -> None:
+        """Copy bias [out] (keeping its requires_grad) and input_scale [in] (positive, finite)
+        into a new module built with room for them."""
+        if bias is not None:
+            if tuple(bias.shape) != (module.out_features,):
+                raise ValueError(f"bias must have shape ({module.out_features},), got {tuple(bias.shape)}")
+            module.bias.data.copy_(bias.detach())
+            module.bias.requires_grad_(bias.requires_grad)
+        if input_scale is not None:
+            if tuple(input_scale.shape) != (module.in_features,):
+                raise ValueError(
+                    f"input_scale must have shape ({module.in_features},), got {tuple(input_scale.shape)}"
+                )
+            if not bool((torch.isfinite(input_scale) & (input_scale > 0)).all()):
+                raise ValueError("input_scale must be positive and finite everywhere")
+            module.input_scale.copy_(input_scale.detach().float())
 
 
 _LAYER_TYPES: dict[str, type[PackedLinear]] = {}

@@ -55,7 +55,7 @@ class Int8Linear(PackedLinear):
         q, scale = int8_format.quantize_int8_per_channel(weight)
         module.weight.copy_(q)
         module.weight_scale.copy_(scale)
-        cls._copy_bias(linear, module)
+        cls._set_bias_and_input_scale(module, linear.bias, None)
         return module
 
     def format_args(self):
@@ -73,49 +73,78 @@ class Int8Linear(PackedLinear):
 class Int8WeightOnlyLinear(PackedLinear):
     """W8A16 linear: int8 per-channel weights, 16-bit (or fp32) activations.
 
-    Buffers: weight int8 [out, in], weight_scale fp32 [out].
+    Buffers: weight int8 [out, in], weight_scale fp32 [out], and with input_scale=True
+    input_scale fp32 [in] (the input is multiplied by it before the matmul: AWQ's 1/s).
     """
 
-    format_description = "int8 weight-only per-channel"
-
-    def __init__(self, in_features, out_features, bias=True, device=None, dtype=None):
+    def __init__(self, in_features, out_features, bias=True, input_scale=False, device=None, dtype=None):
         super().__init__(in_features, out_features, bias, device, dtype)
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32, device=device))
+        if input_scale:
+            self.use_input_scale(device)
+
+    @property
+    def format_description(self):
+        return "int8 weight-only per-channel" + (" input-scaled" if self.input_scale is not None else "")
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int8WeightOnlyLinear:
-        weight = linear.weight.detach()
+        """Quantise `linear` by per-channel RTN."""
+        return cls.from_weight(linear.weight, linear.bias)
+
+    @classmethod
+    def from_weight(
+        cls,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        scale: torch.Tensor | None = None,
+        input_scale: torch.Tensor | None = None,
+    ) -> Int8WeightOnlyLinear:
+        """A layer computing (x * input_scale) @ Q(weight).T + bias.
+
+        weight: [out, in] float16 / bfloat16 / float32. bias: [out] or None (its dtype is the
+        layer's; default weight's). scale: fp32 [out] row scales to quantise with (e.g. GPTQ's,
+        whose weight lies on that grid, so the codes are exactly its), default RTN's amax / 127.
+        input_scale: positive [in] multiplier of the input, or None. The layer's dtype is the
+        bias's (default weight's). Raises ValueError on a bad shape or non-finite value."""
+        weight = weight.detach()
+        q, scale = int8_format.quantize_int8_per_channel(weight, scale)
         module = cls(
-            linear.in_features, linear.out_features, linear.bias is not None,
-            device=weight.device, dtype=weight.dtype,
+            weight.shape[1], weight.shape[0], bias is not None, input_scale is not None,
+            device=weight.device, dtype=weight.dtype if bias is None else bias.dtype,
         )
-        q, scale = int8_format.quantize_int8_per_channel(weight)
         module.weight.copy_(q)
         module.weight_scale.copy_(scale)
-        cls._copy_bias(linear, module)
+        cls._set_bias_and_input_scale(module, bias, input_scale)
         return module
+
+    def format_args(self):
+        return {"input_scale": True} if self.input_scale is not None else {}
 
     def _matmul(self, x2d):
         return int8_weight_mm(x2d, self.weight, self.weight_scale, self.bias)
 
     def dequantized_weight(self):
-        return int8_format.dequantize_int8_per_channel(self.weight, self.weight_scale)
+        return self._scaled_weight(int8_format.dequantize_int8_per_channel(self.weight, self.weight_scale))
 
 
 @register_packed_linear
 class Int4WeightOnlyLinear(PackedLinear):
     """W4A16 linear: group-wise int4 weights in the layout of leanops.quant.int4.
 
-    Buffers: weight_packed uint8 [out, in/2], weight_scale [out, in/group_size] in `dtype`, and
-    if not symmetric weight_zero uint8 [out, in/group_size].
+    Buffers: weight_packed uint8 [out, in/2], weight_scale [out, in/group_size] in `dtype`, if
+    not symmetric weight_zero uint8 [out, in/group_size], and with input_scale=True input_scale
+    fp32 [in] (the input is multiplied by it before the matmul: AWQ's 1/s).
     """
 
     def __init__(
         self, in_features, out_features, bias=True, group_size=128, symmetric=True,
-        device=None, dtype=None,
+        input_scale=False, device=None, dtype=None,
     ):
         super().__init__(in_features, out_features, bias, device, dtype)
+        if input_scale:
+            self.use_input_scale(device)
         int4_format.check_group_size(group_size, in_features)
         self.group_size = group_size
         self.symmetric = symmetric
@@ -142,25 +171,54 @@ class Int4WeightOnlyLinear(PackedLinear):
 
     @property
     def format_description(self):
-        return f"int4 weight-only g{self.group_size} {'sym' if self.symmetric else 'asym'}"
+        scaled = " input-scaled" if self.input_scale is not None else ""
+        return f"int4 weight-only g{self.group_size} {'sym' if self.symmetric else 'asym'}{scaled}"
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int = 128, symmetric: bool = True):
-        weight = linear.weight.detach()
-        module = cls(
-            linear.in_features, linear.out_features, linear.bias is not None,
-            group_size=group_size, symmetric=symmetric, device=weight.device, dtype=weight.dtype,
+        """Quantise `linear` by group-wise RTN (group_size: a multiple of 32 dividing
+        in_features; symmetric: the fixed zero point 8 (default), or a zero point per group)."""
+        return cls.from_weight(linear.weight, linear.bias, group_size, symmetric)
+
+    @classmethod
+    def from_weight(
+        cls,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        group_size: int = 128,
+        symmetric: bool = True,
+        scales: torch.Tensor | None = None,
+        zeros: torch.Tensor | None = None,
+        input_scale: torch.Tensor | None = None,
+    ) -> Int4WeightOnlyLinear:
+        """A layer computing (x * input_scale) @ Q(weight).T + bias.
+
+        weight: [out, in] float16 / bfloat16 / float32. bias: [out] or None. group_size: a
+        multiple of 32 dividing in. symmetric: bool (default True). scales [out, in/group_size]
+        and zeros uint8 [out, in/group_size] (asymmetric only): the grid to encode `weight` on
+        (a calibrated one: leanops.quant.gptq/awq/hqq, whose weights lie on it, so the codes are
+        exactly theirs); default RTN's. input_scale: positive [in] multiplier of the input, or
+        None. The layer's dtype is the scales' (default weight's). Raises ValueError on a bad
+        shape, group size or non-finite value."""
+        weight = weight.detach()
+        packed, scales, zeros = int4_format.quantize_int4(
+            weight, group_size, symmetric, scales=scales, zeros=zeros
         )
-        packed, scales, zeros = int4_format.quantize_int4(weight, group_size, symmetric)
+        module = cls(
+            weight.shape[1], weight.shape[0], bias is not None, group_size=group_size,
+            symmetric=symmetric, input_scale=input_scale is not None, device=weight.device,
+            dtype=scales.dtype,
+        )
         module.weight_packed.copy_(packed)
         module.weight_scale.copy_(scales)
         if zeros is not None:
             module.weight_zero.copy_(zeros)
-        cls._copy_bias(linear, module)
+        cls._set_bias_and_input_scale(module, bias, input_scale)
         return module
 
     def format_args(self):
-        return {"group_size": self.group_size, "symmetric": self.symmetric}
+        args = {"group_size": self.group_size, "symmetric": self.symmetric}
+        return {**args, "input_scale": True} if self.input_scale is not None else args
 
     def _matmul(self, x2d):
         return int4_weight_mm(
@@ -168,6 +226,6 @@ class Int4WeightOnlyLinear(PackedLinear):
         )
 
     def dequantized_weight(self):
-        return int4_format.dequantize_int4(
+        return self._scaled_weight(int4_format.dequantize_int4(
             self.weight_packed, self.weight_scale, self.weight_zero, self.group_size
-        ).float()
+        ).float())

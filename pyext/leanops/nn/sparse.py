@@ -112,8 +112,12 @@ class SparseLinear(PackedLinear):
         group_size: int | None = None,
         symmetric: bool = True,
         kernel: str = "leanops",
+        scales: torch.Tensor | None = None,
+        zeros: torch.Tensor | None = None,
     ) -> SparseLinear:
-        """from_linear for a bare weight [out, in] (and bias [out] or None)."""
+        """from_linear for a bare weight [out, in] (and bias [out] or None). scales and zeros
+        [out, in/group_size] (int4 only): the grid to encode the kept values on (see
+        leanops.sparsity.format.compress_24_int4), default RTN's."""
         from leanops.quant.common import check_float_matrix
 
         weight = weight.detach()
@@ -130,7 +134,7 @@ class SparseLinear(PackedLinear):
             module.weight_values.copy_(values)
         else:
             values, scales, zeros, meta = sparse_format.compress_24_int4(
-                weight, group_size, symmetric, mask
+                weight, group_size, symmetric, mask, scales=scales, zeros=zeros
             )
             module.weight_values.copy_(values)
             module.weight_scale.copy_(scales)

@@ -44,6 +44,11 @@ def prepare_(
             "leanops.qat.prepare_: config must be Int8DynamicConfig(), Int8WeightOnlyConfig() or "
             f"Int4WeightOnlyConfig(...), got {type(config).__name__}"
         )
+    if getattr(config, "algorithm", "rtn") != "rtn":
+        raise ValueError(
+            f"leanops.qat.prepare_ trains the weights from RTN's grid; algorithm="
+            f"{config.algorithm!r} is a post-training method (quantize_); leave algorithm='rtn'"
+        )
     if isinstance(model, nn.Linear):
         raise ValueError(
             "prepare_ swaps layers inside a model; for a single nn.Linear use "

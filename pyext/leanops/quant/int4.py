@@ -71,20 +71,31 @@ def int4_group_scales(groups32: torch.Tensor, symmetric: bool, scale_dtype: torc
     return safe_scale(div_exact(hi - lo, QMAX), scale_dtype)
 
 
+def int4_zero_points(groups32: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """RTN's asymmetric zero points of groups32 [N, G, g] (fp32) for the stored scales [N, G]:
+    the code of 0.0, round(-min(w, 0) / s) clamped to [0, 15], as fp32 integers [N, G]."""
+    lo = groups32.amin(dim=-1).clamp(max=0)
+    return torch.round(-lo / scales.float()).clamp_(0, QMAX)
+
+
 def int4_codes(
-    groups32: torch.Tensor, scales: torch.Tensor, symmetric: bool
+    groups32: torch.Tensor,
+    scales: torch.Tensor,
+    symmetric: bool,
+    zeros: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Codes of groups32 [N, G, g] (fp32) for the stored scales [N, G]: (q [N, G, g], zeros
-    [N, G] or None), both fp32 integers in [0, 15]. Asymmetric zero points are the code of 0.0
-    for these scales, round(-min(w, 0) / s). Unchecked core (see int4_group_scales)."""
+    [N, G] or None), both fp32 integers in [0, 15]. Asymmetric zero points are `zeros` [N, G]
+    (integers in [0, 15], e.g. chosen by GPTQ or HQQ) or, if None, RTN's (int4_zero_points).
+    Unchecked core (see int4_group_scales)."""
     s32 = scales.float()
     if symmetric:
-        q = torch.round(groups32 / s32[..., None]) + SYMMETRIC_ZERO
         zeros = None
+        z = SYMMETRIC_ZERO
     else:
-        lo = groups32.amin(dim=-1).clamp(max=0)
-        zeros = torch.round(-lo / s32).clamp_(0, QMAX)
-        q = torch.round(groups32 / s32[..., None]) + zeros[..., None]
+        zeros = int4_zero_points(groups32, scales) if zeros is None else zeros.float()
+        z = zeros[..., None]
+    q = torch.round(groups32 / s32[..., None]) + z
     return q.clamp_(0, QMAX), zeros
 
 
@@ -94,6 +105,7 @@ def quantize_int4(
     symmetric: bool = True,
     scale_dtype: torch.dtype | None = None,
     scales: torch.Tensor | None = None,
+    zeros: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Group-wise RTN of w [N, K] -> (w_packed, scales, zeros or None) in the layout above.
 
@@ -103,6 +115,10 @@ def quantize_int4(
     integer code of 0.0 (so zero is exact), as GPTQ and AWQ do.
     `scales` [N, K // group_size], if given, are used as they are (scales learnt by QAT; their
     dtype is the stored one, scale_dtype is then ignored) and must be positive and finite.
+    `zeros` uint8 [N, K // group_size] in [0, 15], only with `scales` and symmetric=False, are
+    the zero points to use (a calibrated grid: leanops.quant.gptq, .awq, .hqq); None computes
+    RTN's for the scales. A weight that lies on the grid (scales, zeros) is encoded exactly:
+    quantize_int4(dequantize_int4(p, s, z, g), g, False, scales=s, zeros=z)[0] == p.
     """
     check_float_matrix(w, "weight")
     n, k = w.shape
@@ -120,7 +136,16 @@ def quantize_int4(
         if not bool((torch.isfinite(scales) & (scales > 0)).all()):
             raise ValueError("scales must be positive and finite everywhere")
         scales = scales.detach()
-    q, zeros = int4_codes(groups, scales, symmetric)
+    if zeros is not None:
+        shape = (n, k // group_size)
+        if scales is None or symmetric:
+            raise ValueError("zeros can only be given with scales and symmetric=False")
+        if not isinstance(zeros, torch.Tensor) or zeros.dtype != torch.uint8 or tuple(zeros.shape) != shape:
+            got = f"{zeros.dtype} {tuple(zeros.shape)}" if isinstance(zeros, torch.Tensor) else type(zeros).__name__
+            raise ValueError(f"zeros must be a uint8 tensor of shape {shape}, got {got}")
+        if bool((zeros > QMAX).any()):
+            raise ValueError("zeros must be codes in [0, 15]")
+    q, zeros = int4_codes(groups, scales, symmetric, zeros)
     if zeros is not None:
         zeros = zeros.to(torch.uint8).contiguous()
     q = q.to(torch.uint8).reshape(n, k)

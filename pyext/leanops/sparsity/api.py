@@ -13,6 +13,8 @@ from torch import nn
 from leanops import calibration
 from leanops.nn.sparse import SparseLinear
 from leanops.nn.swap import FilterFn, replace_module, select_linears
+from leanops.quant.gptq import Int4ColumnQuantizer
+from leanops.quant.grid import hessian_blocks
 from leanops.sparsity import format as sparse_format
 from leanops.sparsity import pruning
 from leanops.sparsity.config import SemiSparseConfig
@@ -53,6 +55,21 @@ def _prune(weight, method, stat, n, m, blocksize, damp):
     if method == "wanda":
         return pruning.prune_wanda(weight, stat.sqrt(), n, m)
     return pruning.prune_sparsegpt(weight, stat[0].to(weight.device), n, m, blocksize, damp)
+
+
+def _prune_and_quantize(linear, hessian, config, group_size):
+    """SparseGPT's joint pass: (the 2:4 weight on the int4 grid, keep-mask, {scales, zeros})."""
+    w = linear.weight
+    k = w.shape[1]
+    h = hessian.to(w.device)
+    quantizer = Int4ColumnQuantizer(
+        w.shape[0], k, group_size, config.quantize.symmetric, w.dtype, w.device,
+        importance=hessian_blocks(h.float(), group_size),
+    )
+    pruned, mask = pruning.prune_sparsegpt(
+        w, h, 2, 4, config.blocksize, config.damp, quantizer=quantizer
+    )
+    return pruned, mask, {"scales": quantizer.scales, "zeros": quantizer.zero_codes()}
 
 
 def prune_(
@@ -142,15 +159,20 @@ def sparsify_(
 
     targets = _select(model, filter_fn, why_not, "sparsify_")
     stats = _statistics(model, targets, config.method, calibrate, "sparsify_")
+    joint = config.quantize is not None and config.quantize.algorithm == "gptq"
     for name, linear in targets.items():
+        grid_ = {}
         with torch.no_grad():
-            pruned, mask = _prune(
-                linear.weight, config.method, stats.get(name), 2, 4, config.blocksize, config.damp
-            )
+            if joint:
+                pruned, mask, grid_ = _prune_and_quantize(linear, stats[name][0], config, group_size_for(linear))
+            else:
+                pruned, mask = _prune(
+                    linear.weight, config.method, stats.get(name), 2, 4, config.blocksize, config.damp
+                )
         new = SparseLinear.from_weight(
             pruned, linear.bias, mask=mask, group_size=group_size_for(linear),
             symmetric=True if config.quantize is None else config.quantize.symmetric,
-            kernel=config.kernel,
+            kernel=config.kernel, **grid_,
         )
         new.train(linear.training)
         replace_module(model, name, new)

@@ -19,8 +19,14 @@ class SemiSparseConfig:
         data), "wanda" (|W| * ||X_j||, needs calibrate=) or "sparsegpt" (OBS solver that also
         updates the kept weights to compensate, needs calibrate=).
     quantize: None (kept values stay in the weight's dtype, leanops::sparse24_mm) or
-        Int4WeightOnlyConfig(group_size, symmetric): kept values int4 with group_size a multiple
-        of 64, or -1 per output channel (leanops::sparse24_int4_mm).
+        Int4WeightOnlyConfig(group_size, symmetric, algorithm=...): kept values int4 with
+        group_size a multiple of 64, or -1 per output channel (leanops::sparse24_int4_mm).
+        algorithm "rtn" rounds the pruned weight's kept values; "gptq" (with
+        method="sparsegpt") prunes and quantises in one solver pass, as the SparseGPT paper's
+        joint mode: masks and each group's grid are chosen as the solver reaches them and
+        every kept weight's rounding error is spread like a pruned one's (the solve runs in
+        column order with this config's blocksize and damp, so quantize's act_order does not
+        apply and its damp and sequential must stay at their defaults).
     kernel: "leanops" (our ops: Triton on GPUs, reference elsewhere) or "torch" (PyTorch's
         SparseSemiStructuredTensor + F.linear: cuSPARSELt or CUTLASS, CUDA only, float16/bfloat16,
         no int4), the baseline.
@@ -46,6 +52,22 @@ class SemiSparseConfig:
                 raise ValueError(
                     "quantize must be None or leanops.Int4WeightOnlyConfig(...), got "
                     f"{type(self.quantize).__name__}"
+                )
+            q = self.quantize
+            if q.algorithm not in ("rtn", "gptq"):
+                raise ValueError(
+                    f"quantize: 2:4 + int4 supports algorithm 'rtn' or 'gptq', got {q.algorithm!r}"
+                )
+            if q.algorithm == "gptq" and self.method != "sparsegpt":
+                raise ValueError(
+                    "quantize: algorithm='gptq' runs inside SparseGPT's solver: it needs "
+                    f"method='sparsegpt', got method={self.method!r}"
+                )
+            if q.algorithm == "gptq" and (q.damp is not None or q.sequential):
+                raise ValueError(
+                    "quantize: with 2:4 the joint SparseGPT pass uses SemiSparseConfig's damp and "
+                    "runs in one calibration pass; leave Int4WeightOnlyConfig's damp=None and "
+                    "sequential=False"
                 )
             g = self.quantize.group_size
             if g != -1 and g % 64 != 0:

@@ -236,16 +236,20 @@ def compress_24_int4(
     symmetric: bool = True,
     mask: torch.Tensor | None = None,
     scale_dtype: torch.dtype | None = None,
+    scales: torch.Tensor | None = None,
+    zeros: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """A 2:4 weight [N, K] (or w with a 2:4 `mask`) -> (values uint8 [N, K/4], scales
     [N, K/group_size], zeros or None, meta uint8 [N, K/8]): the kept values RTN-quantised by
-    leanops.quant.int4 with group_size / 2 kept values per group."""
+    leanops.quant.int4 with group_size / 2 kept values per group, or encoded on the given grid
+    (scales, and zeros if asymmetric, [N, K/group_size]: e.g. SparseGPT's joint pass, whose
+    kept values lie on it, so the codes are exactly its)."""
     _check_2d(w, "weight", FLOAT_DTYPES)
     check_in_features(w.shape[1])
     check_int4_group_size(group_size, w.shape[1])
     values, meta = compress_24(w, mask)
     packed, scales, zeros = int4_format.quantize_int4(
-        values, group_size // 2, symmetric, scale_dtype=scale_dtype
+        values, group_size // 2, symmetric, scale_dtype=scale_dtype, scales=scales, zeros=zeros
     )
     return packed, scales, zeros, meta
 

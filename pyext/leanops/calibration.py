@@ -73,6 +73,10 @@ def _run_with_hooks(model, layers, calibrate, record, purpose) -> None:
         )
 
 
+# Pending rows per stage before they are folded into its Gram (4 M fp32 values, 16 MB).
+_FLUSH_ELEMENTS = 1 << 22
+
+
 @torch.no_grad()
 def collect_grams(
     model: nn.Module,
@@ -93,8 +97,16 @@ def collect_grams(
     """
     stages: list[list[str]] = []
     stage_of: dict[str, int] = {}
-    acc: dict[int, list] = {}
+    acc: dict[int, list] = {}  # stage -> [X^T X, tokens, pending rows, pending count]
     last = {"x": None, "stage": None}
+
+    def flush(entry):
+        # Rows are gathered and multiplied in one GEMM: a call's few tokens (one sentence) would
+        # otherwise each re-read and re-write the whole K x K accumulator.
+        if entry[2]:
+            x = torch.cat(entry[2])
+            entry[0].addmm_(x.t(), x)
+            entry[2], entry[3] = [], 0
 
     def record(name, x2d, x):
         if name not in stage_of:
@@ -110,15 +122,21 @@ def collect_grams(
         if first_stage_only and stage != 0:
             return
         x32 = x2d.float()
+        k = x32.shape[1]
         if stage not in acc:
-            acc[stage] = [torch.zeros(x32.shape[1], x32.shape[1], device=x32.device), 0]
-        acc[stage][0].addmm_(x32.t(), x32)
-        acc[stage][1] += x32.shape[0]
+            acc[stage] = [torch.zeros(k, k, device=x32.device), 0, [], 0]
+        entry = acc[stage]
+        entry[1] += x32.shape[0]
+        entry[2].append(x32 if x32 is not x2d else x32.clone())
+        entry[3] += x32.shape[0]
+        if entry[3] * k >= _FLUSH_ELEMENTS:
+            flush(entry)
 
     _run_with_hooks(model, layers, calibrate, record, purpose)
     grams = {}
-    for stage, (h, count) in acc.items():
-        shared = (h, count)
+    for stage, entry in acc.items():
+        flush(entry)
+        shared = (entry[0], entry[1])
         for name in stages[stage]:
             grams[name] = shared
     return grams, stages

@@ -39,6 +39,7 @@ from leanops.nn.packed import PackedLinear
 from leanops.nn.quantized import Int4WeightOnlyLinear, Int8WeightOnlyLinear
 from leanops.nn.swap import replace_module
 from leanops.quant import awq, gptq, hqq
+from leanops.quant import int4 as int4_format
 from leanops.quant import int8 as int8_format
 from leanops.quant.config import Int4WeightOnlyConfig, Int8WeightOnlyConfig
 
@@ -179,6 +180,47 @@ def quantize_model_(
             for name in stage:
                 grams.pop(name, None)
     return results
+
+
+@torch.no_grad()
+def quantize_layer(
+    weight: torch.Tensor,
+    hessian: torch.Tensor | None,
+    count: int,
+    config: Int4WeightOnlyConfig | Int8WeightOnlyConfig,
+) -> tuple[LayerResult, tuple | torch.Tensor | None]:
+    """One layer through config.algorithm on its own (an AWQ scale is carried, never folded):
+    what quantize_ does per layer, for timing and for using the algorithms without a model.
+
+    weight: [N, K] float16 / bfloat16 / float32. hessian: X^T X fp32 [K, K] of the layer's
+    calibration inputs over `count` tokens (None for "rtn" and "hqq"). config: an
+    Int4WeightOnlyConfig or Int8WeightOnlyConfig (its group size, symmetric, algorithm, damp,
+    act_order). Returns (LayerResult, grid): int4 grid = (scales, zeros or None), int8 = the fp32
+    row scales; Int4WeightOnlyLinear / Int8WeightOnlyLinear.from_weight(result.weight, bias,
+    ..., grid, input_scale=1 / result.scale) builds the layer.
+    """
+    algorithm = config.algorithm
+    w = weight.detach().float()
+    if algorithm in ("rtn", "hqq"):
+        if isinstance(config, Int8WeightOnlyConfig):
+            q, scale = int8_format.quantize_int8_per_channel(weight)
+            return LayerResult(int8_format.dequantize_int8_per_channel(q, scale)), scale
+        g = config.group_size_for(w.shape[1])
+        if algorithm == "rtn":
+            packed, scales, zeros = int4_format.quantize_int4(weight, g, config.symmetric)
+            w_hat = int4_format.dequantize_int4(packed, scales, zeros, g)
+        else:
+            w_hat, scales, zeros = hqq.hqq_int4(weight, g, config.symmetric)
+        return LayerResult(w_hat), (scales, zeros)
+    if hessian is None:
+        raise ValueError(f"algorithm={algorithm!r} needs the layer's hessian (X^T X)")
+    s = None
+    h = hessian.float()
+    if algorithm.startswith("awq"):
+        s = _search(config, [weight], h, count)
+        w, h = w * s[None, :], awq.scaled_hessian(h, s)
+    w_hat, grid_ = _quantize_weight(w, h, count, config, algorithm, weight.dtype)
+    return LayerResult(w_hat, s), grid_
 
 
 def _quantize_weight(w, h, count, config, algorithm, dtype):

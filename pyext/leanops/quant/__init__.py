@@ -1,4 +1,8 @@
-"""Quantisation formats (packing, scales, zero points), algorithms and configs."""
+"""Quantisation formats (packing, scales, zero points), algorithms and configs.
+
+Algorithms onto the int4 / int8 weight grids: RTN (quantize_int4, quantize_int8_per_channel),
+GPTQ (gptq), AWQ (awq), HQQ (hqq); obs is the solver GPTQ shares with SparseGPT and grid the
+per-group clip search. leanops.ptq runs them over a model (quantize_ calls it)."""
 
 from leanops.quant.common import sqnr_db
 from leanops.quant.config import (
@@ -7,6 +11,8 @@ from leanops.quant.config import (
     Int8WeightOnlyConfig,
     QuantConfig,
 )
+from leanops.quant.gptq import gptq_int4, gptq_int8
+from leanops.quant.hqq import hqq_int4
 from leanops.quant.int4 import dequantize_int4, pack_int4, quantize_int4, unpack_int4
 from leanops.quant.int8 import (
     dequantize_int8_per_channel,
@@ -21,6 +27,9 @@ __all__ = [
     "QuantConfig",
     "dequantize_int4",
     "dequantize_int8_per_channel",
+    "gptq_int4",
+    "gptq_int8",
+    "hqq_int4",
     "pack_int4",
     "quantize_int4",
     "quantize_int8_per_channel",

@@ -73,17 +73,29 @@ def search_int4_grid(
     [N, G] or None). Ratio 1 (RTN) is always a candidate, so no group ends up worse than RTN
     by this loss; ties keep the larger ratio."""
     ratios = sorted({1.0, *(float(r) for r in ratios)}, reverse=True)
-    best_scales, best_zeros = int4_grid(groups32, symmetric, scale_dtype)
-    best = group_loss(int4_fake(groups32, best_scales, best_zeros) - groups32, importance)
-    for r in ratios[1:]:
-        scales, zeros = int4_grid(groups32, symmetric, scale_dtype, r)
-        loss = group_loss(int4_fake(groups32, scales, zeros) - groups32, importance)
-        better = loss < best
-        best = torch.where(better, loss, best)
-        best_scales = torch.where(better, scales, best_scales)
-        if zeros is not None:
-            best_zeros = torch.where(better, zeros, best_zeros)
-    return best_scales, best_zeros
+    n, groups, g = groups32.shape
+    # Rows are independent: search a chunk of rows at a time (~1 MB per fp32 temporary), so the
+    # elementwise passes over every candidate stay in cache and the temporaries stay small.
+    rows = max(1, _CHUNK_ELEMENTS // (groups * g))
+    parts = []
+    for r0 in range(0, n, rows):
+        chunk = groups32[r0 : r0 + rows]
+        best_scales, best_zeros = int4_grid(chunk, symmetric, scale_dtype)
+        best = group_loss(int4_fake(chunk, best_scales, best_zeros) - chunk, importance)
+        for r in ratios[1:]:
+            scales, zeros = int4_grid(chunk, symmetric, scale_dtype, r)
+            loss = group_loss(int4_fake(chunk, scales, zeros) - chunk, importance)
+            better = loss < best
+            best = torch.where(better, loss, best)
+            best_scales = torch.where(better, scales, best_scales)
+            if zeros is not None:
+                best_zeros = torch.where(better, zeros, best_zeros)
+        parts.append((best_scales, best_zeros))
+    scales = torch.cat([s for s, _ in parts])
+    return scales, None if symmetric else torch.cat([z for _, z in parts])
+
+
+_CHUNK_ELEMENTS = 1 << 18
 
 
 def hessian_blocks(hessian: torch.Tensor, group_size: int) -> torch.Tensor:

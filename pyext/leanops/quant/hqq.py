@@ -64,19 +64,47 @@ def hqq_int4(
         raise ValueError(f"beta must be > 0 and kappa >= 1, got beta={beta!r}, kappa={kappa!r}")
     scale_dtype = scale_dtype or w.dtype
     groups = w.detach().float().reshape(n, k // group_size, group_size)
+    # Groups are independent: rows are solved a chunk at a time (~1 MB per fp32 temporary) so
+    # the ~20 elementwise passes of each step run in cache instead of from memory.
+    rows = max(1, _CHUNK_ELEMENTS // k)
+    parts = [_hqq_rows(groups[r : r + rows], symmetric, iters, p, beta, kappa, scale_dtype)
+             for r in range(0, n, rows)]
+    scales = torch.cat([s for s, _ in parts])
+    zeros = None if symmetric else torch.cat([z for _, z in parts])
+    w_hat = grid.int4_fake(groups, scales, zeros).reshape(n, k).to(scale_dtype)
+    return w_hat, scales, None if zeros is None else zeros.to(torch.uint8)
+
+
+_CHUNK_ELEMENTS = 1 << 18
+
+
+def _hqq_rows(groups, symmetric, iters, p, beta, kappa, scale_dtype):
+    """The best (scales, zeros fp32 or None) of groups [n, G, g] (fp32) over the steps."""
     scales, zeros = grid.int4_grid(groups, symmetric, scale_dtype)
-    best_scales, best_zeros = scales, zeros
-    best = grid.group_loss(grid.int4_fake(groups, scales, zeros) - groups, None)
-    for _ in range(iters):
+    best = best_scales = best_zeros = None
+    for step in range(iters + 1):
+        # The codes of the current grid serve both its loss and the next update.
         s32 = scales.float()[..., None]
         q, _ = int4_format.int4_codes(groups, scales, symmetric, zeros)
         z = int4_format.SYMMETRIC_ZERO if symmetric else zeros[..., None]
-        err = (groups - (q - z) * s32) / s32
-        target = groups - shrink_lp(err, beta, p) * s32
+        d = q - z
+        rec = (d * s32).to(scale_dtype).float()  # exactly the format's dequantised weight
+        err = groups - rec
+        loss = err.pow(2).sum(-1)
+        if best is None:
+            best, best_scales, best_zeros = loss, scales, zeros
+        else:
+            better = loss < best
+            best = torch.where(better, loss, best)
+            best_scales = torch.where(better, scales, best_scales)
+            if zeros is not None:
+                best_zeros = torch.where(better, zeros, best_zeros)
+        if step == iters:
+            break
+        target = groups - shrink_lp(err / s32, beta, p) * s32
         if not symmetric:
             zeros = torch.round((q - target / s32).mean(-1)).clamp_(0, int4_format.QMAX)
-            z = zeros[..., None]
-        d = q - z
+            d = q - zeros[..., None]
         den = d.pow(2).sum(-1)
         fitted = (target * d).sum(-1) / den.clamp_min(1)
         # A group whose codes all sit on the zero point (or whose fit is not positive) keeps
@@ -84,11 +112,4 @@ def hqq_int4(
         fitted = torch.where((den > 0) & (fitted > 0), fitted, scales.float())
         scales = safe_scale(fitted, scale_dtype)
         beta *= kappa
-        loss = grid.group_loss(grid.int4_fake(groups, scales, zeros) - groups, None)
-        better = loss < best
-        best = torch.where(better, loss, best)
-        best_scales = torch.where(better, scales, best_scales)
-        if zeros is not None:
-            best_zeros = torch.where(better, zeros, best_zeros)
-    w_hat = grid.int4_fake(groups, best_scales, best_zeros).reshape(n, k).to(scale_dtype)
-    return w_hat, best_scales, None if best_zeros is None else best_zeros.to(torch.uint8)
+    return best_scales, best_zeros

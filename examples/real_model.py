@@ -33,6 +33,7 @@ import copy
 import json
 import logging
 import os
+import pathlib
 import re
 import time
 
@@ -104,6 +105,49 @@ def all_sentences() -> list[str]:
                 if 60 <= len(s) <= 300 and s[0].isupper() and s.endswith(".") and "::=" not in s:
                     out.append(s)
     return list(dict.fromkeys(out))
+
+
+def _prose_sentences(text: str) -> list[str]:
+    """The sentences of the prose paragraphs of `text` (no indented code, doctest or grammar)."""
+    out = []
+    for para in text.split("\n\n"):
+        lines = para.split("\n")
+        if any(line.startswith((" ", ">>>")) for line in lines):
+            continue
+        joined = " ".join(line.strip() for line in lines)
+        for s in re.split(r"(?<=[.!?])\s+(?=[A-Z])", joined):
+            if 60 <= len(s) <= 300 and s[0].isupper() and s.endswith(".") and "::=" not in s:
+                out.append(s)
+    return out
+
+
+def stdlib_sentences(limit: int | None = None) -> list[str]:
+    """Real English sentences from the docstrings of the Python standard library's own source
+    files (parsed with ast, nothing imported): calibration text that is on every machine and
+    disjoint from the evaluation sentences (the documentation's prose, pydoc_data.topics; any
+    sentence found there too is dropped). Deterministic for a given Python; the files are
+    visited in sorted order and the sentences are spread over all of them."""
+    import ast
+    import inspect
+    import sysconfig
+
+    root = pathlib.Path(sysconfig.get_paths()["stdlib"])
+    held = set(all_sentences())
+    out = []
+    for path in sorted(root.glob("*.py")):
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc:
+                    out.extend(s for s in _prose_sentences(inspect.cleandoc(doc)) if s not in held)
+    out = list(dict.fromkeys(out))
+    if limit is not None and limit < len(out):
+        out = out[:: len(out) // limit][:limit]
+    return out
 
 
 def sentences(n_eval=64, n_calib=16):

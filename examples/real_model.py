@@ -344,6 +344,68 @@ def format_table(rows) -> str:
     return "\n".join(lines)
 
 
+INT4_METHODS = ("rtn", "hqq", "awq", "gptq", "awq+gptq")
+
+
+def per_sentence(texts):
+    """calibrate(model) that runs one sentence at a time (no padding tokens in the statistics)."""
+
+    def run_model(model):
+        preprocess = getattr(model, "preprocess", None) or model.tokenize
+        device = next(model.parameters()).device
+        with torch.no_grad():
+            for text in texts:
+                model({k: v.to(device) if torch.is_tensor(v) else v
+                       for k, v in preprocess([text]).items()})
+
+    return run_model
+
+
+def int4_table(device="cpu", dtype=torch.float32, methods=INT4_METHODS, groups=(128, 32),
+               symmetric=(False, True), n_calib=512, n_eval=64, progress=print):
+    """Every int4 algorithm (Int4WeightOnlyConfig(algorithm=...)) on all 37 linear layers, g128
+    and g32, asymmetric and symmetric: cosine of the sentence embeddings to the original's on
+    n_eval documentation sentences (sentences(n_eval, 32): the evaluation set of the peers'
+    figures in the README), calibrated on n_calib sentences of the standard library's docstrings
+    run one at a time. Rows also give the wall time of quantize_ (calibration run included)."""
+    eval_texts, _ = sentences(n_eval, 32)
+    calib = stdlib_sentences(n_calib)
+    original = load_model(device, dtype)
+    reference = encode(original, eval_texts)
+    rows = []
+    for g in groups:
+        for sym in symmetric:
+            for method in methods:
+                model = copy.deepcopy(original)
+                config = leanops.Int4WeightOnlyConfig(g, symmetric=sym, algorithm=method)
+                start = time.time()
+                leanops.quantize_(model, config, calibrate=per_sentence(calib))
+                seconds = time.time() - start
+                row = {"method": method, "group_size": g, "symmetric": sym, "calib_sentences": n_calib,
+                       "seconds": seconds, **agreement(reference, encode(model, eval_texts))}
+                rows.append(row)
+                progress(f"int4 g{g} {'sym' if sym else 'asym'} {method}: cosine mean "
+                         f"{row['cosine_mean']:.4f} min {row['cosine_min']:.4f} ({seconds:.0f} s)")
+    return rows
+
+
+def format_int4_table(rows) -> str:
+    """Markdown: one row per (method, symmetric), cosine mean (min) per group size, seconds."""
+    groups = sorted({r["group_size"] for r in rows}, reverse=True)
+    head = "| method | " + " | ".join(f"g{g}" for g in groups) + " | quantize_ s (" + \
+        " / ".join(f"g{g}" for g in groups) + ") |"
+    lines = [head, "|---|" + "---|" * (len(groups) + 1)]
+    keys = list(dict.fromkeys((r["method"], r["symmetric"]) for r in rows))
+    for method, sym in keys:
+        cells, secs = [], []
+        for g in groups:
+            r = next((r for r in rows if (r["method"], r["symmetric"], r["group_size"]) == (method, sym, g)), None)
+            cells.append("–" if r is None else f"{r['cosine_mean']:.4f} ({r['cosine_min']:.4f})")
+            secs.append("–" if r is None else f"{r['seconds']:.0f}")
+        lines.append(f"| {method} {'sym' if sym else 'asym'} | " + " | ".join(cells) + f" | {' / '.join(secs)} |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -353,19 +415,35 @@ def main(argv=None):
                         help="comma-separated variant names to run (default: all); the dense original always runs")
     parser.add_argument("--qat-steps", type=int, default=60,
                         help="steps of the QAT distillation variant (batch 8; 0 skips it)")
+    parser.add_argument("--int4-table", action="store_true",
+                        help="instead: every int4 algorithm (rtn, hqq, awq, gptq, awq+gptq), g128 "
+                             "and g32, asymmetric and symmetric")
+    parser.add_argument("--methods", default=",".join(INT4_METHODS), help="with --int4-table")
+    parser.add_argument("--groups", default="128,32", help="with --int4-table")
+    parser.add_argument("--symmetric", default="false,true", help="with --int4-table")
+    parser.add_argument("--calib-sentences", type=int, default=512,
+                        help="with --int4-table: standard-library docstring sentences to calibrate on")
     args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype) if args.dtype else (
         torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
     logging.getLogger("leanops").setLevel(logging.ERROR)
-    names = None
-    if args.variants:
-        names = {"dense (fp32 original)", *(n.strip() for n in args.variants.split(","))}
-        unknown = names - set(variants())
-        if unknown:
-            parser.error(f"unknown variants {sorted(unknown)}; known: {list(variants())}")
-    rows = run(args.device, dtype, names=names, qat_steps=args.qat_steps)
+    if args.int4_table:
+        rows = int4_table(args.device, dtype, args.methods.split(","),
+                          [int(g) for g in args.groups.split(",")],
+                          [v.strip() == "true" for v in args.symmetric.split(",")],
+                          n_calib=args.calib_sentences)
+        table = format_int4_table(rows)
+    else:
+        names = None
+        if args.variants:
+            names = {"dense (fp32 original)", *(n.strip() for n in args.variants.split(","))}
+            unknown = names - set(variants())
+            if unknown:
+                parser.error(f"unknown variants {sorted(unknown)}; known: {list(variants())}")
+        rows = run(args.device, dtype, names=names, qat_steps=args.qat_steps)
+        table = format_table(rows)
     print()
-    print(format_table(rows))
+    print(table)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": args.device, "dtype": str(dtype), "rows": rows}, f, indent=1)

@@ -74,18 +74,6 @@ def test_real_model_quantised_and_pruned_outputs_agree_with_the_original():
     assert qat["linear_mb"] == ptq["linear_mb"]
 
 
-def _per_sentence(texts):
-    """calibrate(model) running one sentence at a time: no padding tokens in the statistics."""
-
-    def run(model):
-        preprocess = getattr(model, "preprocess", None) or model.tokenize
-        with torch.no_grad():
-            for text in texts:
-                model(preprocess([text]))
-
-    return run
-
-
 @pytest.mark.slow
 def test_calibrated_int4_never_worse_than_rtn_on_held_out_layers():
     """Every linear layer of the real model, quantised by AWQ, GPTQ and AWQ+GPTQ (int4 g128
@@ -108,7 +96,7 @@ def test_calibrated_int4_never_worse_than_rtn_on_held_out_layers():
         assert not set(held) & set(calib)
         layers = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
         inputs = calibration.collect_input_statistics(
-            model, layers, _per_sentence(held),
+            model, layers, example.per_sentence(held),
             lambda x, prev: x.clone() if prev is None else torch.cat([prev, x]), purpose="test",
         )
         ratios = {}
@@ -116,7 +104,7 @@ def test_calibrated_int4_never_worse_than_rtn_on_held_out_layers():
             work = copy.deepcopy(model)
             targets = {n: m for n, m in work.named_modules() if isinstance(m, nn.Linear)}
             config = leanops.Int4WeightOnlyConfig(128, symmetric=False, algorithm=algorithm)
-            results = ptq.quantize_model_(work, targets, config, _per_sentence(calib), swap=False)
+            results = ptq.quantize_model_(work, targets, config, example.per_sentence(calib), swap=False)
             for name, res in results.items():
                 w = layers[name].weight.detach().float()
                 rtn = dequantize_int4(*quantize_int4(w, 128, False), 128)

@@ -49,7 +49,11 @@ VARIANTS = {
     "int8 dynamic + SmoothQuant": leanops.Int8DynamicConfig(smoothquant_alpha=0.5),
     "int8 weight-only": leanops.Int8WeightOnlyConfig(),
     "int4 weight-only g128": leanops.Int4WeightOnlyConfig(group_size=128),
+    "int4 g128 AWQ+GPTQ": leanops.Int4WeightOnlyConfig(group_size=128, algorithm="awq+gptq"),
 }
+# Calibration batch of the variants whose algorithm needs data (GPTQ wants several tokens per
+# input channel): 32 sequences of random tokens, as the prompt is, from its own seed.
+CALIBRATION_SEQUENCES = 32
 # Variants that need parts of leanops still being built: present when those exist.
 SPARSE = "2:4 sparse (magnitude)"
 FUSED_ATTENTION = "leanops fused attention"
@@ -81,6 +85,9 @@ def all_variants() -> dict[str, tuple[Callable | None, str | None]]:
     for name, config in VARIANTS.items():
         if config is None:
             out[name] = (None, None)
+        elif getattr(config, "needs_calibration", False):
+            out[name] = ((lambda model, calib, config=config:
+                          leanops.quantize_(model, config, calibrate=lambda m: m(_more(calib, model)))), None)
         else:
             out[name] = ((lambda model, calib, config=config:
                           leanops.quantize_(model, config, calibrate=lambda m: m(calib))), None)
@@ -97,6 +104,13 @@ def all_variants() -> dict[str, tuple[Callable | None, str | None]]:
     else:
         out[FUSED_ATTENTION] = (None, "leanops.attention (fused attention, issue 5) does not exist yet")
     return out
+
+
+def _more(calib: torch.Tensor, model) -> torch.Tensor:
+    """CALIBRATION_SEQUENCES sequences of random tokens shaped like calib's (seed 1)."""
+    gen = torch.Generator().manual_seed(1)
+    shape = (CALIBRATION_SEQUENCES, calib.shape[1])
+    return torch.randint(0, model.config.vocab_size, shape, generator=gen).to(calib.device)
 
 
 def _errors(reference: torch.Tensor, out: torch.Tensor) -> dict:

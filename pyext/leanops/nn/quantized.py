@@ -175,9 +175,9 @@ class Int4WeightOnlyLinear(PackedLinear):
         return f"int4 weight-only g{self.group_size} {'sym' if self.symmetric else 'asym'}{scaled}"
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, group_size: int = 128, symmetric: bool = True):
+    def from_linear(cls, linear: nn.Linear, group_size: int = 128, symmetric: bool = False):
         """Quantise `linear` by group-wise RTN (group_size: a multiple of 32 dividing
-        in_features; symmetric: the fixed zero point 8 (default), or a zero point per group)."""
+        in_features; symmetric: a zero point per group (default) or the fixed zero point 8)."""
         return cls.from_weight(linear.weight, linear.bias, group_size, symmetric)
 
     @classmethod
@@ -186,7 +186,7 @@ class Int4WeightOnlyLinear(PackedLinear):
         weight: torch.Tensor,
         bias: torch.Tensor | None = None,
         group_size: int = 128,
-        symmetric: bool = True,
+        symmetric: bool = False,
         scales: torch.Tensor | None = None,
         zeros: torch.Tensor | None = None,
         input_scale: torch.Tensor | None = None,
@@ -194,7 +194,7 @@ class Int4WeightOnlyLinear(PackedLinear):
         """A layer computing (x * input_scale) @ Q(weight).T + bias.
 
         weight: [out, in] float16 / bfloat16 / float32. bias: [out] or None. group_size: a
-        multiple of 32 dividing in. symmetric: bool (default True). scales [out, in/group_size]
+        multiple of 32 dividing in. symmetric: bool (default False). scales [out, in/group_size]
         and zeros uint8 [out, in/group_size] (asymmetric only): the grid to encode `weight` on
         (a calibrated one: leanops.quant.gptq/awq/hqq, whose weights lie on it, so the codes are
         exactly theirs); default RTN's. input_scale: positive [in] multiplier of the input, or

@@ -94,13 +94,14 @@ class SparseLinear(PackedLinear):
         linear: nn.Linear,
         mask: torch.Tensor | None = None,
         group_size: int | None = None,
-        symmetric: bool = True,
+        symmetric: bool = False,
         kernel: str = "leanops",
     ) -> SparseLinear:
         """Compress `linear`. mask: bool [out, in] of the entries to keep (at most 2 of every 4
         consecutive inputs), e.g. from Wanda or SparseGPT; None keeps the 2 largest |W| of every
         4 (magnitude pruning; for an already 2:4 weight, exactly its nonzeros). group_size: None
-        (16-bit kept values) or a multiple of 64 (int4 kept values, leanops.quant.int4 RTN)."""
+        (16-bit kept values) or a multiple of 64 (int4 kept values, leanops.quant.int4 RTN);
+        symmetric: int4 zero point 8 (True) or one per group (False, the default)."""
         return cls.from_weight(linear.weight, linear.bias, mask, group_size, symmetric, kernel)
 
     @classmethod
@@ -110,7 +111,7 @@ class SparseLinear(PackedLinear):
         bias: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
         group_size: int | None = None,
-        symmetric: bool = True,
+        symmetric: bool = False,
         kernel: str = "leanops",
         scales: torch.Tensor | None = None,
         zeros: torch.Tensor | None = None,
@@ -141,11 +142,7 @@ class SparseLinear(PackedLinear):
             if zeros is not None:
                 module.weight_zero.copy_(zeros)
         module.weight_meta.copy_(meta)
-        if bias is not None:
-            if bias.shape != (out_features,):
-                raise ValueError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}")
-            module.bias.data.copy_(bias.detach())
-            module.bias.requires_grad_(bias.requires_grad)
+        cls._set_bias_and_input_scale(module, bias, None)
         return module
 
     def format_args(self):

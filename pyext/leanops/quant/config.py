@@ -86,9 +86,11 @@ class Int4WeightOnlyConfig(_WeightAlgorithm):
 
     group_size: 32, 64, 128, 256 (any positive multiple of 32), or -1 for one group per output
         channel. Layers whose in_features it does not divide are skipped with a logged reason.
-    symmetric: True (default) uses the fixed zero point 8 (range [-amax, amax]); False stores
-        a uint8 zero point per group (range [min(w, 0), max(w, 0)]), 1/group_size byte more
-        per weight.
+    symmetric: False (default) stores a uint8 zero point per group (range [min(w, 0),
+        max(w, 0)]), 1/group_size byte more per weight (+1.5% at g128); True uses the fixed
+        zero point 8 (range [-amax, amax]). Asymmetric is the default because it is the more
+        accurate: on all-MiniLM-L6-v2, RTN g128 keeps a cosine of 0.955 against 0.940 symmetric
+        (g32: 0.973 / 0.959; GPTQ g128: 0.990 / 0.988).
     algorithm (keyword-only, like the rest): how the grid and codes are chosen; the packed
         format is the same for all.
         "rtn"       round to nearest (default; no data).
@@ -117,7 +119,7 @@ class Int4WeightOnlyConfig(_WeightAlgorithm):
     """
 
     group_size: int = 128
-    symmetric: bool = True
+    symmetric: bool = False
 
     _ALGORITHMS = INT4_ALGORITHMS
 

@@ -6,9 +6,9 @@ and 4096 x 14336 (down: K = 14336 inputs, the largest Hessian). The calibration 
 (X^T X over `--tokens` tokens of synthetic activations with a few outlier channels) are built
 once per shape and not timed: quantize_ gathers them during the calibration run. Methods are
 interleaved and repeated in one process; each row reports the median and the min / max of the
-repeats. Peak memory is measured per (shape, method) in a fresh process: on the CPU the growth
-of the resident set's high-water mark (ru_maxrss) during the call, beyond the weight and the
-Hessian it is given; on a GPU torch.cuda.max_memory_allocated beyond them.
+repeats. Peak memory is measured per (shape, method) in a fresh process: on the CPU (Linux) the
+high-water mark of the resident set during the call (VmHWM, reset before it) beyond the weight
+and the Hessian it is given; on a GPU torch.cuda.max_memory_allocated beyond them.
 
     python bench/quantize_speed.py                       # CPU, all shapes and methods
     python bench/quantize_speed.py --device cuda --json bench/results/quantize_speed_h100.json
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -97,9 +96,21 @@ def peak_memory(shape: str, method: str, group_size: int, symmetric: bool, token
         quantize_layer(w, h, tokens, config)
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # The high-water mark of this process's memory (VmHWM), reset to the current resident set
+    # first: ru_maxrss would not do, Linux carries the parent's peak into an exec'd child.
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = _status_kib("VmRSS")
     quantize_layer(w, h, tokens, config)
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024  # KiB on Linux
+    return (_status_kib("VmHWM") - base) * 1024
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def main(argv=None) -> list[dict]:

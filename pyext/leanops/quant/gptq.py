@@ -128,19 +128,22 @@ def _check(w, hessian, damp, blocksize):
         raise ValueError(f"blocksize must be a positive int, got {blocksize!r}")
 
 
-def _prepared(w, hessian, damp, act_order):
-    """(W fp32 in processing order, U, H fp32 in original order, permutation or None, dead)."""
+def _prepared(w, hessian, damp, act_order, group_size=None):
+    """(W fp32 in processing order, U, the Hessian's diagonal blocks [K / g, g, g] of the
+    original order if group_size else None, permutation or None). Two K x K buffers at most."""
     W = w.detach().float().clone()
     H, dead = obs.prepare_hessian(hessian, W)
     W[:, dead] = 0.0
-    perm = None
+    blocks = grid.hessian_blocks(H, group_size) if group_size else None
+    perm, work = None, None
     if act_order:
         perm = torch.argsort(H.diagonal(), descending=True, stable=True)
         W = W[:, perm]
-        U = obs.inverse_hessian_cholesky(H[perm][:, perm], damp, "gptq")
-    else:
-        U = obs.inverse_hessian_cholesky(H, damp, "gptq")
-    return W, U, H, perm, dead
+        work = torch.empty_like(H)
+        torch.index_select(H, 0, perm, out=work)
+        torch.index_select(work, 1, perm, out=H)
+    U = obs.inverse_hessian_cholesky(H, damp, "gptq", workspace=work)
+    return W, U, blocks, perm
 
 
 @torch.no_grad()
@@ -172,9 +175,7 @@ def gptq_int4(
     n, k = w.shape
     int4_format.check_group_size(group_size, k)
     scale_dtype = scale_dtype or w.dtype
-    W, U, H, perm, dead = _prepared(w, hessian, damp, act_order)
-    importance = grid.hessian_blocks(H, group_size) if clip_search else None
-    del H
+    W, U, importance, perm = _prepared(w, hessian, damp, act_order, group_size if clip_search else None)
     quantizer = Int4ColumnQuantizer(
         n, k, group_size, symmetric, scale_dtype, W.device, importance, clip_search, order=perm
     )
@@ -208,8 +209,7 @@ def gptq_int8(
     quantize_int8_per_channel(w_hat, scale) re-encodes it exactly.
     """
     _check(w, hessian, damp, blocksize)
-    W, U, H, perm, dead = _prepared(w, hessian, damp, act_order)
-    del H
+    W, U, _, perm = _prepared(w, hessian, damp, act_order)
     if scale is None:
         scale = int8_format.int8_channel_scale(w.detach().float())
     s = scale.float().to(W.device)

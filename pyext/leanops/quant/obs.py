@@ -13,9 +13,9 @@ factorisation serves every column. Updates inside a block of B columns are appli
 column to that block only; the rest of the matrix receives the block's errors in one matmul
 ("lazy batch" updates), which turns the rank-1 updates into GEMMs.
 
-Memory for one layer, fp32: H and its factor, K^2 x 4 bytes each (the inverse is formed in
-place of H's factor, so at most two K x K matrices live at once), plus W and its codes, N x K x
-4 bytes. K = N = 14336: 1.6 GB + 0.8 GB.
+Memory for one layer, fp32: two K x K matrices (H's copy and one workspace, in which the
+factor is formed; see inverse_hessian_cholesky), plus the weight and its transposed working copy,
+N x K each.
 """
 
 from __future__ import annotations
@@ -42,26 +42,47 @@ def prepare_hessian(hessian: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tenso
     return h, dead
 
 
-def inverse_hessian_cholesky(h: torch.Tensor, damp: float, what: str = "the solver") -> torch.Tensor:
+def inverse_hessian_cholesky(
+    h: torch.Tensor, damp: float, what: str = "the solver", workspace: torch.Tensor | None = None
+) -> torch.Tensor:
     """Upper Cholesky factor U of (H + lambda I)^-1 (U^T U = the inverse), lambda = damp *
     mean(diag H), in fp32. Retries with 10x the dampening (up to 10^5 x) if rounding makes the
-    matrix indefinite (a rank-deficient H from few tokens). `h` is used as scratch space and
-    left with its diagonal restored; `what` names the caller in the error."""
+    matrix indefinite (a rank-deficient H from few tokens).
+
+    h (fp32 [K, K]) is overwritten: it and `workspace` (an fp32 [K, K] buffer, or None to
+    allocate one) are the only K x K memory used, and U is returned in one of them. With J the
+    reversal permutation, if J (H + lambda I) J = L L^T then (H + lambda I)^-1 = U^T U with
+    U = J L^-1 J, upper triangular with a positive diagonal, hence the factor: one Cholesky and
+    one in-place triangular solve, no explicit inverse. `what` names the caller in the error.
+    """
     if not (damp > 0):
         raise ValueError(f"damp must be positive, got {damp!r}")
+    k = h.shape[0]
     scale = float(h.diagonal().mean())
+    flipped = torch.empty_like(h) if workspace is None else workspace
+    _flip_into(h, flipped)
+    info = torch.empty((), dtype=torch.int32, device=h.device)
     for attempt in range(_RETRIES):
         lam = damp * (10**attempt) * scale
-        h.diagonal().add_(lam)
-        chol, info = torch.linalg.cholesky_ex(h)
-        h.diagonal().sub_(lam)
+        flipped.diagonal().add_(lam)
+        torch.linalg.cholesky_ex(flipped, out=(h, info))
+        flipped.diagonal().sub_(lam)
         if int(info) == 0:
-            inv = torch.cholesky_inverse(chol)
-            del chol
-            upper, info = torch.linalg.cholesky_ex(inv, upper=True)
-            if int(info) == 0:
-                return upper
+            flipped.zero_()
+            flipped.diagonal().fill_(1.0)
+            torch.linalg.solve_triangular(h, flipped, upper=False, out=flipped)
+            _flip_into(flipped, h)
+            return h
     raise ValueError(f"{what}: the Hessian X^T X stays indefinite even with heavy damping")
+
+
+def _flip_into(src: torch.Tensor, dst: torch.Tensor, rows: int = 512) -> None:
+    """dst = src reversed along both dims (J src J), a block of rows at a time so that no
+    K x K temporary is made."""
+    k = src.shape[0]
+    for r0 in range(0, k, rows):
+        r1 = min(r0 + rows, k)
+        dst[r0:r1] = src[k - r1 : k - r0].flip((0, 1))
 
 
 def aligned_blocksize(blocksize: int, span: int | None, multiple: int = 1) -> int:

@@ -100,7 +100,6 @@ def prune_sparsegpt(
     H, dead = obs.prepare_hessian(hessian, W)
     W[:, dead] = 0.0
     hinv = obs.inverse_hessian_cholesky(H, damp, "sparsegpt")
-    del H
     prune = (n, m) if n < m else None
     if quantizer is None:
         W, keep = obs.solve(W, hinv, blocksize, prune=prune)

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from leanops.dispatch import triton_interpreter_active
+from leanops._env import triton_interpreter_active
 
 # ---------------------------------------------------------------------------------------------
 # Environment

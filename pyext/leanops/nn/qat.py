@@ -9,6 +9,7 @@ from torch import nn
 
 from leanops.nn.packed import PackedLinear
 from leanops.nn.quantized import Int4WeightOnlyLinear, Int8Linear, Int8WeightOnlyLinear
+from leanops.nn.sparse import SparseLinear
 from leanops.ops.fake_quant import (
     fake_quantize_int4,
     fake_quantize_int8_per_channel,
@@ -23,6 +24,7 @@ from leanops.quant.config import (
     Int8WeightOnlyConfig,
     QuantConfig,
 )
+from leanops.sparsity.masks import is_nm_sparse
 
 QAT_CONFIGS = (Int8DynamicConfig, Int8WeightOnlyConfig, Int4WeightOnlyConfig)
 
@@ -181,8 +183,6 @@ class QATLinear(nn.Linear):
             return f"2:4 + int4 needs a group size that is a multiple of 64, got {self.group_size}"
         if self.in_features % 8 != 0:
             return f"2:4 layers need in_features divisible by 8, got {self.in_features}"
-        from leanops.sparsity.masks import is_nm_sparse
-
         if not is_nm_sparse(self.weight.detach(), 2, 4):
             return "the weight is not 2:4 sparse (train it with leanops.sparsity.enable_sparse_training)"
         return None
@@ -201,8 +201,6 @@ class QATLinear(nn.Linear):
             reason = self.why_not_sparse_24()
             if reason is not None:
                 raise ValueError(f"convert(sparse_24=True): {reason}")
-            from leanops.nn.sparse import SparseLinear
-
             w = self.weight.detach()
             out = SparseLinear.from_weight(
                 w, self.bias, w != 0, group_size=self.group_size, symmetric=self.config.symmetric

@@ -20,6 +20,7 @@ import torch
 from helpers import poisoned_memory
 from leanops import ops
 from leanops.ops import attention as A
+from leanops.quant import int8 as int8_format
 
 triton = pytest.importorskip("triton")
 from leanops.triton import attention as T  # noqa: E402
@@ -286,10 +287,9 @@ def test_int8_quantisation_is_bit_exact():
     k = torch.randn(2, 2, 129, 80, dtype=torch.float16) + 2.0  # an offset for smoothing to remove
     for smooth in (False, True):
         got = T.quantize_qk(q, k, smooth, T.QK_BLOCK)
-        want = A.quantize_qk(q, k, smooth)
+        want = int8_format.quantize_qk(q, k, smooth)
         for g, w in zip(got, want, strict=True):
             assert torch.equal(g, w)
-    assert T.QK_BLOCK == A.QK_BLOCK
 
 
 def _sqnr(ref, x):
@@ -367,7 +367,7 @@ def test_autotune_keep_rules():
                 kept = T._kept(kind, bd, 2, T.seq_bucket(sq), T.seq_bucket(sk), dev)
                 assert kept, (kind, bd, sq, sk)
                 for i in kept:
-                    assert T._smem(configs[i], kind, bd, 2) <= T.C.NOMINAL_SMEM or len(kept) == 1
+                    assert T._smem(configs[i], kind, bd, 2) <= T.common.NOMINAL_SMEM or len(kept) == 1
     # configs ptxas showed spilling hundreds of bytes on sm_90 are never kept; clean ones are
     def kept(kind, bd, bm, bn, w, st):
         configs = {"fwd": T.FWD_CONFIGS, "dkdv": T.DKDV_CONFIGS}[kind]

@@ -40,7 +40,9 @@ from leanops.nn import (
     Int8WeightOnlyLinear,
     SparseLinear,
 )
-from leanops.ops.attention import attention, attention_decode, attention_int8, attention_varlen
+from leanops.ops.attention import attention, attention_varlen
+from leanops.ops.decode_attention import attention_decode
+from leanops.ops.int8_attention import attention_int8
 from leanops.quant.config import (
     Int4WeightOnlyConfig,
     Int8DynamicConfig,

@@ -97,6 +97,14 @@ def m_bucket(m: int) -> int:
     return min(next_power_of_2(m), M_BUCKET_CAP)
 
 
+# The attention kernels key their tuning on the query and key lengths the same way.
+SEQ_BUCKET_CAP = 16384
+
+
+def seq_bucket(n: int) -> int:
+    return min(next_power_of_2(max(int(n), 1)), SEQ_BUCKET_CAP)
+
+
 # cache_results (autotune results written to Triton's cache dir, so a cold start does not
 # re-tune) exists in the Triton we target on GPUs (3.6) and here (3.8); ask instead of assuming.
 _AUTOTUNE_KWARGS = (

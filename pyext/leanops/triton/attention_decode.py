@@ -32,7 +32,8 @@ import triton
 import triton.language as tl
 
 from leanops.triton import _common as C
-from leanops.triton.attention import _scores, seq_bucket
+from leanops.triton._common import seq_bucket
+from leanops.triton.attention_kernels import finalize, online_softmax_update, scores
 
 
 @triton.jit
@@ -102,22 +103,12 @@ def _decode_kernel(
         v = tl.load(V + hk64 * stride_vh + v_off[:, None] + offs_d[None, :],
                     mask=c_ok[:, None] & d_ok[None, :], other=0.0)
         qk = tl.dot(q, k, input_precision=DOT_PRECISION)
-        s, _t = _scores(qk, qk, i[:, None], cols[None, :], SQ, k_len, diag, sm_scale, softcap,
-                        window_left, window_right, False, HAS_SOFTCAP, True, WINDOW_LEFT,
-                        WINDOW_RIGHT, False)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_use[:, None])
-        alpha = tl.math.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
-        m_i = m_new
+        s, _t = scores(qk, qk, i[:, None], cols[None, :], SQ, k_len, diag, sm_scale, softcap,
+                       window_left, window_right, False, HAS_SOFTCAP, True, WINDOW_LEFT,
+                       WINDOW_RIGHT, False)
+        acc, l_i, m_i = online_softmax_update(acc, l_i, m_i, s, v, True, False, DOT_PRECISION)
 
-    empty = l_i == 0.0
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"),
-                   (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    out, lse = finalize(acc, l_i, m_i)
     # workspace [B * Hkv, n_splits, rows_total, head_dim] / [..., rows_total], contiguous
     row64 = (pid_bh.to(tl.int64) * n_splits + split) * rows_total + r
     tl.store(WsO + row64[:, None] * head_dim + offs_d[None, :], out,

@@ -11,7 +11,6 @@ keep() rules that filter them per call, and the functions the ops call.
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 import triton
@@ -67,6 +66,7 @@ DQ_CONFIGS = [
 INTERPRETER_FWD = _cfg(4, 1, BLOCK_M=32, BLOCK_N=16)
 INTERPRETER_DKDV = _cfg(4, 1, BLOCK_M=16, BLOCK_N=32)
 INTERPRETER_DQ = _cfg(4, 1, BLOCK_M=32, BLOCK_N=16)
+_CONFIGS = {"fwd": FWD_CONFIGS, "dkdv": DKDV_CONFIGS, "dq": DQ_CONFIGS}
 
 
 def _smem(cfg, kind, block_d, elem):
@@ -118,7 +118,7 @@ def _soft_ok(cfg, kind, args) -> bool:
 
 @functools.lru_cache(maxsize=4096)
 def _kept(kind, block_d, elem, sq, sk, device, has_bias=False):
-    configs = {"fwd": FWD_CONFIGS, "dkdv": DKDV_CONFIGS, "dq": DQ_CONFIGS}[kind]
+    configs = _CONFIGS[kind]
     fake = torch.empty(0, dtype={1: torch.int8, 2: torch.float16, 4: torch.float32}[elem],
                        device=device)
     args = {"BLOCK_D": block_d, "Q": fake, "SQ_BUCKET": sq, "SK_BUCKET": sk, "HAS_BIAS": has_bias}
@@ -129,7 +129,7 @@ def _kept(kind, block_d, elem, sq, sk, device, has_bias=False):
 
 
 def _keep_for(kind):
-    configs = {"fwd": FWD_CONFIGS, "dkdv": DKDV_CONFIGS, "dq": DQ_CONFIGS}[kind]
+    configs = _CONFIGS[kind]
 
     def keep(cfg, args):
         if args.get("_hard_only"):
@@ -151,29 +151,22 @@ _dq_tuned = common.autotune(DQ_CONFIGS, key=_KEY, keep=_keep_for("dq"))(K.bwd_dq
 # Without autotuning (LEANOPS_TRITON_AUTOTUNE=0): the kept config closest to a middle-of-the-road
 # tile (fwd 128 x 64, dK/dV 64 keys x 32 queries, dQ 64 x 32), 2 stages.
 _TARGETS = {"fwd": (128, 64), "dkdv": (32, 64), "dq": (64, 32)}
+_INTERPRETER = {"fwd": INTERPRETER_FWD, "dkdv": INTERPRETER_DKDV, "dq": INTERPRETER_DQ}
 
 
 def _default(kind, args):
-    configs = {"fwd": FWD_CONFIGS, "dkdv": DKDV_CONFIGS, "dq": DQ_CONFIGS}[kind]
+    configs = _CONFIGS[kind]
     kept = _kept(kind, args["BLOCK_D"], args["Q"].element_size(), args["SQ_BUCKET"],
                  args["SK_BUCKET"], args["Q"].device, bool(args["HAS_BIAS"]))
     tm, tn = _TARGETS[kind]
-
-    def dist(i):
-        c = configs[i]
-        return (abs(math.log2(c.kwargs["BLOCK_M"] / tm)) + abs(math.log2(c.kwargs["BLOCK_N"] / tn))
-                + (c.num_stages != 2), i)
-
-    return configs[min(kept, key=dist)]
+    return common.closest_config([configs[i] for i in sorted(kept)],
+                                 {"BLOCK_M": tm, "BLOCK_N": tn}, stages=2)
 
 
 def _launch(kind, raw, tuned, grid, args: dict, cfg=None):
-    """Run kernel `raw` (or its autotuned twin) with the named arguments `args`: a forced
-    config, the fixed interpreter config, the default config, or the autotuner's pick."""
-    if cfg is None and common.interpreter():
-        cfg = {"fwd": INTERPRETER_FWD, "dkdv": INTERPRETER_DKDV, "dq": INTERPRETER_DQ}[kind]
-    elif cfg is None and not common.autotune_enabled():
-        cfg = _default(kind, args)
+    """Run kernel `raw` (or its autotuned twin) with the named arguments `args`, with the config
+    of leanops.triton._common.launch_config's rule."""
+    cfg = common.launch_config(cfg, _INTERPRETER[kind], lambda: _default(kind, args))
     # Fp contraction stays on here (unlike _common.LAUNCH_OPTIONS): these kernels are judged by
     # error bounds, not bit-exactness, and the softmax update s * c - m is one FMA per score.
     if cfg is not None:

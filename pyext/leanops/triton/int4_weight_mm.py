@@ -13,8 +13,9 @@ import torch
 import triton
 import triton.language as tl
 
-from leanops.triton import _common as C
-from leanops.triton._common import k_slice, store_partial, store_tile, tile_ids
+from leanops.triton import _common as common
+from leanops.triton import _matmul as matmul
+from leanops.triton._matmul import k_slice, store_partial, store_tile, tile_ids
 
 
 @triton.jit
@@ -87,10 +88,10 @@ _kernel = _int4_weight_mm_kernel
 
 # BLOCK_K 32..256 filtered by the group size (it must divide it): g = 32 streams 16 bytes of
 # packed weight per row per tile, g >= 128 can use 64-128 byte runs.
-FAMILY = C.matmul_family(
+FAMILY = matmul.matmul_family(
     _kernel, small_block_ks=(32, 64, 128, 256), large_block_ks=(32, 64),
-    x_bytes=C.x_element_bytes, w_bytes=0.5, ws_dtype=torch.float32,
-    key=("M_BUCKET", "N", "K", "GROUP_SIZE"), valid=C.group_size_divides_block_k,
+    x_bytes=matmul.x_element_bytes, w_bytes=0.5, ws_dtype=torch.float32,
+    key=("M_BUCKET", "N", "K", "GROUP_SIZE"), valid=matmul.group_size_divides_block_k,
 )
 
 
@@ -98,7 +99,7 @@ def _launch(x, w_packed, scales, zeros, group_size, bias=None, cfg=None):
     M, K = x.shape
     N = w_packed.shape[0]
     out = torch.empty((M, N), device=x.device, dtype=x.dtype)
-    return C.run_matmul(
+    return matmul.run_matmul(
         FAMILY,
         (x, w_packed, scales, scales if zeros is None else zeros, scales if bias is None else bias),
         out, M, N, K,
@@ -107,7 +108,7 @@ def _launch(x, w_packed, scales, zeros, group_size, bias=None, cfg=None):
             "HAS_ZEROS": zeros is not None,
             "HAS_BIAS": bias is not None,
             "GROUP_SIZE": int(group_size),
-            "DOT_PRECISION": C.dot_precision(x.dtype),
+            "DOT_PRECISION": common.dot_precision(x.dtype),
         },
         epilogue={"bias": bias},
         cfg=cfg,

@@ -13,8 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from leanops.triton import _common as C
-from leanops.triton._common import k_slice, store_partial, store_tile, tile_ids
+from leanops.triton import _matmul as matmul
+from leanops.triton._matmul import k_slice, store_partial, store_tile, tile_ids
 
 
 @triton.jit
@@ -78,7 +78,7 @@ _kernel = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] 
 
 # int8 operands: 128-256 bytes of K per row per tile fill whole cache lines and the int8 MMA
 # (k = 32 per instruction); decode tiles add 64 for small K.
-FAMILY = C.matmul_family(
+FAMILY = matmul.matmul_family(
     _kernel, small_block_ks=(64, 128, 256), large_block_ks=(64, 128), x_bytes=1, w_bytes=1,
     ws_dtype=torch.int32,
 )
@@ -89,7 +89,7 @@ def _launch(a, b, a_scale, b_scale, bias=None, out_dtype=None, cfg=None):
     N = b.shape[0]
     dtype = torch.bfloat16 if out_dtype is None else out_dtype
     out = torch.empty((M, N), device=a.device, dtype=dtype)
-    return C.run_matmul(
+    return matmul.run_matmul(
         FAMILY,
         (a, b, a_scale, b_scale, b_scale if bias is None else bias),
         out, M, N, K,

@@ -12,8 +12,9 @@ import torch
 import triton
 import triton.language as tl
 
-from leanops.triton import _common as C
-from leanops.triton._common import k_slice, store_partial, store_tile, tile_ids
+from leanops.triton import _common as common
+from leanops.triton import _matmul as matmul
+from leanops.triton._matmul import k_slice, store_partial, store_tile, tile_ids
 
 
 @triton.jit
@@ -71,8 +72,8 @@ _kernel = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] 
 
 # 16-bit activations: BLOCK_K = 64 already moves 128 bytes per x row; 256 only pays off for the
 # decode path where the weight tile (1 byte per value) is the bulk of each load.
-FAMILY = C.matmul_family(
-    _kernel, small_block_ks=(64, 128, 256), large_block_ks=(32, 64), x_bytes=C.x_element_bytes,
+FAMILY = matmul.matmul_family(
+    _kernel, small_block_ks=(64, 128, 256), large_block_ks=(32, 64), x_bytes=matmul.x_element_bytes,
     w_bytes=1, ws_dtype=torch.float32,
 )
 
@@ -81,12 +82,12 @@ def _launch(x, w, w_scale, bias=None, cfg=None):
     M, K = x.shape
     N = w.shape[0]
     out = torch.empty((M, N), device=x.device, dtype=x.dtype)
-    return C.run_matmul(
+    return matmul.run_matmul(
         FAMILY,
         (x, w, w_scale, w_scale if bias is None else bias),
         out, M, N, K,
         (x.stride(0), x.stride(1), w.stride(0), w.stride(1), out.stride(0), out.stride(1)),
-        meta={"HAS_BIAS": bias is not None, "DOT_PRECISION": C.dot_precision(x.dtype)},
+        meta={"HAS_BIAS": bias is not None, "DOT_PRECISION": common.dot_precision(x.dtype)},
         epilogue={"col_scale": w_scale, "bias": bias},
         cfg=cfg,
     )

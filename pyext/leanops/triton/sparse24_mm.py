@@ -22,8 +22,9 @@ import torch
 import triton
 import triton.language as tl
 
-from leanops.triton import _common as C
-from leanops.triton._common import k_slice, store_partial, store_tile, tile_ids
+from leanops.triton import _common as common
+from leanops.triton import _matmul as matmul
+from leanops.triton._matmul import k_slice, store_partial, store_tile, tile_ids
 
 
 @triton.jit
@@ -190,8 +191,8 @@ def _w_bytes(args) -> float:
     return args["values_ptr"].element_size() / 2 + 1 / 8
 
 
-FAMILY = C.matmul_family(
-    _kernel, small_block_ks=(64, 128, 256), large_block_ks=(32, 64), x_bytes=C.x_element_bytes,
+FAMILY = matmul.matmul_family(
+    _kernel, small_block_ks=(64, 128, 256), large_block_ks=(32, 64), x_bytes=matmul.x_element_bytes,
     w_bytes=_w_bytes, ws_dtype=torch.float32,
 )
 
@@ -200,12 +201,12 @@ def _launch(x, values, meta, bias=None, cfg=None):
     M, K = x.shape
     N = values.shape[0]
     out = torch.empty((M, N), device=x.device, dtype=x.dtype)
-    return C.run_matmul(
+    return matmul.run_matmul(
         FAMILY,
         (x, values, meta, values if bias is None else bias),
         out, M, N, K,
         (x.stride(0), x.stride(1), values.stride(0), meta.stride(0), out.stride(0), out.stride(1)),
-        meta={"HAS_BIAS": bias is not None, "DOT_PRECISION": C.dot_precision(x.dtype)},
+        meta={"HAS_BIAS": bias is not None, "DOT_PRECISION": common.dot_precision(x.dtype)},
         epilogue={"bias": bias},
         cfg=cfg,
     )
@@ -223,10 +224,10 @@ _int4_kernel = _sparse24_int4_mm_kernel
 
 # BLOCK_K must divide the group size (a multiple of 64): as int4_weight_mm. Weight bytes per
 # dense entry: a quarter byte of codes plus an eighth of a meta byte.
-INT4_FAMILY = C.matmul_family(
+INT4_FAMILY = matmul.matmul_family(
     _int4_kernel, small_block_ks=(32, 64, 128, 256), large_block_ks=(32, 64),
-    x_bytes=C.x_element_bytes, w_bytes=0.375, ws_dtype=torch.float32,
-    key=("M_BUCKET", "N", "K", "GROUP_SIZE"), valid=C.group_size_divides_block_k,
+    x_bytes=matmul.x_element_bytes, w_bytes=0.375, ws_dtype=torch.float32,
+    key=("M_BUCKET", "N", "K", "GROUP_SIZE"), valid=matmul.group_size_divides_block_k,
 )
 
 
@@ -234,7 +235,7 @@ def _launch_int4(x, values, meta, scales, zeros, group_size, bias=None, cfg=None
     M, K = x.shape
     N = values.shape[0]
     out = torch.empty((M, N), device=x.device, dtype=x.dtype)
-    return C.run_matmul(
+    return matmul.run_matmul(
         INT4_FAMILY,
         (x, values, meta, scales, scales if zeros is None else zeros,
          scales if bias is None else bias),
@@ -244,7 +245,7 @@ def _launch_int4(x, values, meta, scales, zeros, group_size, bias=None, cfg=None
             "HAS_ZEROS": zeros is not None,
             "HAS_BIAS": bias is not None,
             "GROUP_SIZE": int(group_size),
-            "DOT_PRECISION": C.dot_precision(x.dtype),
+            "DOT_PRECISION": common.dot_precision(x.dtype),
         },
         epilogue={"bias": bias},
         cfg=cfg,

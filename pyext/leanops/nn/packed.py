@@ -23,7 +23,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from leanops.quant.common import FLOAT_DTYPES, ValueChecks
+from leanops.quant.common import FLOAT_DTYPES, ValueChecks, value_checks
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -150,11 +150,8 @@ class PackedLinear(nn.Module):
         errors = self._structure_errors(state, prefix)
         if errors:
             raise ValueError("; ".join(errors))
-        run_here = checks is None
-        checks = ValueChecks() if run_here else checks
-        self._check_format(state, prefix, checks)
-        if run_here:
-            checks.run()
+        with value_checks(checks) as checks:
+            self._check_format(state, prefix, checks)
 
     def load_state_dict(
         self, state_dict: Mapping[str, torch.Tensor], strict: bool = True, assign: bool = False
@@ -208,9 +205,8 @@ class PackedLinear(nn.Module):
             if errors:
                 error_msgs.extend(errors)
                 return
-            checks = ValueChecks()
-            self._check_format(candidate, prefix, checks)
-            checks.run()
+            with value_checks(None) as checks:
+                self._check_format(candidate, prefix, checks)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )

@@ -11,7 +11,7 @@ from leanops.nn.packed import PackedLinear, register_packed_linear
 from leanops.ops import int4_weight_mm, int8_dynamic_linear, int8_weight_mm
 from leanops.quant import int4 as int4_format
 from leanops.quant import int8 as int8_format
-from leanops.quant.common import ValueChecks, require_positive_finite
+from leanops.quant.common import require_positive_finite, value_checks
 
 
 def _check_int8_weight(state, prefix, checks) -> None:
@@ -62,9 +62,8 @@ class Int8Linear(PackedLinear):
                 raise ValueError(
                     f"smoothing must be a tensor of shape ({linear.in_features},), got {got}"
                 )
-            checks = ValueChecks()
-            require_positive_finite(checks, smoothing, "smoothing")
-            checks.run()
+            with value_checks(None) as checks:
+                require_positive_finite(checks, smoothing, "smoothing")
             weight = weight.float() * smoothing.float().to(weight.device)[None, :]
             module.smooth.copy_(1.0 / smoothing.float())
         q, scale = int8_format.quantize_int8_per_channel(weight)

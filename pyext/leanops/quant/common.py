@@ -3,8 +3,9 @@ scales, the error measure."""
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -67,6 +68,19 @@ class ValueChecks:
         for (_, message), count in zip(pending, counts, strict=True):
             if count:
                 raise ValueError(message())
+
+
+@contextlib.contextmanager
+def value_checks(checks: ValueChecks | None) -> Iterator[ValueChecks]:
+    """`with value_checks(checks) as c:` gives `checks` to add to (its owner runs it), or, when
+    `checks` is None, a new ValueChecks that runs when the block ends: how a validator that takes
+    `checks=` either joins a caller's batch or checks at once."""
+    if checks is not None:
+        yield checks
+        return
+    own = ValueChecks()
+    yield own
+    own.run()
 
 
 def first_bad(values: torch.Tensor, bad: torch.Tensor) -> str:

@@ -30,6 +30,7 @@ from leanops.quant.common import (
     require_at_most,
     require_positive_finite,
     safe_scale,
+    value_checks,
 )
 
 SYMMETRIC_ZERO = 8
@@ -94,13 +95,10 @@ def check_int4(
                 f"{zname} must be uint8 of shape {shape} or None (symmetric), got "
                 f"{zeros.dtype} {tuple(zeros.shape)}"
             )
-    run_here = checks is None
-    checks = ValueChecks() if run_here else checks
-    require_positive_finite(checks, scales, sname)
-    if zeros is not None:
-        require_at_most(checks, zeros, zname, QMAX)
-    if run_here:
-        checks.run()
+    with value_checks(checks) as checks:
+        require_positive_finite(checks, scales, sname)
+        if zeros is not None:
+            require_at_most(checks, zeros, zname, QMAX)
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:

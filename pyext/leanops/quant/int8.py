@@ -15,6 +15,7 @@ from leanops.quant.common import (
     div_exact,
     require_positive_finite,
     safe_scale,
+    value_checks,
 )
 
 INT8_QMAX = 127
@@ -91,11 +92,8 @@ def check_int8_per_channel(
             f"{sname} must be float32 of shape ({q.shape[0]},) (one scale per row of {qname}), "
             f"got {scale.dtype} {tuple(scale.shape)}"
         )
-    run_here = checks is None
-    checks = ValueChecks() if run_here else checks
-    require_positive_finite(checks, scale, sname)
-    if run_here:
-        checks.run()
+    with value_checks(checks) as checks:
+        require_positive_finite(checks, scale, sname)
 
 
 def dequantize_int8_per_channel(

@@ -71,7 +71,7 @@ from __future__ import annotations
 import torch
 
 from leanops.quant import int4 as int4_format
-from leanops.quant.common import ValueChecks, first_bad
+from leanops.quant.common import ValueChecks, first_bad, value_checks
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 GROUP = 4  # inputs per group
@@ -135,11 +135,8 @@ def check_meta(meta: torch.Tensor, name: str = "meta", *, checks: ValueChecks | 
             f"{', '.join(hex(c) for c in VALID_CODES)}"
         )
 
-    run_here = checks is None
-    checks = ValueChecks() if run_here else checks
-    checks.require(bad(), message)
-    if run_here:
-        checks.run()
+    with value_checks(checks) as checks:
+        checks.require(bad(), message)
 
 
 def _check_meta_shape(meta, name, n: int, k: int, of: str) -> None:
@@ -174,16 +171,13 @@ def check_24(
     n, k = values.shape[0], values.shape[1] * KEPT
     check_in_features(k, f"2 x {vname}.shape[1]")
     _check_meta_shape(meta, mname, n, k, f"{vname} of shape {tuple(values.shape)} (= [N, K/2])")
-    run_here = checks is None
-    checks = ValueChecks() if run_here else checks
 
     def nonfinite():
         return ~torch.isfinite(values)
 
-    checks.require(nonfinite(), lambda: f"{vname} must be finite; {first_bad(values, nonfinite())}")
-    check_meta(meta, mname, checks=checks)
-    if run_here:
-        checks.run()
+    with value_checks(checks) as checks:
+        checks.require(nonfinite(), lambda: f"{vname} must be finite; {first_bad(values, nonfinite())}")
+        check_meta(meta, mname, checks=checks)
 
 
 def check_24_int4(
@@ -212,14 +206,11 @@ def check_24_int4(
     check_in_features(k, f"4 x {vname}.shape[1]")
     check_int4_group_size(group_size, k)
     _check_meta_shape(meta, mname, n, k, f"{vname} of shape {tuple(values.shape)} (= [N, K/4])")
-    run_here = checks is None
-    checks = ValueChecks() if run_here else checks
-    int4_format.check_int4(
-        values, scales, zeros, group_size // 2, names=(vname, sname, zname), checks=checks
-    )
-    check_meta(meta, mname, checks=checks)
-    if run_here:
-        checks.run()
+    with value_checks(checks) as checks:
+        int4_format.check_int4(
+            values, scales, zeros, group_size // 2, names=(vname, sname, zname), checks=checks
+        )
+        check_meta(meta, mname, checks=checks)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -177,8 +177,8 @@ def quantize_int4(
             raise ValueError(f"scales must be a tensor of shape {shape}, got {got}")
         if scales.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise ValueError(f"scales must be float16, bfloat16 or float32, got {scales.dtype}")
-        if not bool((torch.isfinite(scales) & (scales > 0)).all()):
-            raise ValueError("scales must be positive and finite everywhere")
+        with value_checks(None) as checks:
+            require_positive_finite(checks, scales, "scales")
         scales = scales.detach()
     q, zeros = int4_codes(groups, scales, symmetric)
     if zeros is not None:

@@ -61,8 +61,8 @@ def _check_given_scale(scale, shape, device) -> None:
         raise ValueError(f"scale must be a tensor of shape {tuple(shape)}, got {got}")
     if scale.device != device:
         raise ValueError(f"scale must be on the weight's device {device}, got {scale.device}")
-    if not bool((torch.isfinite(scale) & (scale > 0)).all()):
-        raise ValueError("scale must be positive and finite everywhere")
+    with value_checks(None) as checks:
+        require_positive_finite(checks, scale, "scale")
 
 
 def check_int8_per_channel(

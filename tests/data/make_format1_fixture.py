@@ -10,12 +10,11 @@ The _io file holds an input x and the output y the saved model computed for it o
 
 import os
 
+import leanops
 import torch
+from leanops.nn import Int4WeightOnlyLinear, Int8Linear, Int8WeightOnlyLinear, SparseLinear
 from safetensors.torch import save_file
 from torch import nn
-
-import leanops
-from leanops.nn import Int4WeightOnlyLinear, Int8Linear, Int8WeightOnlyLinear, SparseLinear
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

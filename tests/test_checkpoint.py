@@ -325,6 +325,16 @@ def test_missing_and_unexpected_tensors_of_a_packed_layer_leave_the_model_as_it_
     assert_refused(fresh, edited, r"4\.bias is not a tensor of this layer \(it holds smooth, weight, weight_scale\)", strict=False)
 
 
+def test_a_layer_the_file_holds_dense_but_the_model_has_quantised_is_refused(tmp_path):
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 32))
+    model[0] = Int8WeightOnlyLinear.from_linear(model[0])
+    path = tmp_path / "m.safetensors"
+    leanops.save_quantized(model, path)  # model[2] stays dense
+    both = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 32))
+    both[2] = Int8WeightOnlyLinear.from_linear(both[2])
+    assert_refused(both, path, r"the model's layer '2' is quantised .* holds it unquantised", strict=False)
+
+
 def test_a_dense_tensor_of_another_shape_leaves_the_model_as_it_was(tmp_path):
     model = nn.Sequential(nn.Linear(64, 32), nn.LayerNorm(32))
     model[0] = Int8WeightOnlyLinear.from_linear(model[0])

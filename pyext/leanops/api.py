@@ -337,6 +337,12 @@ def _check_dense_keys(
     """The file's tensors outside the quantised layers, checked against the model's (names, and
     shapes, which torch would refuse even with strict=False); tied names are satisfied by any
     one of their names."""
+    for name, module in model.named_modules():
+        if isinstance(module, PackedLinear) and name not in planned and _tensors_of(name, tensors):
+            raise ValueError(
+                f"the model's layer {name!r} is quantised ({module.spec()}), but {path} holds it "
+                "unquantised: load the file into a model built without quantising that layer"
+            )
     state = model.state_dict()
     dense = {key: t for key, t in state.items() if key.rpartition(".")[0] not in planned}
     given = {key: t for key, t in tensors.items() if key.rpartition(".")[0] not in planned}

@@ -11,6 +11,15 @@ from leanops.nn.packed import PackedLinear, register_packed_linear
 from leanops.ops import int4_weight_mm, int8_dynamic_linear, int8_weight_mm
 from leanops.quant import int4 as int4_format
 from leanops.quant import int8 as int8_format
+from leanops.quant.common import require_positive_finite, value_checks
+
+
+def _check_int8_weight(state, prefix, checks) -> None:
+    """The per-channel int8 weight both int8 layers store (weight, weight_scale)."""
+    int8_format.check_int8_per_channel(
+        state["weight"], state["weight_scale"],
+        names=(prefix + "weight", prefix + "weight_scale"), checks=checks,
+    )
 
 
 @register_packed_linear
@@ -45,11 +54,16 @@ class Int8Linear(PackedLinear):
             smoothquant=smoothing is not None, device=weight.device, dtype=weight.dtype,
         )
         if smoothing is not None:
-            if smoothing.shape != (linear.in_features,) or not bool((smoothing > 0).all()):
-                raise ValueError(
-                    f"smoothing must be a positive tensor of shape ({linear.in_features},), got "
-                    f"{tuple(smoothing.shape)}"
+            if not isinstance(smoothing, torch.Tensor) or smoothing.shape != (linear.in_features,):
+                got = (
+                    tuple(smoothing.shape) if isinstance(smoothing, torch.Tensor)
+                    else type(smoothing).__name__
                 )
+                raise ValueError(
+                    f"smoothing must be a tensor of shape ({linear.in_features},), got {got}"
+                )
+            with value_checks(None) as checks:
+                require_positive_finite(checks, smoothing, "smoothing")
             weight = weight.float() * smoothing.float().to(weight.device)[None, :]
             module.smooth.copy_(1.0 / smoothing.float())
         q, scale = int8_format.quantize_int8_per_channel(weight)
@@ -60,6 +74,11 @@ class Int8Linear(PackedLinear):
 
     def format_args(self):
         return {"smoothquant": self.smooth is not None}
+
+    def _check_format(self, state, prefix, checks):
+        _check_int8_weight(state, prefix, checks)
+        if self.smooth is not None:
+            require_positive_finite(checks, state["smooth"], prefix + "smooth")
 
     def _matmul(self, x2d):
         return int8_dynamic_linear(x2d, self.weight, self.weight_scale, self.smooth, self.bias)
@@ -95,6 +114,9 @@ class Int8WeightOnlyLinear(PackedLinear):
         module.weight_scale.copy_(scale)
         cls._copy_bias(linear, module)
         return module
+
+    def _check_format(self, state, prefix, checks):
+        _check_int8_weight(state, prefix, checks)
 
     def _matmul(self, x2d):
         return int8_weight_mm(x2d, self.weight, self.weight_scale, self.bias)
@@ -161,6 +183,13 @@ class Int4WeightOnlyLinear(PackedLinear):
 
     def format_args(self):
         return {"group_size": self.group_size, "symmetric": self.symmetric}
+
+    def _check_format(self, state, prefix, checks):
+        int4_format.check_int4(
+            state["weight_packed"], state["weight_scale"], state.get("weight_zero"), self.group_size,
+            names=(prefix + "weight_packed", prefix + "weight_scale", prefix + "weight_zero"),
+            checks=checks,
+        )
 
     def _matmul(self, x2d):
         return int4_weight_mm(

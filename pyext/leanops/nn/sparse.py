@@ -147,6 +147,21 @@ class SparseLinear(PackedLinear):
     def format_args(self):
         return {"group_size": self.group_size, "symmetric": self.symmetric, "kernel": self.kernel}
 
+    def _check_format(self, state, prefix, checks):
+        keys = ("weight_values", "weight_scale", "weight_zero", "weight_meta")
+        names = {key: prefix + key for key in keys}
+        if self.group_size is None:
+            sparse_format.check_24(
+                state["weight_values"], state["weight_meta"],
+                names=(names["weight_values"], names["weight_meta"]), checks=checks,
+            )
+        else:
+            sparse_format.check_24_int4(
+                state["weight_values"], state["weight_scale"], state.get("weight_zero"),
+                state["weight_meta"], self.group_size,
+                names=tuple(names.values()), checks=checks,
+            )
+
     def _matmul(self, x2d):
         if self.kernel == "torch":
             return self._torch_matmul(x2d)
@@ -199,9 +214,6 @@ class SparseLinear(PackedLinear):
         return state
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # Metadata enters here from files: refuse invalid group codes with a clear error.
-        meta = state_dict.get(prefix + "weight_meta")
-        if isinstance(meta, torch.Tensor) and meta.dtype == torch.uint8 and meta.dim() == 2:
-            sparse_format.check_meta(meta, f"{prefix}weight_meta")
+        # PackedLinear checks the metadata codes (and everything else) before loading.
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._torch_weight = None

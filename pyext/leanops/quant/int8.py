@@ -10,7 +10,14 @@ from __future__ import annotations
 
 import torch
 
-from leanops.quant.common import check_float_matrix, div_exact, safe_scale
+from leanops.quant.common import (
+    ValueChecks,
+    check_float_matrix,
+    div_exact,
+    require_positive_finite,
+    safe_scale,
+    value_checks,
+)
 
 INT8_QMAX = 127
 # Per-token scales are clamped to the smallest normal fp32 so an all-zero row (scale 0) divides
@@ -55,8 +62,39 @@ def _check_given_scale(scale, shape, device) -> None:
         raise ValueError(f"scale must be a tensor of shape {tuple(shape)}, got {got}")
     if scale.device != device:
         raise ValueError(f"scale must be on the weight's device {device}, got {scale.device}")
-    if not bool((torch.isfinite(scale) & (scale > 0)).all()):
-        raise ValueError("scale must be positive and finite everywhere")
+    with value_checks(None) as checks:
+        require_positive_finite(checks, scale, "scale")
+
+
+def check_int8_per_channel(
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    *,
+    names: tuple[str, str] = ("q", "scale"),
+    checks: ValueChecks | None = None,
+) -> None:
+    """Check that (q, scale) is a valid per-channel int8 weight, as stored (a file, a state_dict).
+
+    q: int8 [N, K]; every byte is a usable code (leanops writes [-127, 127]).
+    scale: float32 [N], positive and finite.
+    names: how the two tensors are named in errors (e.g. "layers.0.q_proj.weight").
+    checks: a leanops.quant.common.ValueChecks to add the value checks to (the caller runs it);
+        None: they run here.
+    Raises TypeError / ValueError naming the tensor and what is allowed.
+    """
+    qname, sname = names
+    for t, name in ((q, qname), (scale, sname)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if q.dtype != torch.int8 or q.dim() != 2:
+        raise ValueError(f"{qname} must be int8 [N, K], got {q.dtype} {tuple(q.shape)}")
+    if scale.dtype != torch.float32 or tuple(scale.shape) != (q.shape[0],):
+        raise ValueError(
+            f"{sname} must be float32 of shape ({q.shape[0]},) (one scale per row of {qname}), "
+            f"got {scale.dtype} {tuple(scale.shape)}"
+        )
+    with value_checks(checks) as checks:
+        require_positive_finite(checks, scale, sname)
 
 
 def dequantize_int8_per_channel(

@@ -138,7 +138,7 @@ def _bad_calls():
         (lambda: leanops.attention_decode(q, k, v, torch.tensor([1, 2])), r"cache_seqlens must have dtype int32"),
         (lambda: leanops.attention_decode(q, k, v, None, torch.zeros(2, 3, dtype=torch.int32)), r"cache_seqlens is required with a block_table"),
         (lambda: leanops.attention_decode(q, k, v, torch.ones(2, dtype=torch.int32), torch.zeros(3, 3, dtype=torch.int32)), r"block_table must be \[B, max_pages\] with q's batch 2"),
-        (lambda: leanops.attention_int8(q, k, v), r"attention_int8: q must have dtype float16, bfloat16"),
+        (lambda: leanops.attention_int8(q.double(), k.double(), v.double()), r"attention_int8: q must have dtype float16, bfloat16, float32; got torch.float64"),
     ]
 
 
@@ -195,6 +195,15 @@ def _bwd_args():
     return (torch.randn_like(out), q, k, v, out, lse, None, None, None, 0, 0, 0.25, -1, 0, 0.0)
 
 
+def _int8_bwd_args():
+    q, k, v = _qkv(sq=5, sk=70, dtype=torch.float16)
+    with leanops.use_backend("reference"):
+        out, lse = torch.ops.leanops.attention_int8(q, k, v, None, None, None, 0, 0, 0.25, -1, 0,
+                                                    0.0, True)
+    return (torch.randn_like(out), q, k, v, out, lse, None, None, None, 0, 0, 0.25, -1, 0, 0.0,
+            True)
+
+
 def _decode_args():
     q = torch.randn(2, 4, 2, 16, dtype=torch.float16)
     k, v = (torch.randn(5, 2, 4, 16, dtype=torch.float16) for _ in range(2))
@@ -210,7 +219,11 @@ OPCHECK_CASES = {
     "attention_fwd_short_q_grad": lambda: (*_qkv(sq=2, sk=6, grad=True), None, None, None, 0, 0, 0.25, -1, 0, 0.0),
     "attention_bwd": _bwd_args,
     "attention_decode": _decode_args,
-    "attention_int8": lambda: (*_qkv(sq=5, sk=70, dtype=torch.float16), 0.25, -1, 0, 0.0, True),
+    "attention_int8": lambda: (*_qkv(sq=5, sk=70, dtype=torch.float16), None, None, None, 0, 0, 0.25, -1, 0, 0.0, True),
+    "attention_int8_grad": lambda: (*_fwd_args(True, dtype=torch.float16, wl=2, cap=3.0), True),
+    "attention_int8_bias_grad": lambda: (*_fwd_args(True, bias=True, wr=-1), False),
+    "attention_int8_varlen_grad": lambda: (*_varlen_args(True), True),
+    "attention_int8_bwd": lambda: _int8_bwd_args(),
 }
 
 

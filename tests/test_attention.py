@@ -241,23 +241,27 @@ def test_opcheck(case, backend, request):
 
 
 class _TinyBlock(nn.Module):
-    def __init__(self):
+    def __init__(self, op):
         super().__init__()
+        self.op = op
         self.qkv = nn.Linear(32, 96)
         self.out = nn.Linear(32, 32)
 
     def forward(self, x):
         b, s, _ = x.shape
         q, k, v = self.qkv(x).view(b, s, 3, 2, 16).unbind(2)
-        o = leanops.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                              causal=True, window=(4, 0))
+        o = self.op(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True,
+                    window=(4, 0))
         return self.out(o.transpose(1, 2).reshape(b, s, 32))
 
 
-def test_torch_compile_fullgraph_forward_and_backward():
+@pytest.mark.parametrize("op", ["attention", "attention_int8"])
+def test_torch_compile_fullgraph_forward_and_backward(op):
+    """Forward and backward of a block traced in one graph (fullgraph: a graph break raises);
+    attention_int8's registered autograd (attention_int8_bwd) included."""
     torch._dynamo.reset()
-    block = _TinyBlock()
-    x = torch.randn(2, 11, 32, requires_grad=True)
+    block = _TinyBlock(getattr(leanops, op))
+    x = torch.randn(2, 70 if op == "attention_int8" else 11, 32, requires_grad=True)
     eager = block(x)
     g_eager = torch.autograd.grad(eager.sum(), (x, block.qkv.weight))
     compiled = torch.compile(block, backend="aot_eager", fullgraph=True)

@@ -170,6 +170,50 @@ def test_int8_error_against_fp32(dtype):
     assert sqnr(got) >= 33.0
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("causal,window,hq,hkv,d", [(True, None, 8, 2, 128), (False, (64, 32), 4, 4, 64),
+                                                   (True, None, 4, 1, 80)])
+def test_int8_backward_matches_the_definition(dtype, causal, window, hq, hkv, d):
+    """attention_int8's forward and backward in bf16/fp16 against the definition in fp64 (int8
+    operands quantised from the same inputs; leanops.ops.int8_attention), the 2x rule against
+    PyTorch evaluating the same definition in the input dtype (see tests/test_attention_int8.py)."""
+    from leanops.ops import int8_attention as I
+
+    b, sq, sk = 2, 1000, 1037
+    q, k, v, do = (torch.randn(b, h, s, d, device=DEV, dtype=dtype)
+                   for h, s in ((hq, sq), (hkv, sk), (hkv, sk), (hq, sq)))
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    with leanops.use_backend("triton"):
+        out = leanops.attention_int8(*leaves, causal=causal, window=window)
+        got = (out, *torch.autograd.grad(out, leaves, do))
+    wl, wr = A.normalize_window(causal, window)
+    refs = []
+    for f in (torch.float64, dtype):
+        o, lse = I.reference_attention_int8(q, k, v, None, None, None, d**-0.5, wl, wr, 0.0, True, f)
+        refs.append((o, *I.reference_attention_int8_bwd(do, q, k, v, o, lse, None, None, None,
+                                                        d**-0.5, wl, wr, 0.0, True, f)))
+    for name, g, r, rb in zip(("out", "dq", "dk", "dv"), got, *refs, strict=True):
+        assert_2x(g, r, rb, dtype, name)
+
+
+def test_int8_backward_every_kept_config():
+    """Every int8 backward config the keep() rules admit (BLOCK_M / BLOCK_N of the reduced axis
+    pinned to the format's 64) gives the same gradients as the default one."""
+    from leanops.triton import attention as T
+
+    q, k, v, do = (torch.randn(1, 4, 777, 128, device=DEV, dtype=torch.bfloat16) for _ in range(4))
+    out, lse = torch.ops.leanops.attention_int8(q, k, v, None, None, None, 0, 0, 128**-0.5, -1, 0,
+                                                0.0, True)
+    args = (do, q, k, v, out, lse, None, None, None, 0, 0, 128**-0.5, -1, 0, 0.0, True)
+    want = T.attention_int8_bwd(*args)
+    meta = dict(BLOCK_D=128, V=v, SQ_BUCKET=1024, SK_BUCKET=1024, HAS_BIAS=False, QK_INT8=True)
+    for kind, kw in (("dkdv", "cfg_dkdv"), ("dq", "cfg_dq")):
+        for i in sorted(T._kept_for_call(kind, meta)):
+            got = T.attention_int8_bwd(*args, **{kw: T._CONFIGS[kind][i]})
+            for g, w in zip(got, want, strict=True):
+                torch.testing.assert_close(g, w, rtol=0, atol=2e-2 * w.abs().max().item())
+
+
 @pytest.mark.slow
 def test_int64_offsets():
     """More than 2**31 elements per tensor: offsets computed in int32 would wrap."""
@@ -189,7 +233,7 @@ def test_int64_offsets():
 
 
 @pytest.mark.sanitize
-@pytest.mark.parametrize("case", ["fwd-bwd", "varlen", "decode-paged", "bias", "int8"])
+@pytest.mark.parametrize("case", ["fwd-bwd", "varlen", "decode-paged", "bias", "int8", "int8-varlen"])
 def test_sanitize_small(case):
     """Ragged small shapes through every kernel: compute-sanitizer looks for out-of-bounds and
     uninitialised accesses at the edges."""
@@ -210,7 +254,12 @@ def test_sanitize_small(case):
         q, k, v = (torch.randn(2, 2, 29, 32, device=DEV, dtype=t, requires_grad=True) for _ in range(3))
         mask = torch.rand(2, 1, 29, 29, device=DEV) > 0.5
         leanops.attention(q, k, v, attn_mask=mask).sum().backward()
-    else:
-        q, k, v = (torch.randn(1, 2, 77, 64, device=DEV, dtype=t) for _ in range(3))
-        leanops.attention_int8(q, k, v, causal=True)
+    elif case == "int8":
+        q, k, v = (torch.randn(1, 2, 77, 64, device=DEV, dtype=t, requires_grad=True) for _ in range(3))
+        leanops.attention_int8(q, k, v, causal=True).sum().backward()
+    else:  # int8-varlen
+        cu = torch.tensor([0, 5, 5, 140], device=DEV, dtype=torch.int32)
+        q, k, v = (torch.randn(140, 4, 80, device=DEV, dtype=t, requires_grad=True) for _ in range(3))
+        out = leanops.attention_int8_varlen(q, k, v, cu, cu, 135, 135, causal=True, window=(70, 0))
+        out.sum().backward()
     torch.cuda.synchronize()

@@ -17,7 +17,7 @@ Outputs are poisoned (NaN-filled torch.empty) so an unwritten element cannot pas
 import leanops
 import pytest
 import torch
-from helpers import poisoned_memory
+from helpers import assert_2x, poisoned_memory
 from leanops import ops
 from leanops.ops import attention as A
 
@@ -27,23 +27,10 @@ from leanops.triton import attention_decode as TD  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:tl.make_block_ptr is deprecated")
 
-FLOOR = {torch.float16: 2.0**-10, torch.float32: 1e-5}
-
 
 @pytest.fixture(autouse=True)
 def _interpreter_only(interpreter):
     pass
-
-
-def assert_2x(got, ref64, base, dtype, what):
-    assert torch.isfinite(got).all(), f"{what}: non-finite values (unwritten output?)"
-    err = (got.double() - ref64).abs().max().item()
-    b = (base.double() - ref64).abs().max().item()
-    # The floor is relative to the output's magnitude, but not below 1/20 of the O(1) inputs'
-    # scale: a gradient that is exactly zero (dq with a single visible key) is computed from
-    # cancelling O(1) terms, and its rounding noise is relative to those, not to zero.
-    floor = FLOOR[dtype] * max(ref64.abs().max().item(), 0.05)
-    assert err <= 2 * b + floor, f"{what}: error {err:.3g} vs PyTorch {dtype} {b:.3g} (+ floor {floor:.3g})"
 
 
 def dense_refs(q, k, v, do, bias, scale, wl, wr, softcap):

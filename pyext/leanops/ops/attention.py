@@ -462,6 +462,15 @@ def _softcap_value(softcap):
     return softcap
 
 
+def public_call_args(q, k, attn_mask, causal, scale, window, softcap):
+    """(bias, scale, window_left, window_right, softcap) as the ops take them, from the public
+    functions' (attn_mask, causal, scale, window, softcap); shared by attention and
+    attention_int8 so both read their arguments alike."""
+    wl, wr = normalize_window(causal, window)
+    scale = default_scale(q.shape[-1]) if scale is None else scale
+    return _mask_to_bias(attn_mask, q, k), float(scale), wl, wr, _softcap_value(softcap)
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -485,10 +494,9 @@ def attention(
     - dtypes float16/bfloat16 (Triton kernels on sm_80+ GPUs) and float32; head dim 1-256.
     On CPU tensors the fp32 PyTorch reference runs. Rows that see no key return 0.
     """
-    wl, wr = normalize_window(causal, window)
-    bias = _mask_to_bias(attn_mask, q, k)
+    bias, scale, wl, wr, cap = public_call_args(q, k, attn_mask, causal, scale, window, softcap)
     out, _ = attention_fwd(q, k, v, bias, scale=scale, window_left=wl, window_right=wr,
-                           softcap=_softcap_value(softcap))
+                           softcap=cap)
     return out
 
 
@@ -511,7 +519,7 @@ def attention_varlen(
     starting at 0). max_seqlen_q/k: the longest sequence (sizes the launch grid; a smaller value
     than the truth leaves rows unwritten). Masks per sequence as in `attention`. Differentiable
     in q, k, v. Returns out [Tq, Hq, D]."""
-    wl, wr = normalize_window(causal, window)
+    _, scale, wl, wr, cap = public_call_args(q, k, None, causal, scale, window, softcap)
     out, _ = attention_fwd(q, k, v, None, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
-                           int(max_seqlen_k), scale, wl, wr, _softcap_value(softcap))
+                           int(max_seqlen_k), scale, wl, wr, cap)
     return out

@@ -19,10 +19,11 @@ The definition (the reference computes it in fp32; the kernels follow it):
   forward   S = Qd Kd^T * scale, P = softmax(S), out = P V (P V in v's dtype), lse = logsumexp(S).
   backward  FA2's five products, chosen from measured gradient error (bench/NOTES.md, "int8
             attention: which backward products run in int8"):
-              S  = Qd Kd^T         recomputed from the same int8 codes (P is the forward's: a
-                                   16-bit S against the int8 forward's lse was 3-100000x worse)
+              S  = Qd Kd^T         recomputed from the same int8 codes, so P is the forward's (a
+                                   16-bit S against the int8 forward's lse: dQ error 1.8-3.6%
+                                   instead of 1.3%, 10^4 % once keys share an offset)
               dP = dO V^T          16-bit (as SageBwd found: in int8 it adds the most error once
-                                   K has an offset, dQ 1.7 -> 4.0% at S = 1024)
+                                   keys share an offset, dQ 1.5 -> 4.4% at S = 1024)
               dV = P^T dO          int8: P per (key, QK_BLOCK queries), dO per QK_BLOCK rows
               dQ = dS Kd * scale   int8: dS per (query, QK_BLOCK keys), Kd the forward's codes
               dK = dS^T Qd * scale int8: dS^T per (key, QK_BLOCK queries), Qd the forward's codes
@@ -46,15 +47,12 @@ from leanops.ops.attention import (
     _ARGS,
     _empty_problem,
     _lse_shape,
-    _mask_to_bias,
     _safe_lse,
     _seq,
-    _softcap_value,
     _varlen_slices,
     check_attention_bwd,
     check_attention_fwd,
-    default_scale,
-    normalize_window,
+    public_call_args,
     reference_attention,
     reference_scores,
 )
@@ -67,7 +65,7 @@ BWD_OP = "leanops.attention_int8_bwd"
 # Reference (the definition)
 
 
-def dequantized_qk(q, k, smooth_k, cu_q=None, cu_k=None):
+def _dequantized_qk(q, k, smooth_k, cu_q=None, cu_k=None):
     """(Qd, Kd, balance): fp32 dequantised int8 Q and K in q's and k's layouts (dense or varlen)
     and the per-channel balance [B, Hkv, D] (see leanops.quant.int8.quantize_qk)."""
     c = int8_format.quantize_qk(q, k, smooth_k, cu_q, cu_k)
@@ -77,9 +75,15 @@ def dequantized_qk(q, k, smooth_k, cu_q=None, cu_k=None):
 
 def reference_attention_int8(q, k, v, bias, cu_q, cu_k, scale, wl, wr, softcap, smooth_k,
                              dtype=torch.float32):
-    """(out, lse) in `dtype` of the definition's forward, dense or varlen (cu_q/cu_k given; bias
-    then None): leanops.ops.attention's reference on the dequantised int8 Q and K."""
-    qd, kd, _ = dequantized_qk(q, k, smooth_k, cu_q, cu_k)
+    """The definition's forward: leanops.ops.attention's reference on the dequantised int8 Q, K.
+
+    q, k, v, bias, cu_q, cu_k, scale, wl, wr, softcap: as leanops::attention_int8 takes them
+        (dense [B, H, S, D] or varlen [T, H, D] with cu_q/cu_k int32 [B + 1] and bias None).
+    smooth_k: bool, as the op. dtype: what the math runs in (default float32; tests use
+        float64 for the truth and the inputs' dtype for the 2x rule's baseline).
+    Returns (out in `dtype`, q's shape; lse in `dtype`, [B, H, S] or [H, T]).
+    """
+    qd, kd, _ = _dequantized_qk(q, k, smooth_k, cu_q, cu_k)
     if cu_q is None:
         return reference_attention(qd, kd, v, bias, scale, wl, wr, softcap, dtype)
     out = torch.zeros(q.shape, dtype=dtype, device=q.device)
@@ -100,8 +104,8 @@ def _attention_int8_reference(q, k, v, bias, cu_q, cu_k, max_q, max_k, scale, wl
     return out, lse.float().contiguous()
 
 
-def int8_attention_bwd_math(grad_out, grad_out_d, qd, kd, balance, v, out, lse, bias, scale, wl,
-                            wr, softcap, dtype=torch.float32):
+def _bwd_math(grad_out, grad_out_d, qd, kd, balance, v, out, lse, bias, scale, wl, wr, softcap,
+              dtype=torch.float32):
     """(dq, dk, dv) in `dtype` of the definition's backward (module docstring) for dense
     [B, H, S, D] tensors whose int8 operands are already dequantised: qd, kd (the forward's Q and
     K), grad_out_d (dO's int8 copy, used by dV); balance [B, Hkv, D]. The int8 rounding of P and
@@ -137,20 +141,25 @@ def int8_attention_bwd_math(grad_out, grad_out_d, qd, kd, balance, v, out, lse, 
 
 def reference_attention_int8_bwd(grad_out, q, k, v, out, lse, bias, cu_q, cu_k, scale, wl, wr,
                                  softcap, smooth_k, dtype=torch.float32):
-    """(dq, dk, dv) in `dtype` of the definition's backward (module docstring), dense or varlen,
-    with the int8 operands quantised from q, k and grad_out exactly as the kernels do and the
-    rest computed in `dtype` (tests evaluate it in float64 as the truth, and in the inputs'
-    dtype as "PyTorch's same-dtype implementation")."""
-    qd, kd, balance = dequantized_qk(q, k, smooth_k, cu_q, cu_k)
+    """The definition's backward (module docstring): int8 operands quantised from q, k and
+    grad_out exactly as the kernels do, the rest computed in `dtype`.
+
+    grad_out: q's shape. q, k, v, bias, cu_q, cu_k, scale, wl, wr, softcap, smooth_k: as the op.
+    out, lse: the forward's (any float dtype: they are converted to `dtype`).
+    dtype: what the math runs in (default float32; tests: float64 as the truth, the inputs'
+        dtype as "PyTorch's same-dtype implementation").
+    Returns (dq, dk, dv) in `dtype`, shaped as q, k, v.
+    """
+    qd, kd, balance = _dequantized_qk(q, k, smooth_k, cu_q, cu_k)
     dod = int8_format.dequantize_qk(*int8_format.quantize_blocks(grad_out, cu_q), cu_q)
     if cu_q is None:
-        return int8_attention_bwd_math(grad_out, dod, qd, kd, balance, v, out, lse, bias, scale,
-                                       wl, wr, softcap, dtype)
+        return _bwd_math(grad_out, dod, qd, kd, balance, v, out, lse, bias, scale, wl, wr,
+                         softcap, dtype)
     dq = torch.zeros(q.shape, dtype=dtype, device=q.device)
     dk = torch.zeros(k.shape, dtype=dtype, device=q.device)
     dv = torch.zeros(v.shape, dtype=dtype, device=q.device)
     for b, (rq, rk) in enumerate(_varlen_slices(cu_q, cu_k)):
-        g = int8_attention_bwd_math(
+        g = _bwd_math(
             _seq(grad_out, rq), _seq(dod, rq), _seq(qd, rq), _seq(kd, rk), balance[b : b + 1],
             _seq(v, rk), _seq(out, rq), lse[:, rq].unsqueeze(0), None, scale, wl, wr, softcap,
             dtype,
@@ -292,14 +301,9 @@ def attention_int8(
     Raises ValueError naming the argument for bad shapes, dtypes, devices or values (as
     leanops.attention), NotImplementedError if attn_mask requires grad.
     """
-    wl, wr = normalize_window(causal, window)
-    bias = _mask_to_bias(attn_mask, q, k)
-    if scale is None:
-        scale = default_scale(q.shape[-1])
-    out, _ = torch.ops.leanops.attention_int8.default(
-        q, k, v, bias, None, None, 0, 0, float(scale), wl, wr, _softcap_value(softcap),
-        bool(smooth_k),
-    )
+    bias, scale, wl, wr, cap = public_call_args(q, k, attn_mask, causal, scale, window, softcap)
+    out, _ = torch.ops.leanops.attention_int8.default(q, k, v, bias, None, None, 0, 0, scale, wl,
+                                                      wr, cap, bool(smooth_k))
     return out
 
 
@@ -329,11 +333,8 @@ def attention_int8_varlen(
     Returns out [Tq, Hq, D] in q's dtype; differentiable in q, k, v.
     Raises ValueError naming the argument for bad shapes, dtypes, devices or values.
     """
-    wl, wr = normalize_window(causal, window)
-    if scale is None:
-        scale = default_scale(q.shape[-1])
+    _, scale, wl, wr, cap = public_call_args(q, k, None, causal, scale, window, softcap)
     out, _ = torch.ops.leanops.attention_int8.default(
-        q, k, v, None, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
-        float(scale), wl, wr, _softcap_value(softcap), bool(smooth_k),
-    )
+        q, k, v, None, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), scale,
+        wl, wr, cap, bool(smooth_k))
     return out

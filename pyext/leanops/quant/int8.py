@@ -173,13 +173,21 @@ class QKCodes(NamedTuple):
 
 
 def block_slot(cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """int64 [B]: the first scale slot of each sequence of a varlen batch (see above)."""
+    """The first scale slot of each sequence of a varlen batch (see above).
+
+    cu_seqlens: int32 [B + 1], starting at 0.
+    Returns int64 [B]: cu_seqlens[b] // QK_BLOCK + b.
+    """
     cu = cu_seqlens.long()
     return cu[:-1] // QK_BLOCK + torch.arange(cu.shape[0] - 1, device=cu.device)
 
 
 def num_slots(total: int, batch: int) -> int:
-    """Scale slots of a varlen tensor of `total` rows holding `batch` sequences."""
+    """Scale slots of a varlen tensor (the length of its scales' last dim).
+
+    total: rows of the packed tensor (T); batch: sequences in it (B).
+    Returns total // QK_BLOCK + batch.
+    """
     return total // QK_BLOCK + batch
 
 
@@ -196,14 +204,19 @@ def qk_stats(
     q: torch.Tensor, k: torch.Tensor, smooth_k: bool,
     cu_seqlens_q: torch.Tensor | None = None, cu_seqlens_k: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """(k_mean or None, balance), each fp32 [B, Hkv, D]: the smoothing statistics of the Q/K
-    format (above) per sequence, kv head and channel. Dense q [B, Hq, S, D], k [B, Hkv, S, D];
-    varlen q [Tq, Hq, D], k [Tk, Hkv, D] with cu_seqlens_q/k int32 [B + 1]. Unchecked core: no
-    host synchronisation, traceable."""
+    """The smoothing statistics of the Q/K format (above), per sequence, kv head and channel.
+
+    q: dense [B, Hq, Sq, D] or varlen [Tq, Hq, D], float16/bfloat16/float32.
+    k: dense [B, Hkv, Sk, D] or varlen [Tk, Hkv, D], q's dtype; Hq a multiple of Hkv.
+    smooth_k: compute K's mean (else k_mean is None and K is balanced as it is).
+    cu_seqlens_q, cu_seqlens_k: int32 [B + 1] for varlen inputs; default None (dense).
+    Returns (k_mean fp32 [B, Hkv, D] or None, balance fp32 [B, Hkv, D], powers of two).
+    Unchecked core (the op checks its inputs): no host synchronisation, traceable.
+    """
     varlen = cu_seqlens_q is not None
     hq, hkv, d = q.shape[1], k.shape[1], q.shape[-1]  # heads are dim 1 in both layouts
-    kf = k.float()
     if varlen:
+        kf = k.float()
         qa = q.float().abs().view(q.shape[0], hkv, hq // hkv, d).amax(2)  # [Tq, Hkv, D]
         q_amax = _segments(qa, cu_seqlens_q, "max")
         mean = _segments(kf, cu_seqlens_k, "mean") if smooth_k else None
@@ -214,12 +227,17 @@ def qk_stats(
             kf = kf - mean[seq]
         k_amax = _segments(kf.abs(), cu_seqlens_k, "max")
     else:
-        b, _, sq, _ = q.shape
-        q_amax = q.float().abs().view(b, hkv, hq // hkv, sq, d).amax(dim=(2, 3))
-        mean = kf.mean(dim=2) if smooth_k else None
+        # Reductions straight from the 16-bit tensors, no fp32 or |x| copies (on a GPU these
+        # passes are a visible part of the forward at S = 4096). Exact all the same: max|x| is
+        # max(max x, -min x), and since fp32 rounding of k - mean is monotonic in k,
+        # max_s |fl(k_s - mean)| = max(fl(max k - mean), fl(mean - min k)).
+        qg = q.unflatten(1, (hkv, hq // hkv))
+        q_amax = torch.maximum(qg.amax(dim=(2, 3)), -qg.amin(dim=(2, 3))).float()
+        k_max, k_min = k.amax(dim=2).float(), k.amin(dim=2).float()
+        mean = k.mean(dim=2, dtype=torch.float32) if smooth_k else None
         if mean is not None:
-            kf = kf - mean[:, :, None]
-        k_amax = kf.abs().amax(dim=2)
+            k_max, k_min = k_max - mean, k_min - mean
+        k_amax = torch.maximum(k_max, -k_min)
     # b = 2^round(log2(sqrt(q_amax / k_amax))); 1 where either side is all zero
     ok = (q_amax > 0) & (k_amax > 0)
     e = torch.round(0.5 * (torch.log2(torch.where(ok, q_amax, 1.0))
@@ -273,9 +291,14 @@ def quantize_qk(
     q: torch.Tensor, k: torch.Tensor, smooth_k: bool,
     cu_seqlens_q: torch.Tensor | None = None, cu_seqlens_k: torch.Tensor | None = None,
 ) -> QKCodes:
-    """attention_int8's int8 Q and K (the format above) of dense q [B, Hq, Sq, D], k
-    [B, Hkv, Sk, D], or varlen q [Tq, Hq, D], k [Tk, Hkv, D] with cu_seqlens_q/k int32 [B + 1]
-    (float16/bfloat16/float32). smooth_k: subtract K's mean first. Returns a QKCodes."""
+    """attention_int8's int8 Q and K (the format above).
+
+    q: dense [B, Hq, Sq, D] or varlen [Tq, Hq, D], float16/bfloat16/float32.
+    k: dense [B, Hkv, Sk, D] or varlen [Tk, Hkv, D], q's dtype; Hq a multiple of Hkv.
+    smooth_k: subtract K's mean (per sequence, kv head, channel) before quantising.
+    cu_seqlens_q, cu_seqlens_k: int32 [B + 1] for varlen inputs; default None (dense).
+    Returns a QKCodes (codes in q's and k's shapes, scales, k_mean, balance).
+    """
     mean, balance = qk_stats(q, k, smooth_k, cu_seqlens_q, cu_seqlens_k)
     group = q.shape[1] // k.shape[1]
     q_mul = (1.0 / balance).repeat_interleave(group, dim=1)  # exact: powers of two
@@ -285,15 +308,25 @@ def quantize_qk(
 
 
 def quantize_blocks(x: torch.Tensor, cu_seqlens: torch.Tensor | None = None):
-    """(int8 codes of x's shape, fp32 scales) of dense x [B, H, S, D] or varlen x [T, H, D] per
-    QK_BLOCK rows, with no smoothing: attention_int8's dO."""
+    """attention_int8's dO: int8 per QK_BLOCK rows of each (sequence, head), no smoothing.
+
+    x: dense [B, H, S, D] or varlen [T, H, D], float16/bfloat16/float32.
+    cu_seqlens: int32 [B + 1] for a varlen x; default None (dense).
+    Returns (int8 codes of x's shape, fp32 scales [B, H, ceil(S / QK_BLOCK)] or
+    [H, num_slots(T, B)]).
+    """
     return _quantize(x, cu_seqlens)
 
 
 def dequantize_qk(codes: torch.Tensor, scale: torch.Tensor,
                   cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
-    """fp32 values of int8 codes (dense [B, H, S, D] or varlen [T, H, D]) and their block scales
-    (one of QKCodes' halves, or quantize_blocks' output)."""
+    """The fp32 values of block-quantised codes (one of QKCodes' halves, or quantize_blocks').
+
+    codes: int8, dense [B, H, S, D] or varlen [T, H, D].
+    scale: fp32 [B, H, ceil(S / QK_BLOCK)] or, varlen, [H, num_slots(T, B)].
+    cu_seqlens: int32 [B + 1] for varlen codes; default None (dense).
+    Returns fp32 of codes' shape (varlen rows of no sequence are 0).
+    """
     if cu_seqlens is None:
         return codes.float() * scale.repeat_interleave(QK_BLOCK, dim=2)[:, :, : codes.shape[2], None]
     out = torch.zeros(codes.shape, dtype=torch.float32, device=codes.device)
@@ -308,11 +341,17 @@ def dequantize_qk(codes: torch.Tensor, scale: torch.Tensor,
 
 
 def fake_quantize_row_tiles(x: torch.Tensor) -> torch.Tensor:
-    """x [..., R, C] (float) quantised to int8 and back, one scale per row per QK_BLOCK columns
-    (counted from column 0): the backward's P and dS, reduced over C. fp32 result."""
+    """The backward's P and dS rounded to their int8 grid: one scale per row per QK_BLOCK
+    columns (counted from column 0), the columns being the reduced axis.
+
+    x: float [..., R, C].
+    Returns x quantised and dequantised, fp32 (fp64 for an fp64 x: the tests' truth rounds the
+    fp64 values); all-zero rows stay zero.
+    """
     *lead, r, c = x.shape
     nb = (c + QK_BLOCK - 1) // QK_BLOCK
-    xf = torch.nn.functional.pad(x.float(), (0, nb * QK_BLOCK - c)).reshape(*lead, r, nb, QK_BLOCK)
+    xf = x if x.dtype == torch.float64 else x.float()
+    xf = torch.nn.functional.pad(xf, (0, nb * QK_BLOCK - c)).reshape(*lead, r, nb, QK_BLOCK)
     scale = div_exact(xf.abs().amax(-1, keepdim=True), INT8_QMAX).clamp_min(FP32_TINY)
     codes = torch.round(xf / scale).clamp(-INT8_QMAX, INT8_QMAX)
     return (codes * scale).reshape(*lead, r, nb * QK_BLOCK)[..., :c]

@@ -163,6 +163,19 @@ def _block_slot(start, b, IS_VARLEN: tl.constexpr, QK_BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _qk_scales(QScale, KScale, b, b64, h64, hk64, stride_qsb, stride_qsh, stride_ksb, stride_ksh,
+               q_start, k_start, rows, row_ok, IS_VARLEN: tl.constexpr, QK_BLOCK: tl.constexpr):
+    """int8 Q K^T's scales for the query rows `rows` of sequence b, q head h64: Q's, one per row
+    (its block's), and the base of kv head hk64's K block scales (indexed by key // QK_BLOCK)."""
+    q_scale = tl.load(QScale + b64 * stride_qsb + h64 * stride_qsh
+                      + _block_slot(q_start, b, IS_VARLEN, QK_BLOCK) + rows // QK_BLOCK,
+                      mask=row_ok, other=0.0)
+    ks_base = (KScale + b64 * stride_ksb + hk64 * stride_ksh
+               + _block_slot(k_start, b, IS_VARLEN, QK_BLOCK))
+    return q_scale, ks_base
+
+
+@triton.jit
 def _row_tile_codes(x):
     """int8 codes and fp32 scales [rows] of a tile x [rows, QK_BLOCK] of P or dS, one scale per
     row (leanops.quant.int8.fake_quantize_row_tiles). The scale is the reference's (IEEE
@@ -328,11 +341,9 @@ def fwd_kernel(
     q_scale = row_ok  # placeholder when not QK_INT8 (never read)
     ks_base = KScale
     if QK_INT8:
-        q_scale = tl.load(QScale + b64 * stride_qsb + h64 * stride_qsh
-                          + _block_slot(q_start, b, IS_VARLEN, QK_BLOCK) + rows // QK_BLOCK,
-                          mask=row_ok, other=0.0)
-        ks_base = (KScale + b64 * stride_ksb + hk64 * stride_ksh
-                   + _block_slot(k_start, b, IS_VARLEN, QK_BLOCK))
+        q_scale, ks_base = _qk_scales(QScale, KScale, b, b64, h64, hk64, stride_qsb, stride_qsh,
+                                      stride_ksb, stride_ksh, q_start, k_start, rows, row_ok,
+                                      IS_VARLEN, QK_BLOCK)
     # K read as the [BLOCK_D, BLOCK_N] operand of Q K^T, V as [BLOCK_N, BLOCK_D]
     k_block = tl.make_block_ptr(K + b64 * stride_kb + hk64 * stride_kh + k_start64 * stride_ks,
                                 shape=(head_dim, k_len), strides=(1, stride_ks), offsets=(0, 0),
@@ -698,11 +709,9 @@ def bwd_dq_kernel(
     q_scale = lse  # placeholder when not QK_INT8 (never read)
     ks_base = KScale
     if QK_INT8:
-        q_scale = tl.load(QScale + b64 * stride_qsb + h64 * stride_qsh
-                          + _block_slot(q_start, b, IS_VARLEN, QK_BLOCK) + rows // QK_BLOCK,
-                          mask=row_ok, other=0.0)
-        ks_base = (KScale + b64 * stride_ksb + hk64 * stride_ksh
-                   + _block_slot(k_start, b, IS_VARLEN, QK_BLOCK))
+        q_scale, ks_base = _qk_scales(QScale, KScale, b, b64, h64, hk64, stride_qsb, stride_qsh,
+                                      stride_ksb, stride_ksh, q_start, k_start, rows, row_ok,
+                                      IS_VARLEN, QK_BLOCK)
     bias_base = Bias
     if HAS_BIAS:
         bias_base = Bias + b64 * stride_bb + h64 * stride_bh

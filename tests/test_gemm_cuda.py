@@ -20,12 +20,12 @@ import torch
 from gemm_checks import (
     DEV,
     assert_int4_output,
-    assert_within_ulp,
     int4_case,
     int8_mm_case,
     reference,
     run_on,
 )
+from helpers import assert_within_ulp, require_cuda_kernels
 from leanops import ops
 
 pytestmark = pytest.mark.cuda
@@ -42,12 +42,7 @@ GROUPS = (32, 64, 128, 256)
 
 @pytest.fixture(autouse=True)
 def _needs_the_cuda_kernels():
-    report = leanops.backends()["cuda"]
-    if not report["available"]:
-        pytest.skip(f"the CUDA backend is unavailable: {report['reason']}")
-    for op in ("int4_weight_mm", "int8_mm"):
-        if op not in report["ops"]:
-            pytest.skip(f"leanops._C has no CUDA kernel for {op}")
+    require_cuda_kernels("int4_weight_mm", "int8_mm")
 
 
 def _cuda(fn, *args):

@@ -141,23 +141,27 @@ def test_varlen_matches_padded(no_autotune):
             torch.testing.assert_close(out[rows], want[0].transpose(0, 1), rtol=0, atol=0)
 
 
+def _paged(k, v, page):
+    """The dense caches k, v [B, Hkv, S, D] as a paged cache: pages [B*S/page, Hkv, page, D] in a
+    random order, and the block table [B, S/page] that finds them."""
+    b, hkv, s, d = k.shape
+    table = torch.randperm(b * s // page, device=k.device, dtype=torch.int32).view(b, s // page)
+    kp = torch.empty(b * s // page, hkv, page, d, device=k.device, dtype=k.dtype)
+    vp = torch.empty_like(kp)
+    kp[table.long()] = k.view(b, hkv, s // page, page, d).transpose(1, 2)
+    vp[table.long()] = v.view(b, hkv, s // page, page, d).transpose(1, 2)
+    return kp, vp, table
+
+
 @pytest.mark.parametrize("paged", [False, True])
 def test_decode_long_cache_gqa(no_autotune, paged):
     b, hq, hkv, d, s = 4, 32, 4, 128, 32768
     q = torch.randn(b, hq, 1, d, device=DEV, dtype=torch.bfloat16)
     k, v = (torch.randn(b, hkv, s, d, device=DEV, dtype=torch.bfloat16) for _ in range(2))
     lens = torch.tensor([s, 1, 4097, 20000], device=DEV, dtype=torch.int32)
-    cache = (k, v, lens, None)
-    if paged:
-        page = 256
-        table = torch.randperm(b * s // page, device=DEV, dtype=torch.int32).view(b, s // page)
-        kp = torch.empty(b * s // page, hkv, page, d, device=DEV, dtype=torch.bfloat16)
-        vp = torch.empty_like(kp)
-        kp[table.long()] = k.view(b, hkv, s // page, page, d).transpose(1, 2)
-        vp[table.long()] = v.view(b, hkv, s // page, page, d).transpose(1, 2)
-        cache = (kp, vp, lens, table)
-    with leanops.use_backend("triton"):
-        out = leanops.attention_decode(q, *cache)
+    kp, vp, table = _paged(k, v, 256) if paged else (k, v, None)
+    with leanops.use_backend("triton"), poisoned_memory():
+        out = leanops.attention_decode(q, kp, vp, lens, table)
     for i in range(b):
         n = int(lens[i])
         ref = _math(q[i : i + 1], k[i : i + 1, :, :n], v[i : i + 1, :, :n], None, d**-0.5, torch.float32)
@@ -302,17 +306,9 @@ def test_decode_with_window_and_softcap(no_autotune, paged):
     q = torch.randn(b, hq, sq, d, device=DEV, dtype=torch.bfloat16)
     k, v = (torch.randn(b, hkv, s, d, device=DEV, dtype=torch.bfloat16) for _ in range(2))
     lens = torch.tensor([s, sq, 1000], device=DEV, dtype=torch.int32)
-    cache = (k, v, lens, None)
-    if paged:
-        page = 64
-        table = torch.randperm(b * s // page, device=DEV, dtype=torch.int32).view(b, s // page)
-        kp = torch.empty(b * s // page, hkv, page, d, device=DEV, dtype=torch.bfloat16)
-        vp = torch.empty_like(kp)
-        kp[table.long()] = k.view(b, hkv, s // page, page, d).transpose(1, 2)
-        vp[table.long()] = v.view(b, hkv, s // page, page, d).transpose(1, 2)
-        cache = (kp, vp, lens, table)
+    kp, vp, table = _paged(k, v, 64) if paged else (k, v, None)
     with leanops.use_backend("triton"), poisoned_memory():
-        out = leanops.attention_decode(q, *cache, window=window, softcap=softcap)
+        out = leanops.attention_decode(q, kp, vp, lens, table, window=window, softcap=softcap)
     torch.cuda.synchronize()
     wl, wr = A.normalize_window(True, window)
     for i in range(b):

@@ -24,22 +24,15 @@ last blocks (M not a multiple of the rows per block).
 import leanops
 import pytest
 import torch
-from helpers import poisoned_memory, require_cuda_kernels
+from helpers import poisoned_memory
 from leanops import ops
 from leanops.quant import int8 as int8_format
 
-pytestmark = pytest.mark.cuda
+pytestmark = [pytest.mark.cuda, pytest.mark.cuda_kernels("quantize_per_token_int8")]
 
 OP = "quantize_per_token_int8"
 FLOAT_DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 FP32_TINY = torch.finfo(torch.float32).tiny
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _cuda_kernel():
-    """Every test here runs the CUDA kernel; without one on a GPU machine that is a build failure,
-    not a skip (helpers.require_cuda_kernels)."""
-    require_cuda_kernels(OP)
 
 
 # ---------------------------------------------------------------------------------------------

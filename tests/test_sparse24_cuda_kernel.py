@@ -14,7 +14,7 @@ import leanops
 import pytest
 import torch
 from gemm_checks import assert_matches_dense, strided_views
-from helpers import poisoned_memory, require_cuda_kernels
+from helpers import poisoned_memory
 from leanops import ops
 from leanops.ops import sparse24 as sparse24_ops
 from leanops.sparsity import compress_24, decompress_24, nm_mask
@@ -24,14 +24,6 @@ MS = (1, 3, 17, 100, 1024)
 NS = (8, 72, 200, 4096)
 KS = (64, 192, 4096)
 DTYPES = (torch.float16, torch.bfloat16)
-
-
-@pytest.fixture
-def cuda_kernel():
-    """The CUDA backend must run sparse24_mm on a GPU machine: a broken build fails here instead of
-    skipping every test (helpers.require_cuda_kernels; the registration itself is asserted,
-    GPU-less, in tests/test_extension.py)."""
-    require_cuda_kernels("sparse24_mm")
 
 
 def _case(m, n, k, dtype, bias):
@@ -54,7 +46,7 @@ def _assert_matches_weight(got, x, values, meta, bias):
 
 
 @pytest.mark.cuda
-@pytest.mark.usefixtures("cuda_kernel")
+@pytest.mark.cuda_kernels("sparse24_mm")
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
 @pytest.mark.parametrize("k", KS)
@@ -66,7 +58,7 @@ def test_matches_reference_on_odd_shapes(m, n, k, dtype, bias):
 
 
 @pytest.mark.cuda
-@pytest.mark.usefixtures("cuda_kernel")
+@pytest.mark.cuda_kernels("sparse24_mm")
 @pytest.mark.parametrize("m", [3, 100])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
 def test_non_contiguous_x_and_other_bias_dtypes(m, dtype):
@@ -83,7 +75,7 @@ def test_non_contiguous_x_and_other_bias_dtypes(m, dtype):
 
 
 @pytest.mark.cuda
-@pytest.mark.usefixtures("cuda_kernel")
+@pytest.mark.cuda_kernels("sparse24_mm")
 def test_deterministic_and_no_cross_talk_between_calls():
     x, values, meta, bias = _case(100, 4096, 4096, torch.bfloat16, True)
     first = _cuda(x, values, meta, bias)
@@ -94,7 +86,7 @@ def test_deterministic_and_no_cross_talk_between_calls():
 
 
 @pytest.mark.cuda
-@pytest.mark.usefixtures("cuda_kernel")
+@pytest.mark.cuda_kernels("sparse24_mm")
 def test_dispatcher_picks_cuda_for_supported_calls():
     backends = sparse24_ops._sparse24_mm_backends
     device = torch.device(DEV)
@@ -111,7 +103,7 @@ def test_dispatcher_picks_cuda_for_supported_calls():
 
 
 @pytest.mark.cuda
-@pytest.mark.usefixtures("cuda_kernel")
+@pytest.mark.cuda_kernels("sparse24_mm")
 def test_direct_call_checks_arguments():
     x, values, meta, _ = _case(3, 72, 192, torch.float16, False)
     op = torch.ops.leanops_C.sparse24_mm

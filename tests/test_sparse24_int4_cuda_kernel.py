@@ -17,7 +17,7 @@ import leanops
 import pytest
 import torch
 from gemm_checks import assert_matches_dense, strided_views
-from helpers import poisoned_memory, require_cuda_kernels
+from helpers import poisoned_memory
 from leanops import ops
 from leanops.ops import sparse24 as sparse24_ops
 from leanops.sparsity import compress_24_int4, decompress_24_int4, nm_mask
@@ -27,14 +27,6 @@ MS = (1, 3, 17, 100, 1024)
 NS = (8, 72, 200, 4096)
 KS = (128, 384, 4096)
 DTYPES = (torch.float16, torch.bfloat16)
-
-
-@pytest.fixture
-def cuda_kernel():
-    """The CUDA backend must run sparse24_int4_mm on a GPU machine: a broken build fails here instead of
-    skipping every test (helpers.require_cuda_kernels; the registration itself is asserted,
-    GPU-less, in tests/test_extension.py)."""
-    require_cuda_kernels("sparse24_int4_mm")
 
 
 def _case(m, n, k, dtype, bias, group_size=128, zeros=False, scale_dtype=None):
@@ -60,7 +52,7 @@ def _assert_matches_weight(got, x, values, meta, scales, zeros, group_size, bias
 
 
 @pytest.mark.cuda
-@pytest.mark.usefixtures("cuda_kernel")
+@pytest.mark.cuda_kernels("sparse24_int4_mm")
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
 @pytest.mark.parametrize("zeros", [False, True], ids=["sym", "zeros"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
@@ -73,7 +65,7 @@ def test_matches_reference_on_odd_shapes(m, n, k, dtype, zeros, bias):
 
 
 @pytest.mark.cuda
-@pytest.mark.usefixtures("cuda_kernel")
+@pytest.mark.cuda_kernels("sparse24_int4_mm")
 @pytest.mark.parametrize("zeros", [False, True], ids=["sym", "zeros"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
 @pytest.mark.parametrize("group", [64, 128, 256, "K"])
@@ -87,7 +79,7 @@ def test_group_sizes(m, n, k, group, dtype, zeros):
 
 
 @pytest.mark.cuda
-@pytest.mark.usefixtures("cuda_kernel")
+@pytest.mark.cuda_kernels("sparse24_int4_mm")
 @pytest.mark.parametrize("m", [3, 100])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
 def test_non_contiguous_x_and_other_bias_dtypes(m, dtype):
@@ -108,7 +100,7 @@ def test_non_contiguous_x_and_other_bias_dtypes(m, dtype):
 
 
 @pytest.mark.cuda
-@pytest.mark.usefixtures("cuda_kernel")
+@pytest.mark.cuda_kernels("sparse24_int4_mm")
 def test_deterministic_and_no_cross_talk_between_calls():
     x, values, meta, scales, zeros, g, bias = _case(
         100, 4096, 4096, torch.bfloat16, True, zeros=True
@@ -123,7 +115,7 @@ def test_deterministic_and_no_cross_talk_between_calls():
 
 
 @pytest.mark.cuda
-@pytest.mark.usefixtures("cuda_kernel")
+@pytest.mark.cuda_kernels("sparse24_int4_mm")
 def test_dispatcher_picks_cuda_for_supported_calls():
     backends = sparse24_ops._sparse24_int4_mm_backends
     device = torch.device(DEV)
@@ -141,7 +133,7 @@ def test_dispatcher_picks_cuda_for_supported_calls():
 
 
 @pytest.mark.cuda
-@pytest.mark.usefixtures("cuda_kernel")
+@pytest.mark.cuda_kernels("sparse24_int4_mm")
 def test_direct_call_checks_arguments():
     x, values, meta, scales, zeros, g, _ = _case(3, 72, 384, torch.float16, False, zeros=True)
     op = torch.ops.leanops_C.sparse24_int4_mm

@@ -13,6 +13,7 @@ from test_sparse_ops import OPCHECK_CASES as SPARSE_CASES
 pytestmark = [pytest.mark.cuda, pytest.mark.usefixtures("compiled_triton")]
 
 CASES = {**GEMM_CASES, **ATTENTION_CASES, **SPARSE_CASES}
+assert len(CASES) == len(GEMM_CASES) + len(ATTENTION_CASES) + len(SPARSE_CASES), "a case name twice"
 TRAINING_CASES = ("grad", "nobias", "nograd")
 
 
@@ -26,8 +27,11 @@ def _on_cuda(args):
 
 
 def _op_for(case):
-    """The public op a case exercises: the longest op name its name starts with."""
-    names = [n for n in dir(torch.ops.leanops) if case == n or case.startswith(n + "_")]
+    """The public op a case exercises: the longest op name its name starts with (from the
+    schema registry: torch.ops.leanops lists an op only once it has been looked up)."""
+    ops = {s.name.split("::", 1)[1] for s in torch._C._jit_get_all_schemas()
+           if s.name.startswith("leanops::")}
+    names = [n for n in ops if case == n or case.startswith(n + "_")]
     return getattr(torch.ops.leanops, max(names, key=len)).default
 
 

@@ -318,17 +318,22 @@ TIERS: dict[str, tuple[Step, ...]] = {
         ENV_STEP,
         LOAD_STEP,
         Step(
-            "bench_matmul_energy", 200,
+            "energy_matmul", 180,
             _bench("matmul", "--shapes", "llama-7b-quick", "--energy", "--energy-trials", "2",
                    "--out", "{out}/energy_matmul.json", "--csv", "{out}/energy_matmul.csv"),
             outputs=("energy_matmul.json", "energy_matmul.csv"),
             note="energy on every matmul row (each row >= 2 s of loops)",
         ),
         Step(
-            "bench_attention_model_energy", 200,
+            "energy_attention", 100,
             _bench("attention", "--seqlen", "4096", "--causal", "--energy", "--energy-trials", "2",
                    "--out", "{out}/energy_attention.json"),
             outputs=("energy_attention.json",),
+        ),
+        Step(
+            "energy_model", 120,
+            _bench("model", "--energy", "--energy-trials", "2", "--out", "{out}/energy_model.json"),
+            outputs=("energy_model.json",), note="the built-in models, prefill and decode",
         ),
     ),
     "models": (

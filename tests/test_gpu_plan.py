@@ -204,35 +204,36 @@ def test_require_cuda_kernels(monkeypatch, gpu, reason, no_extension, outcome):
         assert reason in str(info.value)
 
 
-def test_load_step_uses_a_carried_extension_that_loads(tmp_path, monkeypatch, capsys):
+def _carried(tmp_path, monkeypatch, content):
+    """A repository at tmp_path with a carried leanops._C for this Python; returns where the
+    load step puts it."""
     import sysconfig
 
-    suffix = sysconfig.get_config_var("EXT_SUFFIX")
+    name = f"_C{sysconfig.get_config_var('EXT_SUFFIX')}"
     (tmp_path / ".gpu_carry").mkdir()
     (tmp_path / "pyext" / "leanops").mkdir(parents=True)
-    (tmp_path / ".gpu_carry" / f"_C{suffix}").write_bytes(b"prebuilt")
+    (tmp_path / ".gpu_carry" / name).write_bytes(content)
     monkeypatch.setattr(P, "REPO", tmp_path)
+    return tmp_path / "pyext" / "leanops" / name
+
+
+def test_load_step_uses_a_carried_extension_that_loads(tmp_path, monkeypatch, capsys):
+    target = _carried(tmp_path, monkeypatch, b"prebuilt")
     monkeypatch.setattr(P, "_probe", lambda: (True, '{"available": true}'))
     assert P.step_load() == 0
-    assert (tmp_path / "pyext" / "leanops" / f"_C{suffix}").read_bytes() == b"prebuilt"
+    assert target.read_bytes() == b"prebuilt"
     assert "loads" in capsys.readouterr().out
 
 
 def test_load_step_removes_a_carried_extension_that_does_not_load(tmp_path, monkeypatch):
-    import sysconfig
-
-    suffix = sysconfig.get_config_var("EXT_SUFFIX")
-    (tmp_path / ".gpu_carry").mkdir()
-    (tmp_path / "pyext" / "leanops").mkdir(parents=True)
-    (tmp_path / ".gpu_carry" / f"_C{suffix}").write_bytes(b"wrong ABI")
-    monkeypatch.setattr(P, "REPO", tmp_path)
+    target = _carried(tmp_path, monkeypatch, b"wrong ABI")
     monkeypatch.setattr(P, "_probe", lambda: (False, "undefined symbol"))
     built = []
     monkeypatch.setattr(P.subprocess, "run", lambda cmd, **kw: built.append((cmd, kw["env"])) or
                         subprocess.CompletedProcess(cmd, 1))
     monkeypatch.setattr("torch.cuda.get_device_capability", lambda *a: (9, 0))
     assert P.step_load() == 1  # the (stubbed) build failed
-    assert not (tmp_path / "pyext" / "leanops" / f"_C{suffix}").exists()
+    assert not target.exists()
     (cmd, env), = built
     assert cmd[1:] == ["setup.py", "build_ext", "--inplace"]
     assert env["LEANOPS_CUDA_ARCHS"] == "90a" and int(env["MAX_JOBS"]) >= 1  # this GPU's arch only

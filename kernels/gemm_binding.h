@@ -129,6 +129,15 @@ inline void check_sparse24_bias(const char* op, const std::optional<at::Tensor>&
                     "]; got ", b.sizes());
 }
 
+// The dense GEMMs launch (N tiles, M tiles, splits) blocks: gridDim.y is at most 65535, so M is
+// bounded by 65535 row tiles of the chosen config (the public op's cuda_supports rule routes
+// larger M to Triton; this catches direct calls and forced configs).
+inline void check_row_tiles(const char* op, int64_t m, int64_t m_tiles) {
+  TORCH_CHECK_VALUE(m_tiles <= 65535, op, ": M = ", m, " needs ", m_tiles,
+                    " row tiles with this tile config; a launch takes at most 65535 (the Triton "
+                    "backend takes larger M)");
+}
+
 inline int sm_count(int device) {
   int count = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));

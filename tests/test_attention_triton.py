@@ -17,7 +17,7 @@ Outputs are poisoned (NaN-filled torch.empty) so an unwritten element cannot pas
 import leanops
 import pytest
 import torch
-from helpers import poisoned_memory
+from helpers import assert_2x_rule, poisoned_memory
 from leanops import ops
 from leanops.ops import attention as A
 
@@ -36,14 +36,11 @@ def _interpreter_only(interpreter):
 
 
 def assert_2x(got, ref64, base, dtype, what):
-    assert torch.isfinite(got).all(), f"{what}: non-finite values (unwritten output?)"
-    err = (got.double() - ref64).abs().max().item()
-    b = (base.double() - ref64).abs().max().item()
     # The floor is relative to the output's magnitude, but not below 1/20 of the O(1) inputs'
     # scale: a gradient that is exactly zero (dq with a single visible key) is computed from
     # cancelling O(1) terms, and its rounding noise is relative to those, not to zero.
-    floor = FLOOR[dtype] * max(ref64.abs().max().item(), 0.05)
-    assert err <= 2 * b + floor, f"{what}: error {err:.3g} vs PyTorch {dtype} {b:.3g} (+ floor {floor:.3g})"
+    assert_2x_rule(got, ref64, base, dtype, what=what, rel_floor=FLOOR[dtype], floor_scale=0.05,
+                   finite=True)
 
 
 def dense_refs(q, k, v, do, bias, scale, wl, wr, softcap):

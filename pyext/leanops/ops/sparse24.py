@@ -33,6 +33,7 @@ import torch
 from leanops.dispatch import OpBackends
 from leanops.ops._autograd import register_weight_only_autograd
 from leanops.ops._checks import (
+    CUDA_GEMM_MAX_M,
     FLOAT_DTYPES,
     UINT8,
     check_group_quant_args,
@@ -104,12 +105,12 @@ def _cuda_unsupported(x, n, name, operand):
     if operand.dtype != x.dtype:
         return f"the CUDA kernel needs {name} in x's dtype ({x.dtype}), got {operand.dtype}"
     k = x.shape[1]
-    if k % _CUDA_K_MULTIPLE != 0:
-        return f"the CUDA kernel needs K a multiple of {_CUDA_K_MULTIPLE}, got K = {k}"
+    if k == 0 or k % _CUDA_K_MULTIPLE != 0:  # K = 0: the binding refuses; the others return bias
+        return f"the CUDA kernel needs K a positive multiple of {_CUDA_K_MULTIPLE}, got K = {k}"
     if k > 1 << 30 or n > 1 << 30:
         return f"the CUDA kernel takes K and N up to 2^30, got K = {k}, N = {n}"
-    if x.shape[0] > 65535 * 128:
-        return f"the CUDA kernel takes M up to {65535 * 128}, got M = {x.shape[0]}"
+    if x.shape[0] > CUDA_GEMM_MAX_M:
+        return f"the CUDA kernel takes M up to {CUDA_GEMM_MAX_M}, got M = {x.shape[0]}"
     return None
 
 

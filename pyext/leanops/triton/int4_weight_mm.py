@@ -15,7 +15,7 @@ import triton.language as tl
 
 from leanops.triton import _common as common
 from leanops.triton import _matmul as matmul
-from leanops.triton._matmul import k_slice, store_partial, store_tile, tile_ids
+from leanops.triton._matmul import matmul_epilogue, matmul_prologue
 
 
 @triton.jit
@@ -32,24 +32,14 @@ def _int4_weight_mm_kernel(
     # scale (and zero) per weight row per tile, a [BLOCK_N] vector instead of a gather. K is a
     # multiple of the group size, hence of BLOCK_K: no K tail, no K mask.
     tl.static_assert(GROUP_SIZE % BLOCK_K == 0)
-    pid_m, pid_n = tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    k_first, k_end = k_slice(tl.program_id(1), K, BLOCK_K, SPLIT_K)
-
-    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
+    offs_m, offs_n, rm, rn, offs_k, k0, k_first, k_end, x_ptrs, x_step = matmul_prologue(
+        x_ptr, M, N, K, stride_xm, stride_xk, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, SPLIT_K)
     offs_kp = tl.arange(0, BLOCK_K // 2)
-    # Edge tiles re-read row 0 (unmasked, vectorised loads); the store mask drops those rows.
-    rm = tl.where(offs_m < M, offs_m, 0)
-    rn = tl.where(offs_n < N, offs_n, 0)
     groups = K // GROUP_SIZE  # scales / zeros are [N, groups] contiguous
-    k0 = k_first.to(tl.int64) * BLOCK_K
-    x_ptrs = x_ptr + rm[:, None] * stride_xm + (k0 + offs_k)[None, :] * stride_xk
     # The packed tile as the [BLOCK_K/2, BLOCK_N] operand layout of x @ W.T (bytes contiguous
     # along K within a weight row).
     w_ptrs = w_ptr + rn[None, :] * stride_wn + (k0 // 2 + offs_kp)[:, None]
     sz_ptrs = rn * groups  # row starts in scales / zeros
-    x_step = tl.cast(stride_xk, tl.int64) * BLOCK_K
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for t in range(k_first, k_end):
@@ -75,21 +65,14 @@ def _int4_weight_mm_kernel(
         x_ptrs += x_step
         w_ptrs += BLOCK_K // 2
 
-    if SPLIT_K == 1:
-        out = acc
-        if HAS_BIAS:
-            out = out + tl.load(bias_ptr + rn).to(tl.float32)[None, :]
-        store_tile(out_ptr, out, offs_m, offs_n, M, N, stride_om, stride_on)
-    else:
-        store_partial(ws_ptr, acc, offs_m, offs_n, M, N, stride_ws_s)
+    matmul_epilogue(out_ptr, ws_ptr, bias_ptr, bias_ptr, bias_ptr, acc, offs_m, offs_n, rm, rn,
+                    M, N, stride_om, stride_on, stride_ws_s, False, False, HAS_BIAS, SPLIT_K)
 
-
-_kernel = _int4_weight_mm_kernel
 
 # BLOCK_K 32..256 filtered by the group size (it must divide it): g = 32 streams 16 bytes of
 # packed weight per row per tile, g >= 128 can use 64-128 byte runs.
 FAMILY = matmul.matmul_family(
-    _kernel, small_block_ks=(32, 64, 128, 256), large_block_ks=(32, 64),
+    _int4_weight_mm_kernel, small_block_ks=(32, 64, 128, 256), large_block_ks=(32, 64),
     x_bytes=matmul.x_element_bytes, w_bytes=0.5, ws_dtype=torch.float32,
     key=("M_BUCKET", "N", "K", "GROUP_SIZE"), valid=matmul.group_size_divides_block_k,
 )

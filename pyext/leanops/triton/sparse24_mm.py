@@ -24,7 +24,7 @@ import triton.language as tl
 
 from leanops.triton import _common as common
 from leanops.triton import _matmul as matmul
-from leanops.triton._matmul import k_slice, store_partial, store_tile, tile_ids
+from leanops.triton._matmul import matmul_epilogue, matmul_prologue
 
 
 @triton.jit
@@ -66,23 +66,13 @@ def _sparse24_mm_kernel(
 ):
     # K is a multiple of 8 (the op checks it), so a ragged last K tile still ends on a meta byte:
     # the masks below cut x, values and meta at the same column.
-    pid_m, pid_n = tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    k_first, k_end = k_slice(tl.program_id(1), K, BLOCK_K, SPLIT_K)
-
-    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
+    offs_m, offs_n, rm, rn, offs_k, k0, k_first, k_end, x_ptrs, x_step = matmul_prologue(
+        x_ptr, M, N, K, stride_xm, stride_xk, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, SPLIT_K)
     offs_v = tl.arange(0, BLOCK_K // 2)
     offs_g = tl.arange(0, BLOCK_K // 8)
-    # Edge tiles re-read row 0 (unmasked, vectorised loads); the store mask drops those rows.
-    rm = tl.where(offs_m < M, offs_m, 0)
-    rn = tl.where(offs_n < N, offs_n, 0)
-    k0 = k_first.to(tl.int64) * BLOCK_K
-    x_ptrs = x_ptr + rm[:, None] * stride_xm + (k0 + offs_k)[None, :] * stride_xk
     # values / meta rows read as the [*, BLOCK_N] operand layout of x @ W.T (contiguous along K).
     v_ptrs = values_ptr + rn[None, :] * stride_vn + (k0 // 2 + offs_v)[:, None]
     m_ptrs = meta_ptr + rn[None, :] * stride_mn + (k0 // 8 + offs_g)[:, None]
-    x_step = tl.cast(stride_xk, tl.int64) * BLOCK_K
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for t in range(k_first, k_end):
@@ -103,13 +93,8 @@ def _sparse24_mm_kernel(
         v_ptrs += BLOCK_K // 2
         m_ptrs += BLOCK_K // 8
 
-    if SPLIT_K == 1:
-        out = acc
-        if HAS_BIAS:
-            out = out + tl.load(bias_ptr + rn).to(tl.float32)[None, :]
-        store_tile(out_ptr, out, offs_m, offs_n, M, N, stride_om, stride_on)
-    else:
-        store_partial(ws_ptr, acc, offs_m, offs_n, M, N, stride_ws_s)
+    matmul_epilogue(out_ptr, ws_ptr, bias_ptr, bias_ptr, bias_ptr, acc, offs_m, offs_n, rm, rn,
+                    M, N, stride_om, stride_on, stride_ws_s, False, False, HAS_BIAS, SPLIT_K)
 
 
 @triton.jit
@@ -126,23 +111,14 @@ def _sparse24_int4_mm_kernel(
     # so a K tile's BLOCK_K/2 kept values lie in one quantisation group: one scale (and zero) per
     # weight row per tile. K is a multiple of GROUP_SIZE, hence of BLOCK_K: no K tail.
     tl.static_assert(GROUP_SIZE % BLOCK_K == 0)
-    pid_m, pid_n = tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    k_first, k_end = k_slice(tl.program_id(1), K, BLOCK_K, SPLIT_K)
-
-    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
+    offs_m, offs_n, rm, rn, offs_k, k0, k_first, k_end, x_ptrs, x_step = matmul_prologue(
+        x_ptr, M, N, K, stride_xm, stride_xk, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, SPLIT_K)
     offs_p = tl.arange(0, BLOCK_K // 4)  # packed bytes: 2 codes of kept values each
     offs_g = tl.arange(0, BLOCK_K // 8)
-    rm = tl.where(offs_m < M, offs_m, 0)
-    rn = tl.where(offs_n < N, offs_n, 0)
     groups = K // GROUP_SIZE  # scales / zeros are [N, groups] contiguous
-    k0 = k_first.to(tl.int64) * BLOCK_K
-    x_ptrs = x_ptr + rm[:, None] * stride_xm + (k0 + offs_k)[None, :] * stride_xk
     v_ptrs = values_ptr + rn[None, :] * stride_vn + (k0 // 4 + offs_p)[:, None]
     m_ptrs = meta_ptr + rn[None, :] * stride_mn + (k0 // 8 + offs_g)[:, None]
     sz_ptrs = rn * groups
-    x_step = tl.cast(stride_xk, tl.int64) * BLOCK_K
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for t in range(k_first, k_end):
@@ -167,13 +143,8 @@ def _sparse24_int4_mm_kernel(
         v_ptrs += BLOCK_K // 4
         m_ptrs += BLOCK_K // 8
 
-    if SPLIT_K == 1:
-        out = acc
-        if HAS_BIAS:
-            out = out + tl.load(bias_ptr + rn).to(tl.float32)[None, :]
-        store_tile(out_ptr, out, offs_m, offs_n, M, N, stride_om, stride_on)
-    else:
-        store_partial(ws_ptr, acc, offs_m, offs_n, M, N, stride_ws_s)
+    matmul_epilogue(out_ptr, ws_ptr, bias_ptr, bias_ptr, bias_ptr, acc, offs_m, offs_n, rm, rn,
+                    M, N, stride_om, stride_on, stride_ws_s, False, False, HAS_BIAS, SPLIT_K)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,12 +191,10 @@ def sparse24_mm(x, values, meta, bias=None):
 # ---------------------------------------------------------------------------------------------
 # sparse24_int4_mm: configs and launcher
 
-_int4_kernel = _sparse24_int4_mm_kernel
-
 # BLOCK_K must divide the group size (a multiple of 64): as int4_weight_mm. Weight bytes per
 # dense entry: a quarter byte of codes plus an eighth of a meta byte.
 INT4_FAMILY = matmul.matmul_family(
-    _int4_kernel, small_block_ks=(32, 64, 128, 256), large_block_ks=(32, 64),
+    _sparse24_int4_mm_kernel, small_block_ks=(32, 64, 128, 256), large_block_ks=(32, 64),
     x_bytes=matmul.x_element_bytes, w_bytes=0.375, ws_dtype=torch.float32,
     key=("M_BUCKET", "N", "K", "GROUP_SIZE"), valid=matmul.group_size_divides_block_k,
 )

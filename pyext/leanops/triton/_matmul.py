@@ -5,7 +5,8 @@ sparse24_mm, sparse24_int4_mm), the one home for it:
   default config without autotuning, the interpreter configs
 - jit helpers: the kernel prologue (tile ids with the GROUP_M swizzle, the K slice of a split-K
   program, offsets, the activation pointers), the epilogue (scales, bias, the masked store or
-  the split-K partial store), and the deterministic split-K reduce kernel
+  the split-K partial store), the deterministic split-K reduce kernel, and the in-register
+  int4 unpacking and dequantisation of the two int4 families
 - `matmul_family`, which builds a family's configs, keep() and autotuned kernel, and
   `run_matmul`, the launcher body (path choice, workspace, reduce)
 
@@ -222,6 +223,33 @@ def matmul_prologue(x_ptr, M, N, K, stride_xm, stride_xk, BLOCK_M: tl.constexpr,
     x_ptrs = x_ptr + rm[:, None] * stride_xm + (k0 + offs_k)[None, :] * stride_xk
     x_step = tl.cast(stride_xk, tl.int64) * BLOCK_K
     return offs_m, offs_n, rm, rn, offs_k, k0, k_first, k_end, x_ptrs, x_step
+
+
+@triton.jit
+def unpack_nibbles(packed, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """uint8 [ROWS/2, COLS] -> its 4-bit values [ROWS, COLS] in K order, byte j holding row 2j in
+    its low nibble and 2j+1 in its high nibble (leanops.quant.int4's packing, and the 2:4
+    metadata's two groups per byte). join puts (low, high) of byte j side by side in a new last
+    axis, the permute moves that axis next to j, and the reshape flattens (j, 2) into
+    2j + {0, 1} (the unpacking of Triton's own int4 mixed-matmul test)."""
+    lo = packed & 0xF
+    hi = packed >> 4
+    return tl.reshape(tl.permute(tl.join(lo, hi), (0, 2, 1)), (ROWS, COLS))
+
+
+@triton.jit
+def dequantize_int4(q, scales_ptr, zeros_ptr, sz_ptrs, g, HAS_ZEROS: tl.constexpr,
+                    BLOCK_N: tl.constexpr):
+    """The int4 format's (q - z) * s for codes q [*, BLOCK_N] that all lie in group g of their
+    weight row (sz_ptrs: the rows' starts in scales / zeros [N, groups]); z = 8 if symmetric.
+    (q - z) is an integer in [-15, 15], exact in every float dtype; the product with the scale
+    is the format's single rounding, in the scales' dtype as the reference does."""
+    s = tl.load(scales_ptr + sz_ptrs + g)
+    if HAS_ZEROS:
+        z = tl.load(zeros_ptr + sz_ptrs + g).to(tl.int8)
+    else:
+        z = tl.full((BLOCK_N,), 8, dtype=tl.int8)
+    return (q.to(tl.int8) - z[None, :]).to(s.dtype) * s[None, :]
 
 
 @triton.jit

@@ -15,7 +15,12 @@ import triton.language as tl
 
 from leanops.triton import _common as common
 from leanops.triton import _matmul as matmul
-from leanops.triton._matmul import matmul_epilogue, matmul_prologue
+from leanops.triton._matmul import (
+    dequantize_int4,
+    matmul_epilogue,
+    matmul_prologue,
+    unpack_nibbles,
+)
 
 
 @triton.jit
@@ -45,22 +50,10 @@ def _int4_weight_mm_kernel(
     for t in range(k_first, k_end):
         x = tl.load(x_ptrs)
         packed = tl.load(w_ptrs)
-        # Nibbles back to codes in K order: join puts (low, high) of byte j side by side in a new
-        # last axis, the permute moves that axis next to j, and the reshape flattens (j, 2) into
-        # k = 2j + {0, 1} (the unpacking of Triton's own int4 mixed-matmul test).
-        lo = packed & 0xF
-        hi = packed >> 4
-        q = tl.reshape(tl.permute(tl.join(lo, hi), (0, 2, 1)), (BLOCK_K, BLOCK_N))
+        q = unpack_nibbles(packed, BLOCK_K, BLOCK_N)
         g = (t * BLOCK_K) // GROUP_SIZE
-        s = tl.load(scales_ptr + sz_ptrs + g)
-        if HAS_ZEROS:
-            z = tl.load(zeros_ptr + sz_ptrs + g).to(tl.int8)
-        else:
-            z = tl.full((BLOCK_N,), 8, dtype=tl.int8)
-        # (q - z) is an integer in [-15, 15], exact in every float dtype; the product with the
-        # scale is then the format's single rounding, done in the scales' dtype as the reference
-        # does, and the conversion to x's dtype is the reference's second step.
-        w = ((q.to(tl.int8) - z[None, :]).to(s.dtype) * s[None, :]).to(x.dtype)
+        # The conversion to x's dtype is the reference's second rounding step.
+        w = dequantize_int4(q, scales_ptr, zeros_ptr, sz_ptrs, g, HAS_ZEROS, BLOCK_N).to(x.dtype)
         acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
         x_ptrs += x_step
         w_ptrs += BLOCK_K // 2

@@ -24,16 +24,12 @@ import triton.language as tl
 
 from leanops.triton import _common as common
 from leanops.triton import _matmul as matmul
-from leanops.triton._matmul import matmul_epilogue, matmul_prologue
-
-
-@triton.jit
-def _group_codes(meta, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-    """meta bytes [BLOCK_K/8, BLOCK_N] -> group codes [BLOCK_K/4, BLOCK_N] in K order (low nibble
-    = even group)."""
-    lo = meta & 0xF
-    hi = meta >> 4
-    return tl.reshape(tl.permute(tl.join(lo, hi), (0, 2, 1)), (BLOCK_K // 4, BLOCK_N))
+from leanops.triton._matmul import (
+    dequantize_int4,
+    matmul_epilogue,
+    matmul_prologue,
+    unpack_nibbles,
+)
 
 
 @triton.jit
@@ -86,7 +82,7 @@ def _sparse24_mm_kernel(
             kept = tl.load(v_ptrs, mask=offs_v[:, None] < k_left // 2, other=0.0)
             # Missing meta bytes read as code 0 (i0 = i1 = 0) over zero values: zero weights.
             meta = tl.load(m_ptrs, mask=offs_g[:, None] < k_left // 8, other=0)
-        codes = _group_codes(meta, BLOCK_K, BLOCK_N)
+        codes = unpack_nibbles(meta, BLOCK_K // 4, BLOCK_N)
         w = _expand_24(kept.to(x.dtype), codes, BLOCK_K, BLOCK_N)
         acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
         x_ptrs += x_step
@@ -125,19 +121,12 @@ def _sparse24_int4_mm_kernel(
         x = tl.load(x_ptrs)
         packed = tl.load(v_ptrs)
         meta = tl.load(m_ptrs)
-        # int4 codes of the kept values, in kept (K) order: the unpacking of int4_weight_mm.
-        q = tl.reshape(tl.permute(tl.join(packed & 0xF, packed >> 4), (0, 2, 1)),
-                       (BLOCK_K // 2, BLOCK_N))
+        # int4 codes of the kept values, in kept (K) order, dequantised as int4_weight_mm's.
+        q = unpack_nibbles(packed, BLOCK_K // 2, BLOCK_N)
         g = (t * BLOCK_K) // GROUP_SIZE
-        s = tl.load(scales_ptr + sz_ptrs + g)
-        if HAS_ZEROS:
-            z = tl.load(zeros_ptr + sz_ptrs + g).to(tl.int8)
-        else:
-            z = tl.full((BLOCK_N,), 8, dtype=tl.int8)
-        # (q - z) is an integer in [-15, 15], exact in every float dtype; times the scale is the
-        # format's single rounding (in the scales' dtype), then x's dtype, as the reference.
-        kept = ((q.to(tl.int8) - z[None, :]).to(s.dtype) * s[None, :]).to(x.dtype)
-        w = _expand_24(kept, _group_codes(meta, BLOCK_K, BLOCK_N), BLOCK_K, BLOCK_N)
+        kept = dequantize_int4(q, scales_ptr, zeros_ptr, sz_ptrs, g, HAS_ZEROS, BLOCK_N)
+        kept = kept.to(x.dtype)
+        w = _expand_24(kept, unpack_nibbles(meta, BLOCK_K // 4, BLOCK_N), BLOCK_K, BLOCK_N)
         acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
         x_ptrs += x_step
         v_ptrs += BLOCK_K // 4

@@ -20,6 +20,7 @@ from leanops.ops._checks import (
     check_tensor,
 )
 from leanops.ops._library import register
+from leanops.ops._reference import linear_reference
 from leanops.quant import int4 as int4_format
 
 
@@ -44,10 +45,7 @@ def _check_int4_weight_mm(x, w_packed, scales, zeros, group_size, bias=None):
 
 def _int4_weight_mm_reference(x, w_packed, scales, zeros, group_size, bias=None):
     w = int4_format.dequantize_int4(w_packed, scales, zeros, group_size).to(x.dtype)
-    out = x.float() @ w.float().t()
-    if bias is not None:
-        out = out + bias.float()
-    return out.to(x.dtype)
+    return linear_reference(x, w, bias)
 
 
 def _int4_weight_mm_cuda_supports(x, w_packed, scales, zeros, group_size, bias=None):

@@ -17,6 +17,7 @@ from leanops.dispatch import OpBackends
 from leanops.ops._autograd import register_weight_only_autograd
 from leanops.ops._checks import FLOAT_DTYPES, check_out_dtype, check_same_device, check_tensor
 from leanops.ops._library import register
+from leanops.ops._reference import linear_reference
 from leanops.quant import int8 as int8_format
 
 INT8 = (torch.int8,)
@@ -212,10 +213,7 @@ def _check_int8_weight_mm(x, w, w_scale, bias=None):
 
 
 def _int8_weight_mm_reference(x, w, w_scale, bias=None):
-    out = (x.float() @ w.float().t()) * w_scale.float()
-    if bias is not None:
-        out = out + bias.float()
-    return out.to(x.dtype)
+    return linear_reference(x, w, bias, col_scale=w_scale)
 
 
 _int8_weight_mm_backends = OpBackends(

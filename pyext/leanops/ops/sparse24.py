@@ -40,6 +40,7 @@ from leanops.ops._checks import (
     check_tensor,
 )
 from leanops.ops._library import register
+from leanops.ops._reference import linear_reference
 from leanops.sparsity import format as sparse_format
 
 
@@ -85,10 +86,7 @@ def _check_sparse24_mm(x, values, meta, bias=None):
 
 def _sparse24_mm_reference(x, values, meta, bias=None):
     w = sparse_format.decompress_24(values, meta).to(x.dtype)
-    out = x.float() @ w.float().t()
-    if bias is not None:
-        out = out + bias.float()
-    return out.to(x.dtype)
+    return linear_reference(x, w, bias)
 
 
 # What leanops_C::sparse24_mm takes (its binding checks the same and raises otherwise).
@@ -193,10 +191,7 @@ def _check_sparse24_int4_mm(x, values, meta, scales, zeros, group_size, bias=Non
 
 def _sparse24_int4_mm_reference(x, values, meta, scales, zeros, group_size, bias=None):
     w = sparse_format.decompress_24_int4(values, scales, zeros, meta, group_size).to(x.dtype)
-    out = x.float() @ w.float().t()
-    if bias is not None:
-        out = out + bias.float()
-    return out.to(x.dtype)
+    return linear_reference(x, w, bias)
 
 
 def _sparse24_int4_mm_cuda_supports(x, values, meta, scales, zeros, group_size, bias=None):

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from leanops.quant.common import check_float_matrix, div_exact, safe_scale
+from leanops.quant.common import FLOAT_DTYPES, check_float_matrix, div_exact, safe_scale
 
 SYMMETRIC_ZERO = 8
 QMAX = 15
@@ -115,7 +115,7 @@ def quantize_int4(
         if not isinstance(scales, torch.Tensor) or tuple(scales.shape) != shape:
             got = tuple(scales.shape) if isinstance(scales, torch.Tensor) else type(scales).__name__
             raise ValueError(f"scales must be a tensor of shape {shape}, got {got}")
-        if scales.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        if scales.dtype not in FLOAT_DTYPES:
             raise ValueError(f"scales must be float16, bfloat16 or float32, got {scales.dtype}")
         if not bool((torch.isfinite(scales) & (scales > 0)).all()):
             raise ValueError("scales must be positive and finite everywhere")

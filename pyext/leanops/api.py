@@ -29,8 +29,8 @@ from leanops.quant.config import (
     QuantConfig,
 )
 from leanops.quant.smoothquant import collect_activation_amax, smoothing_factors
-from leanops.sparsity import format as sparse_format
 from leanops.sparsity import pruning
+from leanops.sparsity import sparse24 as sparse_format
 from leanops.sparsity.config import SemiSparseConfig
 from leanops.sparsity.masks import check_nm
 

@@ -1,5 +1,5 @@
 """SparseLinear: a drop-in nn.Linear holding a 2:4-compressed weight (optionally with int4 kept
-values), in the layout of leanops.sparsity.format."""
+values), in the layout of leanops.sparsity.sparse24."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from torch import nn
 
 from leanops.nn.packed import PackedLinear, register_packed_linear
 from leanops.ops import sparse24_int4_mm, sparse24_mm
-from leanops.sparsity import format as sparse_format
+from leanops.sparsity import sparse24 as sparse_format
 from leanops.sparsity.masks import nm_mask
 
 KERNELS = ("leanops", "torch")
@@ -18,7 +18,7 @@ KERNELS = ("leanops", "torch")
 class SparseLinear(PackedLinear):
     """2:4 sparse linear: W [out, in] keeps 2 of every 4 consecutive inputs.
 
-    Buffers (leanops.sparsity.format), group_size None: weight_values [out, in/2] in `dtype`,
+    Buffers (leanops.sparsity.sparse24), group_size None: weight_values [out, in/2] in `dtype`,
     weight_meta uint8 [out, in/8]. group_size g (2:4 + int4): weight_values uint8 [out, in/4],
     weight_meta, weight_scale [out, in/g] in `dtype`, and if not symmetric weight_zero uint8
     [out, in/g].

@@ -1,7 +1,7 @@
 """2:4 sparse op family: leanops::sparse24_mm (16-bit activations x 2:4 weights) and
 leanops::sparse24_int4_mm (the kept values also int4, group-wise).
 
-The compressed layout is documented in leanops.sparsity.format. Numerics every backend follows
+The compressed layout is documented in leanops.sparsity.sparse24. Numerics every backend follows
 (the references below are the definition):
   sparse24_mm       W = decompress_24(values, meta) exactly (values' dtype), converted to x's
                     dtype; acc = x @ W.T with fp32 accumulation; out = (acc + bias) rounded once
@@ -41,7 +41,7 @@ from leanops.ops._checks import (
 )
 from leanops.ops._library import register
 from leanops.ops._reference import linear_reference
-from leanops.sparsity import format as sparse_format
+from leanops.sparsity import sparse24 as sparse_format
 
 
 def _check_k(op, x):
@@ -158,7 +158,7 @@ def sparse24_mm(
     """x @ W.T + bias with W the 2:4 weight (values, meta) decompressed, output in x's dtype.
 
     x [M, K] float16/bfloat16/float32 (any strides), K a multiple of 8; values [N, K/2] float
-    (contiguous), meta uint8 [N, K/8] (contiguous): the layout of leanops.sparsity.format.
+    (contiguous), meta uint8 [N, K/8] (contiguous): the layout of leanops.sparsity.sparse24.
     Differentiable w.r.t. x and bias (the compressed weight is frozen).
     """
     return torch.ops.leanops.sparse24_mm.default(x, values, meta, bias)

@@ -1,7 +1,7 @@
 """2:4 sparse matmuls in Triton, decompressing the weight on the fly (the portable path; the
 sparse tensor cores are for the CUDA kernels): out = (x @ W.T + bias) rounded once to x's dtype.
 
-  sparse24_mm       W from (values [N, K/2], meta uint8 [N, K/8]) (leanops.sparsity.format)
+  sparse24_mm       W from (values [N, K/2], meta uint8 [N, K/8]) (leanops.sparsity.sparse24)
   sparse24_int4_mm  the kept values int4 group-wise first ((q - z) * s in the scales' dtype)
 
 The compressed weight is streamed as stored, so HBM traffic for it is 1.125 bytes per dense
@@ -35,7 +35,7 @@ from leanops.triton._matmul import (
 @triton.jit
 def _expand_24(kept, codes, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     """kept values [BLOCK_K/2, BLOCK_N] (2 per group, K order) and group codes [BLOCK_K/4,
-    BLOCK_N] -> the dense tile [BLOCK_K, BLOCK_N] (the rule of leanops.sparsity.format)."""
+    BLOCK_N] -> the dense tile [BLOCK_K, BLOCK_N] (the rule of leanops.sparsity.sparse24)."""
     G: tl.constexpr = BLOCK_K // 4
     v0, v1 = tl.split(tl.permute(tl.reshape(kept, (G, 2, BLOCK_N)), (0, 2, 1)))
     i0 = codes & 3

@@ -159,9 +159,22 @@ def prune_(
 
     The layers stay nn.Linear with zeros in their weights (SparseGPT also updates the kept
     weights): for measuring accuracy, for sparse fine-tuning (enable_sparse_training) before
-    compressing with sparsify_. method: "magnitude", "wanda" or "sparsegpt" (the last two need
-    calibrate). Layers whose in_features is not a multiple of m, or whose weight is shared with
-    another module (tied), are left alone and logged.
+    compressing with sparsify_. Layers whose in_features is not a multiple of m, or whose weight
+    is shared with another module (tied), are left alone and logged.
+
+    Arguments:
+        model: the model (not a bare nn.Linear: use leanops.sparsity.prune_magnitude on its
+            weight).
+        method: "magnitude" (|W|, default), "wanda" (|W| * ||X_j||) or "sparsegpt" (the OBS
+            solver, which also updates the kept weights); the last two need calibrate.
+        n, m: keep n of every m consecutive inputs (default 2:4, what sparse tensor cores run).
+        calibrate: a callable run on the model with sample inputs, e.g. lambda m: m(batch).
+        filter_fn: filter_fn(module, name) -> bool selects the layers (default: all).
+        blocksize: SparseGPT's column block, a positive multiple of m (default 128).
+        damp: SparseGPT's Hessian damping, relative to its mean diagonal (default 0.01).
+
+    Raises: ValueError for an invalid n:m, method or blocksize, or a calibrating method without
+    calibrate.
     """
     check_nm(n, m)
     if method not in pruning.METHODS:
@@ -253,7 +266,12 @@ _FORMAT_KEY = "leanops_format_version"
 
 def save_quantized(model: nn.Module, path: str | os.PathLike) -> None:
     """Write the model's whole state_dict to a .safetensors file, with metadata describing each
-    quantised layer so load_quantized can rebuild them. Tied (shared) tensors are stored once."""
+    quantised layer so load_quantized can rebuild them. Tied (shared) tensors are stored once.
+
+    Arguments:
+        model: any nn.Module, quantised (leanops' packed layers) or not.
+        path: the file to write (str or os.PathLike), replaced if it exists.
+    """
     from safetensors.torch import save_model
 
     layers = {name: m.spec() for name, m in model.named_modules() if isinstance(m, PackedLinear)}
@@ -269,7 +287,17 @@ def load_quantized(model: nn.Module, path: str | os.PathLike, strict: bool = Tru
     """Load a file written by save_quantized into `model`, a freshly built model of the same
     architecture (dense, or already quantised the same way): its nn.Linear layers that were
     quantised are first replaced by empty quantised modules on the same device, then every
-    tensor is loaded. Returns the model."""
+    tensor is loaded. Returns the model.
+
+    Arguments:
+        model: the freshly built model (its layers are swapped in place).
+        path: a .safetensors file written by save_quantized.
+        strict: as nn.Module.load_state_dict's: every key of the file and of the model must
+            match (default True).
+
+    Raises: ValueError if the file has no leanops metadata or another format version, or if a
+    quantised layer of the file does not fit the model's layer of that name.
+    """
     from safetensors import safe_open
     from safetensors.torch import load_model
 

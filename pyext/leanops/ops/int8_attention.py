@@ -81,11 +81,22 @@ def attention_int8(
     softcap: float | None = None,
     smooth_k: bool = True,
 ) -> torch.Tensor:
-    """Attention with Q.K^T in int8 (per-block scales, K smoothed by its mean) and P.V in q's
-    16-bit dtype, as SageAttention: for inference (no backward: requesting gradients raises).
-    q, k, v as in `leanops.attention` (dense, float16/bfloat16). See
-    leanops.quant.int8.quantize_qk for the format; the error against fp32 attention is measured
-    in tests/test_attention*.py."""
+    """Attention with Q K^T in int8 and P V in q's 16-bit dtype (SageAttention), for inference
+    (no backward: asking for gradients raises). Q and K are quantised per block of
+    leanops.quant.int8.QK_BLOCK rows (leanops.quant.int8.quantize_qk): an approximation,
+    judged by SQNR against exact attention in tests/test_attention*.py.
+
+    Arguments:
+        q: [B, Hq, Sq, D] float16 or bfloat16 (P V runs in it), D 1 to 256.
+        k, v: [B, Hkv, Sk, D], q's dtype and device (GQA/MQA as in `leanops.attention`).
+        causal, scale, window, softcap: as in `leanops.attention` (no attn_mask, no varlen).
+        smooth_k: subtract K's mean over the sequence before quantising (default True): exact
+            for the softmax, and it keeps a shared offset of the keys out of the int8 grid.
+
+    Returns: [B, Hq, Sq, D] in q's dtype.
+
+    Raises: ValueError naming the argument for a wrong shape, dtype or device.
+    """
     wl, wr = normalize_window(causal, window)
     if scale is None:
         scale = default_scale(q.shape[-1])

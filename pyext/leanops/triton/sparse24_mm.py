@@ -13,7 +13,7 @@ join/permute/reshape (the nibble trick of the int4 kernel), and fed to tl.dot as
 The MMA therefore does the dense 2MNK work: the win over dense is bytes (decode), not FLOPs.
 
 The launcher skeleton (decode split-K / prefill tiles, autotuning, the reduce) is the one of the
-other matmuls: leanops.triton._common.run_matmul.
+other matmuls: leanops.triton._matmul.run_matmul.
 """
 
 from __future__ import annotations

@@ -105,7 +105,7 @@ inline void check_sparse24_x(const char* op, const at::Tensor& x, int64_t k_mult
 
 // The 2:4 metadata: uint8 [N, K/8] (two 4-bit group codes per byte), contiguous, on x's device.
 // The codes themselves are not re-checked here (a full pass per call): they are validated where
-// a weight enters the library (leanops.sparsity.format.check_meta).
+// a weight enters the library (leanops.sparsity.sparse24.check_meta).
 inline void check_sparse24_meta(const char* op, const at::Tensor& meta, const at::Tensor& x,
                                 int64_t n, int64_t k) {
   check_on_device(op, "meta", meta, x);

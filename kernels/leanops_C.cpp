@@ -33,10 +33,10 @@ TORCH_LIBRARY(leanops_C, m) {
   m.def(
       "int4_weight_mm(Tensor x, Tensor w_packed, Tensor scales, Tensor? zeros, int group_size, "
       "Tensor? bias=None) -> Tensor");
-  // 2:4 sparse GEMM (kernels/sparse24_mm.cpp) on the stored format of leanops.sparsity.format.
+  // 2:4 sparse GEMM (kernels/sparse24_mm.cpp) on the stored format of leanops.sparsity.sparse24.
   m.def("sparse24_mm(Tensor x, Tensor values, Tensor meta, Tensor? bias=None) -> Tensor");
   // 2:4 sparse + int4 kept values (kernels/sparse24_int4_mm.cpp), the format of
-  // leanops.sparsity.format.compress_24_int4.
+  // leanops.sparsity.sparse24.compress_24_int4.
   m.def(
       "sparse24_int4_mm(Tensor x, Tensor values, Tensor meta, Tensor scales, Tensor? zeros, "
       "int group_size, Tensor? bias=None) -> Tensor");

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from helpers import assert_2x_rule, poisoned_memory
 from leanops.ops import attention as A
+from leanops.ops import decode_attention as D
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 pytestmark = [
@@ -356,7 +357,7 @@ def test_sanitize_small(no_autotune, case):
         with leanops.use_backend("triton"), poisoned_memory():
             out = leanops.attention_decode(q, kp, vp, lens, table)
         for i in range(2):
-            kk, vv = A.gather_cache(kp, vp, lens, table, i)
+            kk, vv = D.gather_cache(kp, vp, lens, table, i)
             o64, _ = A.reference_attention(q[i : i + 1].double(), kk.double(), vv.double(), None,
                                            96**-0.5, -1, 0, 0.0, dtype=torch.float64)
             ob, _ = A.reference_attention(q[i : i + 1], kk, vv, None, 96**-0.5, -1, 0, 0.0, dtype=t)

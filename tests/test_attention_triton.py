@@ -20,10 +20,13 @@ import torch
 from helpers import assert_2x_rule, poisoned_memory
 from leanops import ops
 from leanops.ops import attention as A
+from leanops.quant import int8 as int8_format
 
 triton = pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
 from leanops.triton import attention as T  # noqa: E402
 from leanops.triton import attention_decode as TD  # noqa: E402
+from leanops.triton import attention_kernels as K  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:tl.make_block_ptr is deprecated")
 
@@ -283,10 +286,9 @@ def test_int8_quantisation_is_bit_exact():
     k = torch.randn(2, 2, 129, 80, dtype=torch.float16) + 2.0  # an offset for smoothing to remove
     for smooth in (False, True):
         got = T.quantize_qk(q, k, smooth, T.QK_BLOCK)
-        want = A.quantize_qk(q, k, smooth)
+        want = int8_format.quantize_qk(q, k, smooth)
         for g, w in zip(got, want, strict=True):
             assert torch.equal(g, w)
-    assert T.QK_BLOCK == A.QK_BLOCK
 
 
 def _sqnr(ref, x):
@@ -324,36 +326,76 @@ def test_int8_attention_is_inference_only():
 # -------------------------------------------------------------------------- config rules
 
 
-def test_key_and_query_ranges_cover_exactly_the_visible_tiles():
-    """The per-block ranges (_key_ranges / _query_ranges, run here through the forward and dK/dV
-    kernels) are checked above by results; this checks the unmasked range really needs no mask,
-    by brute force over block positions, with the Python twin of the jit arithmetic."""
-    def ranges(m0, q_len, k_len, wl, wr, bm, bn):
-        diag = k_len - q_len
-        m_last = min(m0 + bm, q_len) - 1
-        lo = max(m0 + diag - wl, 0) // bn * bn if wl >= 0 else 0
-        hi = min(m_last + diag + wr + 1, k_len) if wr >= 0 else k_len
-        hi = max(hi, lo)
-        full_lo = lo
-        if wl >= 0:
-            x = max(m0 + bm - 1 + diag - wl, lo)
-            full_lo = min((x + bn - 1) // bn * bn, hi)
-        y = min(k_len, m0 + diag + wr + 1) if wr >= 0 else k_len
-        full_hi = max(max(y, 0) // bn * bn, full_lo)
-        return lo, full_lo, full_hi, hi
+@triton.jit
+def _ranges_kernel(out_ptr, q_len, k_len, window_left, window_right, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
+                   KEYS: tl.constexpr):
+    """Stores what the kernels' range helpers return for block program_id(0): _key_ranges of
+    query rows [pid * BLOCK_M, +BLOCK_M) (KEYS), else _query_ranges of keys [pid * BLOCK_N, ...)."""
+    pid = tl.program_id(0)
+    if KEYS:
+        lo, full_lo, full_hi, hi = K._key_ranges(pid * BLOCK_M, q_len, k_len, window_left,
+                                                 window_right, BLOCK_M, BLOCK_N, WINDOW_LEFT,
+                                                 WINDOW_RIGHT)
+    else:
+        lo, full_lo, full_hi, hi = K._query_ranges(pid * BLOCK_N, q_len, k_len, window_left,
+                                                   window_right, BLOCK_M, BLOCK_N, WINDOW_LEFT,
+                                                   WINDOW_RIGHT)
+    tl.store(out_ptr + pid * 4 + 0, lo)
+    tl.store(out_ptr + pid * 4 + 1, full_lo)
+    tl.store(out_ptr + pid * 4 + 2, full_hi)
+    tl.store(out_ptr + pid * 4 + 3, hi)
 
-    for q_len, k_len in ((17, 17), (5, 40), (40, 5), (33, 70)):
-        for wl, wr in ((-1, -1), (-1, 0), (3, 0), (6, 2), (-1, 5)):
-            vis = A.visible(q_len, k_len, wl, wr)
-            for m0 in range(0, q_len, 8):
-                lo, full_lo, full_hi, hi = ranges(m0, q_len, k_len, wl, wr, 8, 4)
-                rows = vis[m0 : m0 + 8]
-                seen = rows.any(0).nonzero().flatten()
-                if len(seen):
-                    assert lo <= seen.min() and seen.max() < hi
-                if full_hi > full_lo:
-                    assert full_lo % 4 == 0 and full_hi % 4 == 0
-                    assert rows[:, full_lo:full_hi].all()
+
+def _ranges(keys, q_len, k_len, wl, wr, bm, bn):
+    blocks = triton.cdiv(q_len if keys else k_len, bm if keys else bn)
+    out = torch.full((blocks, 4), -99, dtype=torch.int32)
+    _ranges_kernel[(blocks,)](out, q_len, k_len, max(wl, 0), max(wr, 0), BLOCK_M=bm, BLOCK_N=bn,
+                              WINDOW_LEFT=wl >= 0, WINDOW_RIGHT=wr >= 0, KEYS=keys)
+    return out.tolist()
+
+
+RANGE_CASES = [(q, k, wl, wr) for q, k in ((17, 17), (5, 40), (40, 5), (33, 70), (1, 1))
+               for wl, wr in ((-1, -1), (-1, 0), (3, 0), (6, 2), (-1, 5), (0, 0))]
+
+
+@pytest.mark.parametrize("bm,bn", [(8, 4), (16, 32)])
+def test_key_ranges_cover_exactly_the_visible_tiles(bm, bn):
+    """The jit helper _key_ranges (forward and dQ): every key a row of the query block can see
+    is in [lo, hi); lo, full_lo and full_hi are whole key tiles; the unmasked tiles
+    [full_lo, full_hi) lie inside the keys and every real row of the block sees all of them."""
+    for q_len, k_len, wl, wr in RANGE_CASES:
+        vis = A.visible(q_len, k_len, wl, wr)
+        for b, (lo, full_lo, full_hi, hi) in enumerate(_ranges(True, q_len, k_len, wl, wr, bm, bn)):
+            case = (q_len, k_len, wl, wr, b, (lo, full_lo, full_hi, hi))
+            rows = vis[b * bm : (b + 1) * bm]
+            seen = rows.any(0).nonzero().flatten()
+            if len(seen):
+                assert lo <= seen.min() and seen.max() < hi, case
+            assert 0 <= lo <= full_lo <= full_hi <= hi <= k_len, case
+            assert lo % bn == 0 and (full_lo % bn == 0 or full_lo == hi), case
+            if full_hi > full_lo:
+                assert full_hi % bn == 0 and rows[:, full_lo:full_hi].all(), case
+
+
+@pytest.mark.parametrize("bm,bn", [(8, 4), (16, 32)])
+def test_query_ranges_cover_exactly_the_visible_tiles(bm, bn):
+    """The jit helper _query_ranges (dK/dV), the mirror image: every query that sees a key of
+    the block is in [lo, hi); the unmasked query tiles [full_lo, full_hi) are whole tiles of
+    real queries that see every key of the block, and a ragged key block has none."""
+    for q_len, k_len, wl, wr in RANGE_CASES:
+        vis = A.visible(q_len, k_len, wl, wr)
+        for b, (lo, full_lo, full_hi, hi) in enumerate(_ranges(False, q_len, k_len, wl, wr, bm, bn)):
+            case = (q_len, k_len, wl, wr, b, (lo, full_lo, full_hi, hi))
+            cols = vis[:, b * bn : (b + 1) * bn]
+            seen = cols.any(1).nonzero().flatten()
+            if len(seen):
+                assert lo <= seen.min() and seen.max() < hi, case
+            assert 0 <= lo <= full_lo <= full_hi <= hi <= q_len, case
+            assert lo % bm == 0 and (full_lo % bm == 0 or full_lo == hi), case
+            if full_hi > full_lo:
+                assert full_hi % bm == 0 and (b + 1) * bn <= k_len, case
+                assert cols[full_lo:full_hi].all(), case
 
 
 def test_autotune_keep_rules():
@@ -364,7 +406,7 @@ def test_autotune_keep_rules():
                 kept = T._kept(kind, bd, 2, T.seq_bucket(sq), T.seq_bucket(sk), dev)
                 assert kept, (kind, bd, sq, sk)
                 for i in kept:
-                    assert T._smem(configs[i], kind, bd, 2) <= T.C.NOMINAL_SMEM or len(kept) == 1
+                    assert T._smem(configs[i], kind, bd, 2) <= T.common.NOMINAL_SMEM or len(kept) == 1
     # configs ptxas showed spilling hundreds of bytes on sm_90 are never kept; clean ones are
     def kept(kind, bd, bm, bn, w, st):
         configs = {"fwd": T.FWD_CONFIGS, "dkdv": T.DKDV_CONFIGS}[kind]

@@ -25,7 +25,8 @@ from leanops.sparsity import (
 )
 
 triton = pytest.importorskip("triton")
-from leanops.triton import _common as C  # noqa: E402
+from leanops.triton import _common as common  # noqa: E402
+from leanops.triton import _matmul as matmul  # noqa: E402
 from leanops.triton import sparse24_mm as TS  # noqa: E402
 
 MS = (1, 3, 17, 64)
@@ -107,9 +108,9 @@ def test_sparse24_int4_mm(interpreter, poisoned, m, n, k, g, symmetric):
 # ---------------------------------------------------------------------------------------------
 # split-K, tiles, real GPU configs
 
-SPLIT = C.config(num_stages=1, BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=1, SPLIT_K=3)
-UNSPLIT = C.config(num_stages=1, BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=1, SPLIT_K=1)
-TILED = C.config(num_stages=1, BLOCK_M=32, BLOCK_N=32, BLOCK_K=64, GROUP_M=2, SPLIT_K=1)
+SPLIT = common.config(num_stages=1, BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=1, SPLIT_K=3)
+UNSPLIT = common.config(num_stages=1, BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=1, SPLIT_K=1)
+TILED = common.config(num_stages=1, BLOCK_M=32, BLOCK_N=32, BLOCK_K=64, GROUP_M=2, SPLIT_K=1)
 
 
 @pytest.mark.parametrize("k", [64, 200])
@@ -141,7 +142,7 @@ def test_split_k_is_deterministic(interpreter, poisoned):
 
 
 def _args(m, n, k, dtype=torch.float16, group=None, values_dtype=None):
-    args = {"M": m, "N": n, "K": k, "M_BUCKET": C.m_bucket(m), "out_ptr": torch.empty(0),
+    args = {"M": m, "N": n, "K": k, "M_BUCKET": common.m_bucket(m), "out_ptr": torch.empty(0),
             "x_ptr": torch.empty(0, dtype=dtype),
             "values_ptr": torch.empty(0, dtype=values_dtype or dtype)}
     if group is not None:
@@ -190,10 +191,10 @@ def test_keep_leaves_a_sane_config_space(m, k, n, group):
     kept = [c for c in configs if keep(c, args)]
     assert kept and len(kept) <= 24
     for c in kept:
-        assert (c.kwargs["BLOCK_M"] == C.SMALL_M) == (m <= C.SMALL_M)
+        assert (c.kwargs["BLOCK_M"] == matmul.SMALL_M) == (m <= matmul.SMALL_M)
         if group is not None:
             assert group % c.kwargs["BLOCK_K"] == 0
-    assert C.default_config(kept, args) in kept
+    assert matmul.default_config(kept, args) in kept
 
 
 def test_launcher_signatures():

@@ -1,6 +1,6 @@
 // 2:4 sparse + int4 GEMM on the sparse tensor cores: out = x @ W^T + bias, with W [N, K] the 2:4
 // weight whose kept values are int4 group-quantised, in the stored format of
-// leanops.sparsity.format (values uint8 [N, K/4] = int4 codes of the K/2 kept values, low nibble
+// leanops.sparsity.sparse24 (values uint8 [N, K/4] = int4 codes of the K/2 kept values, low nibble
 // = even kept index; scales [N, K/g]; zeros uint8 [N, K/g] or none (zero point 8); meta uint8
 // [N, K/8]); x [M, K] and out [M, N] fp16 or bf16, fp32 accumulation, one final rounding.
 // Numerics follow leanops.ops.sparse24._sparse24_int4_mm_reference (up to fp32 summation order).

@@ -1,5 +1,5 @@
 // 2:4 sparse x dense GEMM on the sparse tensor cores: out = x @ W^T + bias, with W [N, K] the
-// 2:4 weight in the stored format of leanops.sparsity.format (values [N, K/2], meta uint8
+// 2:4 weight in the stored format of leanops.sparsity.sparse24 (values [N, K/2], meta uint8
 // [N, K/8]), x [M, K] and out [M, N] fp16 or bf16, fp32 accumulation, one final rounding.
 // Numerics follow leanops.ops.sparse24._sparse24_mm_reference (up to fp32 summation order).
 //

@@ -1,5 +1,6 @@
-"""Whole-model entry points: quantize_ (swap nn.Linear layers in place) and save/load of
-quantised models through safetensors (no pickle)."""
+"""Whole-model entry points: quantize_ (swap nn.Linear layers for quantised ones in place),
+prune_ / sparsify_ (2:4 sparsity: zero weights in place, or swap in SparseLinear with the
+compressed weight), and save/load of quantised models through safetensors (no pickle)."""
 
 from __future__ import annotations
 
@@ -8,15 +9,19 @@ import json
 import logging
 import os
 import zlib
+from collections import Counter
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
+from leanops import calibration
 from leanops._version import FORMAT_VERSION, __version__
 from leanops.nn.packed import PackedLinear, packed_linear_from_spec
 from leanops.nn.quantized import Int4WeightOnlyLinear, Int8Linear, Int8WeightOnlyLinear
-from leanops.nn.swap import FilterFn, replace_module, select_linears
+from leanops.nn.sparse import SparseLinear
+from leanops.nn.swap import FilterFn, format_unsupported, replace_module, select_linears
+from leanops.nn.training import Int8TrainingLinear
 from leanops.quant import int4 as int4_format
 from leanops.quant.common import ValueChecks
 from leanops.quant.config import (
@@ -27,7 +32,10 @@ from leanops.quant.config import (
     QuantConfig,
 )
 from leanops.quant.smoothquant import collect_activation_amax, smoothing_factors
-from leanops.training.linear import Int8TrainingLinear
+from leanops.sparsity import pruning
+from leanops.sparsity import sparse24 as sparse_format
+from leanops.sparsity.config import SemiSparseConfig
+from leanops.sparsity.masks import check_nm
 
 logger = logging.getLogger("leanops")
 
@@ -42,18 +50,6 @@ def log_level(level: int):
         yield
     finally:
         logger.setLevel(previous)
-
-def format_unsupported(linear: nn.Linear, config: QuantConfig) -> str | None:
-    """Why the kernels of `config` cannot take `linear` (beyond the generic reasons of
-    leanops.nn.swap), or None: today only int4's group size, which must divide in_features."""
-    if isinstance(config, Int4WeightOnlyConfig):
-        group_size = config.group_size_for(linear.in_features)
-        try:
-            int4_format.check_group_size(group_size, linear.in_features)
-        except ValueError as exc:
-            return f"int4: {exc}"
-    return None
-
 
 def quantize_(
     model: nn.Module,
@@ -114,6 +110,158 @@ def quantize_(
     return model
 
 
+# ------------------------------------------------------------------------------ 2:4 sparsity
+
+_PURPOSE = {"wanda": "Wanda", "sparsegpt": "SparseGPT"}
+
+
+def _select(model, filter_fn, why_not, caller) -> dict[str, nn.Linear]:
+    if isinstance(model, nn.Linear):
+        raise ValueError(
+            f"{caller} swaps or prunes layers inside a model; for a single nn.Linear use "
+            "leanops.SparseLinear.from_linear(layer) or leanops.sparsity.prune_magnitude(weight)"
+        )
+    return select_linears(model, filter_fn, caller, why_not)
+
+
+def _statistics(model, targets, method, calibrate, caller):
+    if method == "magnitude":
+        return {}
+    if calibrate is None:
+        raise ValueError(
+            f"{caller}: method={method!r} needs calibrate=, a callable that runs sample inputs "
+            "through the model, e.g. calibrate=lambda m: m(sample_batch)"
+        )
+    update = calibration.sum_of_squares if method == "wanda" else calibration.gram
+    return calibration.collect_input_statistics(
+        model, targets, calibrate, update, purpose=_PURPOSE[method]
+    )
+
+
+def _prune(weight, method, stat, n, m, blocksize, damp):
+    if method == "magnitude":
+        return pruning.prune_magnitude(weight, n, m)
+    if method == "wanda":
+        return pruning.prune_wanda(weight, stat.sqrt(), n, m)
+    return pruning.prune_sparsegpt(weight, stat[0].to(weight.device), n, m, blocksize, damp)
+
+
+def prune_(
+    model: nn.Module,
+    method: str = "magnitude",
+    *,
+    n: int = 2,
+    m: int = 4,
+    calibrate: Callable[[nn.Module], object] | None = None,
+    filter_fn: FilterFn | None = None,
+    blocksize: int = 128,
+    damp: float = 0.01,
+) -> dict[str, torch.Tensor]:
+    """Prune, in place, the weight of every nn.Linear that filter_fn(module, name) accepts (all
+    by default) to n:m sparsity along its inputs; return name -> keep-mask (bool [out, in]).
+
+    The layers stay nn.Linear with zeros in their weights (SparseGPT also updates the kept
+    weights): for measuring accuracy, for sparse fine-tuning (enable_sparse_training) before
+    compressing with sparsify_. Layers whose in_features is not a multiple of m, or whose weight
+    is shared with another module (tied), are left alone and logged.
+
+    Arguments:
+        model: the model (not a bare nn.Linear: use leanops.sparsity.prune_magnitude on its
+            weight).
+        method: "magnitude" (|W|, default), "wanda" (|W| * ||X_j||) or "sparsegpt" (the OBS
+            solver, which also updates the kept weights); the last two need calibrate.
+        n, m: keep n of every m consecutive inputs (default 2:4, what sparse tensor cores run).
+        calibrate: a callable run on the model with sample inputs, e.g. lambda m: m(batch).
+        filter_fn: filter_fn(module, name) -> bool selects the layers (default: all).
+        blocksize: SparseGPT's column block, a positive multiple of m (default 128).
+        damp: SparseGPT's Hessian damping, relative to its mean diagonal (default 0.01).
+
+    Raises: ValueError for an invalid n:m, method or blocksize, or a calibrating method without
+    calibrate.
+    """
+    check_nm(n, m)
+    if method not in pruning.METHODS:
+        raise ValueError(f"method must be one of {pruning.METHODS}, got {method!r}")
+    if method == "sparsegpt" and (not isinstance(blocksize, int) or blocksize <= 0 or blocksize % m):
+        raise ValueError(f"blocksize must be a positive multiple of m={m}, got {blocksize!r}")
+    uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+
+    def why_not(name, linear):
+        if linear.in_features % m:
+            return f"in_features (K={linear.in_features}) is not a multiple of m={m}"
+        if uses[id(linear.weight)] > 1:
+            return "its weight is shared with another module (tied); pruning it would prune that one too"
+        return None
+
+    targets = _select(model, filter_fn, why_not, "prune_")
+    stats = _statistics(model, targets, method, calibrate, "prune_")
+    masks = {}
+    with torch.no_grad():
+        for name, linear in targets.items():
+            pruned, mask = _prune(linear.weight, method, stats.get(name), n, m, blocksize, damp)
+            linear.weight.copy_(pruned)
+            masks[name] = mask
+    logger.info("prune_: %d layer(s) pruned to %d:%d by %s", len(targets), n, m, method)
+    return masks
+
+
+def sparsify_(
+    model: nn.Module,
+    config: SemiSparseConfig | None = None,
+    filter_fn: FilterFn | None = None,
+    calibrate: Callable[[nn.Module], object] | None = None,
+) -> nn.Module:
+    """Replace, in place, every nn.Linear that filter_fn(module, name) accepts (all by default)
+    with a SparseLinear holding its 2:4-pruned, compressed weight; return the model.
+
+    config: SemiSparseConfig (default: magnitude, 16-bit kept values, leanops kernels).
+    calibrate(model) runs sample inputs through the model; needed by "wanda" and "sparsegpt"
+    (statistics of each layer's inputs, gathered in one pass over the dense model). Layers the
+    format or kernel cannot take (in_features not a multiple of 8, an int4 group size that does
+    not fit, a projection nn.MultiheadAttention reads directly, ...) stay dense, each logged with
+    its reason on the "leanops" logger. The output head is pruned like any layer if selected;
+    LLM pruning usually leaves it dense (filter_fn=lambda m, name: name != "lm_head").
+    """
+    config = SemiSparseConfig() if config is None else config
+    if not isinstance(config, SemiSparseConfig):
+        raise TypeError(f"config must be a leanops.SemiSparseConfig, got {type(config).__name__}")
+
+    def group_size_for(linear):
+        q = config.quantize
+        return None if q is None else q.group_size_for(linear.in_features)
+
+    def why_not(name, linear):
+        try:
+            sparse_format.check_in_features(linear.in_features)
+            g = group_size_for(linear)
+            if g is not None:
+                sparse_format.check_int4_group_size(g, linear.in_features)
+        except ValueError as exc:
+            return str(exc)
+        if config.kernel == "torch":
+            return sparse_format.torch_semi_structured_unsupported(
+                linear.out_features, linear.in_features, linear.weight.dtype
+            )
+        return None
+
+    targets = _select(model, filter_fn, why_not, "sparsify_")
+    stats = _statistics(model, targets, config.method, calibrate, "sparsify_")
+    for name, linear in targets.items():
+        with torch.no_grad():
+            pruned, mask = _prune(
+                linear.weight, config.method, stats.get(name), 2, 4, config.blocksize, config.damp
+            )
+        new = SparseLinear.from_weight(
+            pruned, linear.bias, mask=mask, group_size=group_size_for(linear),
+            symmetric=True if config.quantize is None else config.quantize.symmetric,
+            kernel=config.kernel,
+        )
+        new.train(linear.training)
+        replace_module(model, name, new)
+    logger.info("sparsify_: %d layer(s) made 2:4 sparse with %s", len(targets), config)
+    return model
+
+
 # ------------------------------------------------------------------------------ save / load
 
 _FORMAT_KEY = "leanops_format_version"
@@ -160,14 +308,17 @@ def save_quantized(model: nn.Module, path: str | os.PathLike) -> None:
     """Write the model's whole state_dict to a .safetensors file, with metadata describing each
     quantised layer so load_quantized can rebuild them.
 
-    model: any nn.Module, with or without leanops packed layers.
-    path: the file to write. It is written under a temporary name in the same directory and
-        renamed when complete, so a crash never leaves a partial file (or a damaged previous
-        one) under `path`.
     Tied (shared) tensors are stored once (the others are named in the metadata, as
     safetensors.torch.save_model does). Each stored tensor's CRC-32 (over its dtype, shape and
     bytes) goes into the metadata; load_quantized verifies them.
-    Raises whatever writing the file raises (OSError, ...).
+
+    Arguments:
+        model: any nn.Module, quantised (leanops' packed layers) or not.
+        path: the file to write (str or os.PathLike). It is written under a temporary name in
+            the same directory and renamed when complete, so a crash never leaves a partial
+            file (or a damaged previous one) under `path`.
+
+    Raises: whatever writing the file raises (OSError, ...).
     """
     from safetensors.torch import save_file
 
@@ -370,24 +521,28 @@ def load_quantized(
 ) -> nn.Module:
     """Load a file written by save_quantized into `model`, all or nothing.
 
-    model: a freshly built model of the same architecture, dense or already quantised the same
-        way. Its nn.Linear layers that were quantised are replaced by packed layers on the same
-        device, then every tensor is loaded.
-    path: the .safetensors file.
-    strict: True: the file's tensors outside the quantised layers must match the model's state
-        names exactly (tied names count once); False: extra or missing ones are ignored. The
-        tensors of a quantised layer are always all required.
-    verify_checksums: True (default): recompute each tensor's CRC-32 and compare it with the one
-        written by save_quantized (files written before checksums existed have none and load
-        without). False skips only this, for very large trusted files: the format checks still
-        run. Cost: see the README ("Saving and loading").
     Before anything in `model` changes, the whole file is read and checked: header, format
     version, checksums, every layer's spec and shapes against the model, and the stored values
     (scales positive and finite, zero points in [0, 15], 2:4 metadata codes valid; see
     PackedLinear.validate_state). So a failure leaves `model` exactly as it was. The new packed
     layers are allocated before any is swapped in: the model's memory briefly holds both.
-    Returns the model.
-    Raises ValueError naming the path and the problem (not a safetensors file, not written by
+
+    Arguments:
+        model: a freshly built model of the same architecture, dense or already quantised the
+            same way. Its nn.Linear layers that were quantised are replaced by packed layers on
+            the same device, then every tensor is loaded.
+        path: the .safetensors file (str or os.PathLike).
+        strict: True (default): the file's tensors outside the quantised layers must match the
+            model's state names exactly (tied names count once); False: extra or missing ones
+            are ignored. The tensors of a quantised layer are always all required.
+        verify_checksums: True (default): recompute each tensor's CRC-32 and compare it with the
+            one written by save_quantized (files written before checksums existed have none and
+            load without). False skips only this, for very large trusted files: the format
+            checks still run. Cost: see the README ("Saving and loading").
+
+    Returns: the model.
+
+    Raises: ValueError naming the path and the problem (not a safetensors file, not written by
     leanops, another format version, corrupt tensors, a layer or shape that does not fit, an
     invalid value); OSError when the file cannot be read.
     """

@@ -23,10 +23,11 @@ import contextvars
 import functools
 import importlib
 import importlib.util
-import os
 import warnings
 
 import torch
+
+from leanops._env import triton_interpreter_active
 
 BACKENDS = ("cuda", "triton", "reference")
 
@@ -69,8 +70,12 @@ class use_backend(contextlib.ContextDecorator):
     >>> with leanops.use_backend("triton"):
     ...     y = model(x)
 
-    `None` restores automatic choice. A forced backend that cannot run a call raises a
-    RuntimeError that says why, instead of falling back.
+    Arguments:
+        name: "cuda", "triton" or "reference", or None for automatic choice (cuda -> triton ->
+            reference). A forced backend that cannot run a call raises a RuntimeError that says
+            why, instead of falling back.
+
+    Raises: ValueError for any other name.
     """
 
     def __init__(self, name: str | None):
@@ -90,12 +95,6 @@ class use_backend(contextlib.ContextDecorator):
 
 def forced_backend() -> str | None:
     return _forced.get()
-
-
-def triton_interpreter_active() -> bool:
-    # Read at call time: Triton itself reads it when a @triton.jit function is defined, so it has
-    # to be set before leanops.triton is first imported (tests/conftest.py does).
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @functools.cache

@@ -11,6 +11,11 @@ PyTorch fp32 reference that is the CPU path and the definition, and a Triton ker
   attention_int8(q, k, v, scale, window_left, window_right, softcap, smooth_k) -> out
                                                                               (inference only)
 
+This module is the home of the definitions all four share (layouts, scores, masks, the argument
+checks and the reference) and of attention_fwd / attention_bwd with the public `attention` and
+`attention_varlen`; leanops.ops.decode_attention and leanops.ops.int8_attention hold the other
+two ops and their public functions.
+
 attention_fwd has a registered autograd whose backward is attention_bwd (another op), so
 torch.compile traces forward and backward without a graph break.
 
@@ -320,21 +325,15 @@ def _attention_bwd_reference(grad_out, q, k, v, out, lse, bias, cu_q, cu_k, max_
 # attention_fwd / attention_bwd
 
 
-def _no_triton_reason(*args):
-    return None
-
-
 _fwd_backends = OpBackends(
     "attention_fwd",
     reference=_attention_fwd_reference,
     triton="leanops.triton.attention:attention_fwd",
-    triton_supports=_no_triton_reason,
 )
 _bwd_backends = OpBackends(
     "attention_bwd",
     reference=_attention_bwd_reference,
     triton="leanops.triton.attention:attention_bwd",
-    triton_supports=_no_triton_reason,
 )
 
 
@@ -417,8 +416,23 @@ torch.library.register_autograd("leanops::attention_fwd", _fwd_backward, setup_c
 
 def attention_fwd(q, k, v, bias=None, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0,
                   max_seqlen_k=0, scale=None, window_left=-1, window_right=-1, softcap=0.0):
-    """The raw op: (out, lse). See the module docstring; `leanops.attention` is the friendly
-    entry point."""
+    """The raw op leanops::attention_fwd, returning the log-sum-exp too; `leanops.attention` and
+    `leanops.attention_varlen` are the friendly entry points. Differentiable in q, k, v.
+
+    Arguments:
+        q, k, v: dense [B, H, S, D] or, with cu_seqlens, varlen [T, H, D] (module docstring).
+        bias: None or a float tensor broadcastable to [B, Hq, Sq, Sk] added to the scores (-inf
+            masks); size-1 dims are read with stride 0. Dense only.
+        cu_seqlens_q, cu_seqlens_k: None (dense) or int32 [B + 1] (varlen), given together.
+        max_seqlen_q, max_seqlen_k: the longest sequences (varlen only; size the grid).
+        scale: score multiplier, default 1 / sqrt(D).
+        window_left, window_right: the sliding window in keys, inclusive, -1 = unbounded;
+            causal is window_right = 0 (bottom-right aligned).
+        softcap: 0 (off) or > 0: scores become softcap * tanh(s / softcap).
+
+    Returns: (out, lse): out with q's shape and dtype; lse fp32, natural log, [B, Hq, Sq] dense
+    or [Hq, Tq] varlen, -inf for rows that see no key (whose out is 0). lse gets no gradient.
+    """
     if scale is None:
         scale = default_scale(q.shape[-1])
     return torch.ops.leanops.attention_fwd.default(
@@ -474,18 +488,33 @@ def attention(
     window: tuple[int, int] | None = None,
     softcap: float | None = None,
 ) -> torch.Tensor:
-    """Fused attention: softmax(q k^T * scale [+ attn_mask]) v for q [B, Hq, Sq, D] and k, v
-    [B, Hkv, Sk, D], F.scaled_dot_product_attention's layout and arguments. Differentiable in
-    q, k, v.
+    """Fused attention, softmax(q k^T * scale [+ attn_mask]) v, with
+    F.scaled_dot_product_attention's layout. Differentiable in q, k and v.
 
-    - GQA/MQA when Hkv < Hq (Hq a multiple of Hkv), without repeating k/v in memory.
-    - causal: bottom-right aligned when Sq != Sk (query i is position i + Sk - Sq; see
-      leanops.ops.attention). window=(left, right): sliding window, -1 = unbounded.
-    - scale defaults to 1/sqrt(D); softcap: logits capped to softcap * tanh(s / softcap).
-    - attn_mask: bool (True = attend) or additive float, broadcastable to [B, Hq, Sq, Sk]: the
-      slower general path (the mask is read per score tile); not differentiable.
-    - dtypes float16/bfloat16 (Triton kernels on sm_80+ GPUs) and float32; head dim 1-256.
-    On CPU tensors the fp32 PyTorch reference runs. Rows that see no key return 0.
+    Arguments:
+        q: [B, Hq, Sq, D] float16, bfloat16 or float32, any strides; D (head dim) 1 to 256.
+        k, v: [B, Hkv, Sk, D], q's dtype and device. Hkv < Hq is GQA/MQA (Hq a multiple of Hkv;
+            q head h reads kv head h // (Hq / Hkv)), never repeated in memory.
+        attn_mask: None, or bool (True = may attend) or float (added to the scores), of a shape
+            broadcastable to [B, Hq, Sq, Sk]. The slower general path (a mask tile is read per
+            score tile); it gets no gradient (raises if it requires one).
+        causal: mask keys after the query. Aligned bottom-right when Sq != Sk: query i is the
+            token at position i + Sk - Sq, so the last query sees every key (flash-attention
+            >= 2.1, a KV cache's convention). SDPA's is_causal aligns top-left instead; the two
+            agree only when Sq == Sk.
+        scale: the score multiplier; default 1 / sqrt(D).
+        window: None, or (left, right): query i sees keys j with
+            i + Sk - Sq - left <= j <= i + Sk - Sq + right, both ends inclusive, -1 = unbounded
+            on that side; causal=True caps right at 0.
+        softcap: None, or a positive float: scores become softcap * tanh(s / softcap) (Gemma 2),
+            before the mask is added.
+
+    Returns: [B, Hq, Sq, D] in q's dtype. A query row that sees no key (causal with Sq > Sk, a
+    fully masked row) gets 0, as flash-attention (SDPA's math path gives NaN).
+
+    Raises: ValueError naming the argument for a wrong shape, dtype, device, head dim, window or
+    softcap. On CUDA tensors the Triton kernels run (sm_80+); on CPU tensors the fp32 PyTorch
+    reference. See leanops.ops.attention for the exact definition.
     """
     wl, wr = normalize_window(causal, window)
     bias = _mask_to_bias(attn_mask, q, k)
@@ -507,270 +536,26 @@ def attention_varlen(
     window: tuple[int, int] | None = None,
     softcap: float | None = None,
 ) -> torch.Tensor:
-    """Attention over a batch of variable-length sequences packed along the first dim (no
-    padding): q [Tq, Hq, D], k, v [Tk, Hkv, D]; sequence b is rows cu_seqlens_q[b] ..
-    cu_seqlens_q[b+1] of q and cu_seqlens_k[b] .. cu_seqlens_k[b+1] of k/v (int32 [B + 1],
-    starting at 0). max_seqlen_q/k: the longest sequence (sizes the launch grid; a smaller value
-    than the truth leaves rows unwritten). Masks per sequence as in `attention`. Differentiable
-    in q, k, v. Returns out [Tq, Hq, D]."""
+    """Attention over a batch of variable-length sequences packed along the first dim, without
+    padding (flash-attention's varlen layout). Differentiable in q, k and v.
+
+    Arguments:
+        q: [Tq, Hq, D] float16, bfloat16 or float32: the B sequences' queries, one after another.
+        k, v: [Tk, Hkv, D], q's dtype and device (GQA/MQA as in `attention`).
+        cu_seqlens_q, cu_seqlens_k: int32 [B + 1], starting at 0 and non-decreasing: sequence b
+            is rows cu_seqlens_q[b] .. cu_seqlens_q[b + 1] - 1 of q and cu_seqlens_k[b] ..
+            cu_seqlens_k[b + 1] - 1 of k and v. Values are not checked (that would synchronise
+            with the GPU).
+        max_seqlen_q, max_seqlen_k: the longest query / key sequence. They size the launch grid:
+            a value smaller than the truth leaves rows unwritten.
+        causal, scale, window, softcap: as in `attention`, applied per sequence (causal and
+            window aligned bottom-right within each sequence).
+
+    Returns: [Tq, Hq, D] in q's dtype.
+
+    Raises: ValueError naming the argument for a wrong shape, dtype or device.
+    """
     wl, wr = normalize_window(causal, window)
     out, _ = attention_fwd(q, k, v, None, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
                            int(max_seqlen_k), scale, wl, wr, _softcap_value(softcap))
     return out
-
-
-# ---------------------------------------------------------------------------------------------
-# attention_decode: split-KV attention of a few new tokens against a (paged) KV cache
-
-
-def _check_decode(q, k_cache, v_cache, cache_seqlens, block_table, scale, wl, wr, softcap):
-    op = "leanops.attention_decode"
-    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
-        check_tensor(op, name, t, dtypes=FLOAT_DTYPES, dim=4)
-    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
-        if t.dtype != q.dtype:
-            raise ValueError(f"{op}: {name} must have q's dtype {q.dtype}, got {t.dtype}")
-    b, hq, sq, d = q.shape
-    _check_head_dim(op, d)
-    if tuple(v_cache.shape) != tuple(k_cache.shape):
-        raise ValueError(
-            f"{op}: v_cache must have k_cache's shape {tuple(k_cache.shape)}, got {tuple(v_cache.shape)}"
-        )
-    hkv = k_cache.shape[1]
-    if k_cache.shape[3] != d:
-        raise ValueError(f"{op}: k_cache must have q's head dim {d}, got shape {tuple(k_cache.shape)}")
-    if hkv == 0 or hq % hkv != 0:
-        raise ValueError(
-            f"{op}: the number of heads of q ({hq}) must be a multiple of that of k_cache ({hkv})"
-        )
-    if block_table is None:
-        if k_cache.shape[0] != b:
-            raise ValueError(
-                f"{op}: k_cache must be [B, Hkv, S, D] with q's batch {b} (or pages with a "
-                f"block_table), got shape {tuple(k_cache.shape)}"
-            )
-    else:
-        check_tensor(op, "block_table", block_table, dtypes=INT32, dim=2)
-        if block_table.shape[0] != b:
-            raise ValueError(
-                f"{op}: block_table must be [B, max_pages] with q's batch {b}, got "
-                f"{tuple(block_table.shape)}"
-            )
-        if cache_seqlens is None:
-            raise ValueError(f"{op}: cache_seqlens is required with a block_table")
-    if cache_seqlens is not None:
-        check_tensor(op, "cache_seqlens", cache_seqlens, dtypes=INT32, shape=(b,))
-    _check_scalars(op, scale, wl, wr, softcap)
-    check_same_device(op, q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens,
-                      block_table=block_table)
-
-
-def gather_cache(k_cache, v_cache, cache_seqlens, block_table, b):
-    """Sequence b of a (paged) cache as dense [1, Hkv, len, D] k and v (reference and tests)."""
-    if block_table is None:
-        n = k_cache.shape[2] if cache_seqlens is None else int(cache_seqlens[b])
-        return k_cache[b : b + 1, :, :n], v_cache[b : b + 1, :, :n]
-    n = int(cache_seqlens[b])
-    page = k_cache.shape[2]
-    pages = block_table[b, : (n + page - 1) // page].long()
-
-    def gather(c):
-        return c[pages].transpose(0, 1).reshape(c.shape[1], -1, c.shape[3])[:, :n].unsqueeze(0)
-
-    return gather(k_cache), gather(v_cache)
-
-
-def _attention_decode_reference(q, k_cache, v_cache, cache_seqlens, block_table, scale, wl, wr,
-                                softcap):
-    out = torch.empty_like(q)
-    for b in range(q.shape[0]):
-        k, v = gather_cache(k_cache, v_cache, cache_seqlens, block_table, b)
-        o, _ = reference_attention(q[b : b + 1], k, v, None, scale, wl, wr, softcap)
-        out[b] = o[0]
-    return out
-
-
-_decode_backends = OpBackends(
-    "attention_decode",
-    reference=_attention_decode_reference,
-    triton="leanops.triton.attention_decode:attention_decode",
-    triton_supports=_no_triton_reason,
-)
-
-
-def _attention_decode_impl(q, k_cache, v_cache, cache_seqlens, block_table, scale, wl, wr, softcap):
-    _check_decode(q, k_cache, v_cache, cache_seqlens, block_table, scale, wl, wr, softcap)
-    if q.numel() == 0 or k_cache.numel() == 0:
-        return _attention_decode_reference(q, k_cache, v_cache, cache_seqlens, block_table, scale,
-                                           wl, wr, softcap)
-    return _decode_backends(q, k_cache, v_cache, cache_seqlens, block_table, scale, wl, wr, softcap)
-
-
-register(
-    "attention_decode",
-    "(Tensor q, Tensor k_cache, Tensor v_cache, Tensor? cache_seqlens, Tensor? block_table, "
-    "float scale, int window_left, int window_right, float softcap) -> Tensor",
-    _attention_decode_impl,
-)
-
-
-@torch.library.register_fake("leanops::attention_decode")
-def _attention_decode_fake(q, k_cache, v_cache, cache_seqlens, block_table, scale, wl, wr, softcap):
-    _check_decode(q, k_cache, v_cache, cache_seqlens, block_table, scale, wl, wr, softcap)
-    return torch.empty_like(q)
-
-
-def _inference_only(name):
-    def setup_context(ctx, inputs, output):
-        raise NotImplementedError(
-            f"leanops.{name} is inference only (no backward): call it under torch.no_grad() / "
-            "torch.inference_mode(), or use leanops.attention for training"
-        )
-
-    def backward(ctx, *grads):  # never reached: setup_context raises first
-        raise NotImplementedError(f"leanops.{name} is inference only")
-
-    torch.library.register_autograd(f"leanops::{name}", backward, setup_context=setup_context)
-
-
-_inference_only("attention_decode")
-
-
-def attention_decode(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    cache_seqlens: torch.Tensor | None = None,
-    block_table: torch.Tensor | None = None,
-    causal: bool = True,
-    scale: float | None = None,
-    window: tuple[int, int] | None = None,
-    softcap: float | None = None,
-) -> torch.Tensor:
-    """Attention of a few new tokens (q [B, Hq, Sq, D], Sq typically 1-16) against a KV cache,
-    split across programs along the cache (split-KV, then a reduction) with the q heads that
-    share a kv head packed into one program: for inference (no backward).
-
-    Cache layouts:
-    - dense: k_cache, v_cache [B, Hkv, S_max, D] (any strides); cache_seqlens int32 [B] (valid
-      lengths; default all S_max);
-    - paged: k_cache, v_cache [num_pages, Hkv, page_size, D] (any strides: flash-attention /
-      vLLM's [num_pages, page_size, Hkv, D] is `.transpose(1, 2)` of it, no copy), block_table
-      int32 [B, max_pages] (page ids of each sequence, in order) and cache_seqlens required.
-    The new tokens are the last Sq positions of each sequence (bottom-right causal alignment).
-    Values are not checked (that would synchronise with the GPU): cache_seqlens[b] must be at
-    most S_max (dense) or the pages block_table[b] holds, and page ids must be valid.
-    """
-    wl, wr = normalize_window(causal, window)
-    if scale is None:
-        scale = default_scale(q.shape[-1])
-    return torch.ops.leanops.attention_decode.default(
-        q, k_cache, v_cache, cache_seqlens, block_table, float(scale), wl, wr,
-        _softcap_value(softcap),
-    )
-
-
-# ---------------------------------------------------------------------------------------------
-# attention_int8: int8 Q.K^T (SageAttention-style), 16-bit P.V, inference only
-#
-# Format (the definition, `quantize_qk`): K is smoothed by subtracting its mean over the sequence
-# (per batch, kv head and channel: softmax is invariant to adding q.c to every score of a row,
-# and removing the shared component leaves the int8 grid for what differs between keys);
-# then q and the smoothed k are quantised symmetrically to int8 per block of QK_BLOCK rows of
-# each (batch, head): scale = amax / 127, code = round-half-even(x / scale). The product of
-# int8 codes accumulates exactly in int32; scores = acc * q_scale * k_scale * scale.
-
-QK_BLOCK = 64
-
-
-def quantize_qk(q, k, smooth_k: bool):
-    """(q_int8, q_scale [B, Hq, ceil(Sq/QK_BLOCK)], k_int8, k_scale [B, Hkv, ceil(Sk/QK_BLOCK)])
-    of dense q, k; scales fp32."""
-    if smooth_k:
-        k = k.float() - k.float().mean(dim=2, keepdim=True)
-
-    def per_block(x):
-        b, h, s, d = x.shape
-        nb = (s + QK_BLOCK - 1) // QK_BLOCK
-        xf = torch.nn.functional.pad(x.float(), (0, 0, 0, nb * QK_BLOCK - s))
-        blocks = xf.view(b, h, nb, QK_BLOCK * d)
-        amax = blocks.abs().amax(-1)
-        scale = (amax / 127.0).clamp_min(torch.finfo(torch.float32).tiny)
-        codes = torch.round(blocks / scale[..., None]).clamp(-127, 127).to(torch.int8)
-        return codes.view(b, h, nb * QK_BLOCK, d)[:, :, :s], scale.contiguous()
-
-    qc, qs = per_block(q)
-    kc, ks = per_block(k)
-    return qc.contiguous(), qs, kc.contiguous(), ks
-
-
-def _check_int8(q, k, v, scale, wl, wr, softcap):
-    op = "leanops.attention_int8"
-    _check_qkv(op, q, k, v, varlen=False)
-    if q.dtype not in (torch.float16, torch.bfloat16):
-        raise ValueError(f"{op}: q must have dtype float16, bfloat16 (P.V runs in it); got {q.dtype}")
-    _check_scalars(op, scale, wl, wr, softcap)
-    check_same_device(op, q=q, k=k, v=v)
-
-
-def _attention_int8_reference(q, k, v, scale, wl, wr, softcap, smooth_k):
-    qc, qs, kc, ks = quantize_qk(q, k, smooth_k)
-    qd = qc.float() * qs.repeat_interleave(QK_BLOCK, dim=2)[:, :, : q.shape[2], None]
-    kd = kc.float() * ks.repeat_interleave(QK_BLOCK, dim=2)[:, :, : k.shape[2], None]
-    out, _ = reference_attention(qd, kd, v, None, scale, wl, wr, softcap)
-    return out.to(q.dtype)
-
-
-_int8_backends = OpBackends(
-    "attention_int8",
-    reference=_attention_int8_reference,
-    triton="leanops.triton.attention:attention_int8",
-    triton_supports=_no_triton_reason,
-)
-
-
-def _attention_int8_impl(q, k, v, scale, wl, wr, softcap, smooth_k):
-    _check_int8(q, k, v, scale, wl, wr, softcap)
-    if _empty_problem(q, k):
-        return _attention_int8_reference(q, k, v, scale, wl, wr, softcap, smooth_k)
-    return _int8_backends(q, k, v, scale, wl, wr, softcap, smooth_k)
-
-
-register(
-    "attention_int8",
-    "(Tensor q, Tensor k, Tensor v, float scale, int window_left, int window_right, "
-    "float softcap, bool smooth_k) -> Tensor",
-    _attention_int8_impl,
-)
-
-
-@torch.library.register_fake("leanops::attention_int8")
-def _attention_int8_fake(q, k, v, scale, wl, wr, softcap, smooth_k):
-    _check_int8(q, k, v, scale, wl, wr, softcap)
-    return torch.empty_like(q)
-
-
-_inference_only("attention_int8")
-
-
-def attention_int8(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    causal: bool = False,
-    scale: float | None = None,
-    window: tuple[int, int] | None = None,
-    softcap: float | None = None,
-    smooth_k: bool = True,
-) -> torch.Tensor:
-    """Attention with Q.K^T in int8 (per-block scales, K smoothed by its mean) and P.V in q's
-    16-bit dtype, as SageAttention: for inference (no backward: requesting gradients raises).
-    q, k, v as in `leanops.attention` (dense, float16/bfloat16). See `quantize_qk` for the
-    format; the error against fp32 attention is measured in tests/test_attention*.py."""
-    wl, wr = normalize_window(causal, window)
-    if scale is None:
-        scale = default_scale(q.shape[-1])
-    return torch.ops.leanops.attention_int8.default(
-        q, k, v, float(scale), wl, wr, _softcap_value(softcap), bool(smooth_k)
-    )
-

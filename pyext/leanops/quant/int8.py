@@ -1,4 +1,5 @@
-"""int8 formats: RTN per-channel weights and dynamic per-token activations.
+"""int8 formats: RTN per-channel weights, dynamic per-token activations, and the per-block Q
+and K of leanops.attention_int8.
 
 Both are symmetric with codes in [-127, 127] (not -128, so negation is exact and the grid is
 symmetric about zero), scale = amax / 127 in fp32, q = round-half-to-even(x / scale) with an IEEE
@@ -123,3 +124,46 @@ def quantize_per_token_int8(
     q = torch.where(nonfinite[:, None], 0.0, q).to(torch.int8)
     scale = torch.where(nonfinite, torch.nan, scale)
     return q, scale
+
+
+# ---------------------------------------------------------------------------------------------
+# attention_int8's Q and K (SageAttention-style)
+#
+# K is smoothed by subtracting its mean over the sequence (per batch, kv head and channel:
+# softmax is invariant to adding q.c to every score of a row, and removing the shared component
+# leaves the int8 grid for what differs between keys); then q and the smoothed k are quantised
+# symmetrically to int8 per block of QK_BLOCK rows of each (batch, head), over the whole block:
+# scale = max(amax / 127, FP32_TINY) (IEEE division), code = round-half-even(x / scale). The
+# product of int8 codes accumulates exactly in int32; scores = acc * q_scale * k_scale * scale.
+# The Triton kernel (leanops.triton.attention_kernels.quantize_blocks_kernel) is bit-exact.
+
+QK_BLOCK = 64
+
+
+def quantize_qk(
+    q: torch.Tensor, k: torch.Tensor, smooth_k: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q_int8 [B, Hq, Sq, D], q_scale fp32 [B, Hq, ceil(Sq/QK_BLOCK)], k_int8 [B, Hkv, Sk, D],
+    k_scale fp32 [B, Hkv, ceil(Sk/QK_BLOCK)]) of dense q, k; k smoothed first if smooth_k."""
+    if smooth_k:
+        k = k.float() - k.float().mean(dim=2, keepdim=True)
+
+    def per_block(x):
+        b, h, s, d = x.shape
+        nb = (s + QK_BLOCK - 1) // QK_BLOCK
+        xf = torch.nn.functional.pad(x.float(), (0, 0, 0, nb * QK_BLOCK - s))
+        blocks = xf.view(b, h, nb, QK_BLOCK * d)
+        amax = blocks.abs().amax(-1)
+        scale = div_exact(amax, INT8_QMAX).clamp_min(FP32_TINY)
+        codes = torch.round(blocks / scale[..., None]).clamp(-INT8_QMAX, INT8_QMAX).to(torch.int8)
+        return codes.view(b, h, nb * QK_BLOCK, d)[:, :, :s], scale.contiguous()
+
+    qc, qs = per_block(q)
+    kc, ks = per_block(k)
+    return qc.contiguous(), qs, kc.contiguous(), ks
+
+
+def dequantize_qk(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """fp32 [B, H, S, D] of int8 codes [B, H, S, D] and their block scales [B, H, ceil(S/QK_BLOCK)]
+    (one half of quantize_qk's output)."""
+    return codes.float() * scale.repeat_interleave(QK_BLOCK, dim=2)[:, :, : codes.shape[2], None]

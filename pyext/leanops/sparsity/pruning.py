@@ -13,7 +13,8 @@
               the layer-wise solver with H from the dense model's inputs (the original processes
               blocks sequentially, feeding each the outputs of the already pruned ones).
 
-Everything here works on one weight at a time; leanops.sparsity.api drives it over a model.
+Everything here works on one weight at a time; leanops.prune_ and leanops.sparsify_ (in
+leanops.api) drive it over a model.
 """
 
 from __future__ import annotations

@@ -31,8 +31,9 @@ import torch
 import triton
 import triton.language as tl
 
-from leanops.triton import _common as C
-from leanops.triton.attention import _scores, seq_bucket
+from leanops.triton import _common as common
+from leanops.triton._common import seq_bucket
+from leanops.triton.attention_kernels import finalize, online_softmax_update, scores
 
 
 @triton.jit
@@ -46,7 +47,7 @@ def _decode_kernel(
     H_KV, GROUP, SQ, seqlen_k, head_dim, page_size, rows_total,
     SK_BUCKET,
     HAS_SEQLENS: tl.constexpr, PAGED: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, EVEN_D: tl.constexpr,
+    WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -102,22 +103,12 @@ def _decode_kernel(
         v = tl.load(V + hk64 * stride_vh + v_off[:, None] + offs_d[None, :],
                     mask=c_ok[:, None] & d_ok[None, :], other=0.0)
         qk = tl.dot(q, k, input_precision=DOT_PRECISION)
-        s, _t = _scores(qk, qk, i[:, None], cols[None, :], SQ, k_len, diag, sm_scale, softcap,
-                        window_left, window_right, False, HAS_SOFTCAP, True, WINDOW_LEFT,
-                        WINDOW_RIGHT, False)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_use[:, None])
-        alpha = tl.math.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
-        m_i = m_new
+        s, _t = scores(qk, qk, i[:, None], cols[None, :], SQ, k_len, diag, sm_scale, softcap,
+                       window_left, window_right, False, HAS_SOFTCAP, True, WINDOW_LEFT,
+                       WINDOW_RIGHT, False)
+        acc, l_i, m_i = online_softmax_update(acc, l_i, m_i, s, v, True, False, DOT_PRECISION)
 
-    empty = l_i == 0.0
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"),
-                   (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    out, lse = finalize(acc, l_i, m_i)
     # workspace [B * Hkv, n_splits, rows_total, head_dim] / [..., rows_total], contiguous
     row64 = (pid_bh.to(tl.int64) * n_splits + split) * rows_total + r
     tl.store(WsO + row64[:, None] * head_dim + offs_d[None, :], out,
@@ -159,8 +150,8 @@ def _reduce_kernel(
 # Configs: memory bound, so the knobs are bytes in flight per program: BLOCK_N keys per tile and
 # the pipeline depth. 4 warps (the 16-64 packed rows give each warp a 16-row MMA slab).
 
-CONFIGS = [C.config(num_warps=4, num_stages=s, BLOCK_N=bn) for bn in (32, 64, 128) for s in (2, 3, 4)]
-INTERPRETER_CONFIG = C.config(num_warps=4, num_stages=1, BLOCK_N=16)
+CONFIGS = [common.config(num_warps=4, num_stages=s, BLOCK_N=bn) for bn in (32, 64, 128) for s in (2, 3, 4)]
+INTERPRETER_CONFIG = common.config(num_warps=4, num_stages=1, BLOCK_N=16)
 INTERPRETER_SPLITS = 3  # exercises the reduce, uneven chunks and empty splits
 MAX_SPLITS = 64
 MIN_TILES_PER_SPLIT = 4
@@ -170,7 +161,7 @@ MAX_DECODE_SQ = 16
 
 @functools.lru_cache(maxsize=1024)
 def _kept(block_d, block_m, elem, sk_bucket, device):
-    _, smem = C.device_limits(device)
+    _, smem = common.device_limits(device)
     kept = []
     for idx, c in enumerate(CONFIGS):
         bn = c.kwargs["BLOCK_N"]
@@ -192,7 +183,14 @@ def _keep(cfg, args):
                                        args["SK_BUCKET"], q.device)
 
 
-_tuned = C.autotune(CONFIGS, key=["BLOCK_D", "BLOCK_M", "SK_BUCKET", "PAGED", "HAS_SEQLENS",
+def _default(args):
+    """Without autotuning: the kept config closest to 64-key tiles with 3 stages."""
+    kept = _kept(args["BLOCK_D"], args["BLOCK_M"], args["Q"].element_size(), args["SK_BUCKET"],
+                 args["Q"].device)
+    return common.closest_config([CONFIGS[i] for i in sorted(kept)], {"BLOCK_N": 64}, stages=3)
+
+
+_tuned = common.autotune(CONFIGS, key=["BLOCK_D", "BLOCK_M", "SK_BUCKET", "PAGED", "HAS_SEQLENS",
                                   "HAS_SOFTCAP", "WINDOW_LEFT", "WINDOW_RIGHT"],
                     keep=_keep)(_decode_kernel)
 
@@ -206,9 +204,9 @@ def use_decode_path(q, k, bias, varlen, sq, sk) -> bool:
 
 
 def num_splits_for(programs: int, max_k: int, device: torch.device) -> int:
-    if C.interpreter():
+    if common.interpreter():
         return INTERPRETER_SPLITS
-    sms, _ = C.device_limits(device)
+    sms, _ = common.device_limits(device)
     by_sms = triton.cdiv(2 * sms, max(programs, 1))
     by_len = max(1, max_k // (MIN_TILES_PER_SPLIT * 64))
     return max(1, min(by_sms, by_len, MAX_SPLITS))
@@ -228,8 +226,8 @@ def decode_into(out, lse, q, k_cache, v_cache, cache_seqlens, block_table, scale
     hkv = k_cache.shape[1]
     group = hq // hkv
     rows = group * sq
-    block_m = max(16, C.next_power_of_2(rows))
-    block_d = max(16, C.next_power_of_2(d))
+    block_m = max(16, common.next_power_of_2(rows))
+    block_d = max(16, common.next_power_of_2(d))
     paged = block_table is not None
     page_size = k_cache.shape[2] if paged else 1
     max_k = block_table.shape[1] * page_size if paged else k_cache.shape[2]
@@ -250,25 +248,20 @@ def decode_into(out, lse, q, k_cache, v_cache, cache_seqlens, block_table, scale
         H_KV=hkv, GROUP=group, SQ=sq, seqlen_k=k_cache.shape[2], head_dim=d, page_size=page_size,
         rows_total=rows, SK_BUCKET=seq_bucket(max_k),
         HAS_SEQLENS=cache_seqlens is not None, PAGED=paged, HAS_SOFTCAP=softcap > 0,
-        WINDOW_LEFT=wl >= 0, WINDOW_RIGHT=wr >= 0, EVEN_D=block_d == d,
-        DOT_PRECISION=C.dot_precision(q.dtype), BLOCK_D=block_d, BLOCK_M=block_m,
+        WINDOW_LEFT=wl >= 0, WINDOW_RIGHT=wr >= 0,
+        DOT_PRECISION=common.dot_precision(q.dtype), BLOCK_D=block_d, BLOCK_M=block_m,
     )
     grid = (batch * hkv, splits)
-    if cfg is None and C.interpreter():
-        cfg = INTERPRETER_CONFIG
-    elif cfg is None and not C.autotune_enabled():
-        kept = sorted(_kept(block_d, block_m, q.element_size(), args["SK_BUCKET"], q.device))
-        cfg = min((CONFIGS[i] for i in kept),
-                  key=lambda c: (abs(c.kwargs["BLOCK_N"] - 64), abs(c.num_stages - 3)))
-    with C.device_guard(q):
+    cfg = common.launch_config(cfg, INTERPRETER_CONFIG, lambda: _default(args))
+    with common.device_guard(q):
         if cfg is not None:
-            _decode_kernel[grid](**args, **C.config_kwargs(cfg))
+            _decode_kernel[grid](**args, **common.config_kwargs(cfg))
         else:
             _tuned[grid](**args)
         _reduce_kernel[(batch * hkv, rows)](
             ws_o, ws_l, out, lse, splits, hkv, group, sq, rows, d,
             out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
-            lse.stride(2), SPLITS_PAD=max(2, C.next_power_of_2(splits)), BLOCK_D=block_d,
+            lse.stride(2), SPLITS_PAD=max(2, common.next_power_of_2(splits)), BLOCK_D=block_d,
             num_warps=4,
         )
     return out, lse

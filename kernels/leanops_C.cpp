@@ -4,7 +4,8 @@
 // defined in Python, in leanops/ops/, so they exist even when this extension is missing. When
 // leanops.dispatch picks the "cuda" backend it calls torch.ops.leanops_C.<op>(*args) with exactly
 // the public op's arguments, so each schema here must match its public twin argument for
-// argument. All leanops_C schemas live here, in one place; each kernels/<op>.cpp only adds
+// argument. All leanops_C op schemas live here, in one place (the one exception is the test hook
+// _gemm_plan, kernels/gemm_plan.cpp: no kernel, no public twin); each kernels/<op>.cpp only adds
 // implementations (TORCH_LIBRARY_IMPL) for the dispatch keys it has kernels for, guarded by
 // LEANOPS_WITH_CUDA for the CUDA ones, so a CppExtension build (no toolkit) still compiles and
 // imports, with schemas but no CUDA kernels.
@@ -32,10 +33,10 @@ TORCH_LIBRARY(leanops_C, m) {
   m.def(
       "int4_weight_mm(Tensor x, Tensor w_packed, Tensor scales, Tensor? zeros, int group_size, "
       "Tensor? bias=None) -> Tensor");
-  // 2:4 sparse GEMM (kernels/sparse24_mm.cpp) on the stored format of leanops.sparsity.format.
+  // 2:4 sparse GEMM (kernels/sparse24_mm.cpp) on the stored format of leanops.sparsity.sparse24.
   m.def("sparse24_mm(Tensor x, Tensor values, Tensor meta, Tensor? bias=None) -> Tensor");
   // 2:4 sparse + int4 kept values (kernels/sparse24_int4_mm.cpp), the format of
-  // leanops.sparsity.format.compress_24_int4.
+  // leanops.sparsity.sparse24.compress_24_int4.
   m.def(
       "sparse24_int4_mm(Tensor x, Tensor values, Tensor meta, Tensor scales, Tensor? zeros, "
       "int group_size, Tensor? bias=None) -> Tensor");

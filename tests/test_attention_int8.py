@@ -23,7 +23,7 @@ format's 64, the other 32); outputs poisoned.
 import leanops
 import pytest
 import torch
-from helpers import assert_2x, poisoned_memory
+from helpers import assert_attention_2x, poisoned_memory
 from leanops.ops import attention as A
 from leanops.ops import int8_attention as I
 from leanops.quant import int8 as F
@@ -164,7 +164,7 @@ def test_kernels_match_the_definition(case):
     (ref, lse64), (base, _) = definition_refs(q, k, v, do, None, d**-0.5, wl, wr,
                                               A._softcap_value(softcap))
     for name, g, r, rb in zip(("out", "dq", "dk", "dv"), got, ref, base, strict=True):
-        assert_2x(g, r, rb, dtype, name)
+        assert_attention_2x(g, r, rb, dtype, name)
     blind = ~A.visible(sq, sk, wl, wr).any(-1)
     if blind.any():  # rows that see no key: out 0 and dq 0, nothing NaN
         assert (got[0][:, :, blind] == 0).all() and (got[1][:, :, blind] == 0).all()
@@ -190,7 +190,7 @@ def test_varlen(hq, hkv, causal):
     (ref, _), (base, _) = definition_refs(q, k, v, do, None, d**-0.5, -1, 0 if causal else -1,
                                           0.0, cu=(cu_q, cu_k))
     for name, g, r, rb in zip(("out", "dq", "dk", "dv"), got, ref, base, strict=True):
-        assert_2x(g, r, rb, dtype, name)
+        assert_attention_2x(g, r, rb, dtype, name)
 
 
 @pytest.mark.usefixtures("interpreter")
@@ -206,7 +206,7 @@ def test_bias_path_with_a_fully_masked_batch_entry():
     got = run_int8(q, k, v, do, bias=bias)
     (ref, _), (base, _) = definition_refs(q, k, v, do, bias, d**-0.5, -1, -1, 0.0)
     for name, g, r, rb in zip(("out", "dq", "dk", "dv"), got, ref, base, strict=True):
-        assert_2x(g, r, rb, dtype, name)
+        assert_attention_2x(g, r, rb, dtype, name)
         assert (g[1] == 0).all(), name
     assert (got[2][0, :, 30:] == 0).all() and (got[3][0, :, 30:] == 0).all()
 

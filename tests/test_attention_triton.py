@@ -17,16 +17,17 @@ Outputs are poisoned (NaN-filled torch.empty) so an unwritten element cannot pas
 import leanops
 import pytest
 import torch
-from helpers import assert_2x, poisoned_memory
+from helpers import assert_attention_2x, poisoned_memory
 from leanops import ops
 from leanops.ops import attention as A
 
 triton = pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
 from leanops.triton import attention as T  # noqa: E402
 from leanops.triton import attention_decode as TD  # noqa: E402
+from leanops.triton import attention_kernels as K  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:tl.make_block_ptr is deprecated")
-
 
 @pytest.fixture(autouse=True)
 def _interpreter_only(interpreter):
@@ -68,11 +69,11 @@ def run_dense(b, hq, hkv, sq, sk, d, dtype, wl=-1, wr=-1, softcap=0.0, bias=None
         grads = torch.autograd.grad(out, (qq, kk, vv), do) if grad else None
     assert out.stride() == q.stride(), "the output keeps q's layout"
     (o64, l64, g64), (ob, gb) = dense_refs(q, k, v, do, bias, scale, wl, wr, softcap)
-    assert_2x(out, o64, ob, dtype, "out")
+    assert_attention_2x(out, o64, ob, dtype, "out")
     check_lse(lse, l64)
     if grad:
         for name, g, r, rb in zip(("dq", "dk", "dv"), grads, g64, gb, strict=True):
-            assert_2x(g, r, rb, dtype, name)
+            assert_attention_2x(g, r, rb, dtype, name)
     return out, lse, grads
 
 
@@ -178,7 +179,7 @@ def test_varlen(causal, hq, hkv):
             parts[n][0].append(r[0].transpose(0, 1))
             parts[n][1].append(rb[0].transpose(0, 1))
     for n, got in zip(("o", "dq", "dk", "dv"), (out, dq, dk, dv), strict=True):
-        assert_2x(got, torch.cat(parts[n][0]), torch.cat(parts[n][1]), dtype, n)
+        assert_attention_2x(got, torch.cat(parts[n][0]), torch.cat(parts[n][1]), dtype, n)
 
 
 # ------------------------------------------------------------------------- decode (split-KV)
@@ -245,7 +246,7 @@ def test_attention_decode_kv_cache(paged, page):
                                        d**-0.5, -1, 0, 0.0, dtype=torch.float64)
         ob, _ = A.reference_attention(q[i : i + 1], kk, vv, None, d**-0.5, -1, 0, 0.0,
                                       dtype=torch.float16)
-        assert_2x(out[i : i + 1], o64, ob, torch.float16, f"batch {i}")
+        assert_attention_2x(out[i : i + 1], o64, ob, torch.float16, f"batch {i}")
     with leanops.use_backend("reference"):
         ref = leanops.attention_decode(q, *cache)
     torch.testing.assert_close(out, ref, rtol=0, atol=2e-3)
@@ -268,36 +269,76 @@ def test_attention_decode_paged_fa_layout_view():
 # -------------------------------------------------------------------------- config rules
 
 
-def test_key_and_query_ranges_cover_exactly_the_visible_tiles():
-    """The per-block ranges (_key_ranges / _query_ranges, run here through the forward and dK/dV
-    kernels) are checked above by results; this checks the unmasked range really needs no mask,
-    by brute force over block positions, with the Python twin of the jit arithmetic."""
-    def ranges(m0, q_len, k_len, wl, wr, bm, bn):
-        diag = k_len - q_len
-        m_last = min(m0 + bm, q_len) - 1
-        lo = max(m0 + diag - wl, 0) // bn * bn if wl >= 0 else 0
-        hi = min(m_last + diag + wr + 1, k_len) if wr >= 0 else k_len
-        hi = max(hi, lo)
-        full_lo = lo
-        if wl >= 0:
-            x = max(m0 + bm - 1 + diag - wl, lo)
-            full_lo = min((x + bn - 1) // bn * bn, hi)
-        y = min(k_len, m0 + diag + wr + 1) if wr >= 0 else k_len
-        full_hi = max(max(y, 0) // bn * bn, full_lo)
-        return lo, full_lo, full_hi, hi
+@triton.jit
+def _ranges_kernel(out_ptr, q_len, k_len, window_left, window_right, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
+                   KEYS: tl.constexpr):
+    """Stores what the kernels' range helpers return for block program_id(0): _key_ranges of
+    query rows [pid * BLOCK_M, +BLOCK_M) (KEYS), else _query_ranges of keys [pid * BLOCK_N, ...)."""
+    pid = tl.program_id(0)
+    if KEYS:
+        lo, full_lo, full_hi, hi = K._key_ranges(pid * BLOCK_M, q_len, k_len, window_left,
+                                                 window_right, BLOCK_M, BLOCK_N, WINDOW_LEFT,
+                                                 WINDOW_RIGHT)
+    else:
+        lo, full_lo, full_hi, hi = K._query_ranges(pid * BLOCK_N, q_len, k_len, window_left,
+                                                   window_right, BLOCK_M, BLOCK_N, WINDOW_LEFT,
+                                                   WINDOW_RIGHT)
+    tl.store(out_ptr + pid * 4 + 0, lo)
+    tl.store(out_ptr + pid * 4 + 1, full_lo)
+    tl.store(out_ptr + pid * 4 + 2, full_hi)
+    tl.store(out_ptr + pid * 4 + 3, hi)
 
-    for q_len, k_len in ((17, 17), (5, 40), (40, 5), (33, 70)):
-        for wl, wr in ((-1, -1), (-1, 0), (3, 0), (6, 2), (-1, 5)):
-            vis = A.visible(q_len, k_len, wl, wr)
-            for m0 in range(0, q_len, 8):
-                lo, full_lo, full_hi, hi = ranges(m0, q_len, k_len, wl, wr, 8, 4)
-                rows = vis[m0 : m0 + 8]
-                seen = rows.any(0).nonzero().flatten()
-                if len(seen):
-                    assert lo <= seen.min() and seen.max() < hi
-                if full_hi > full_lo:
-                    assert full_lo % 4 == 0 and full_hi % 4 == 0
-                    assert rows[:, full_lo:full_hi].all()
+
+def _ranges(keys, q_len, k_len, wl, wr, bm, bn):
+    blocks = triton.cdiv(q_len if keys else k_len, bm if keys else bn)
+    out = torch.full((blocks, 4), -99, dtype=torch.int32)
+    _ranges_kernel[(blocks,)](out, q_len, k_len, max(wl, 0), max(wr, 0), BLOCK_M=bm, BLOCK_N=bn,
+                              WINDOW_LEFT=wl >= 0, WINDOW_RIGHT=wr >= 0, KEYS=keys)
+    return out.tolist()
+
+
+RANGE_CASES = [(q, k, wl, wr) for q, k in ((17, 17), (5, 40), (40, 5), (33, 70), (1, 1))
+               for wl, wr in ((-1, -1), (-1, 0), (3, 0), (6, 2), (-1, 5), (0, 0))]
+
+
+@pytest.mark.parametrize("bm,bn", [(8, 4), (16, 32)])
+def test_key_ranges_cover_exactly_the_visible_tiles(bm, bn):
+    """The jit helper _key_ranges (forward and dQ): every key a row of the query block can see
+    is in [lo, hi); lo, full_lo and full_hi are whole key tiles; the unmasked tiles
+    [full_lo, full_hi) lie inside the keys and every real row of the block sees all of them."""
+    for q_len, k_len, wl, wr in RANGE_CASES:
+        vis = A.visible(q_len, k_len, wl, wr)
+        for b, (lo, full_lo, full_hi, hi) in enumerate(_ranges(True, q_len, k_len, wl, wr, bm, bn)):
+            case = (q_len, k_len, wl, wr, b, (lo, full_lo, full_hi, hi))
+            rows = vis[b * bm : (b + 1) * bm]
+            seen = rows.any(0).nonzero().flatten()
+            if len(seen):
+                assert lo <= seen.min() and seen.max() < hi, case
+            assert 0 <= lo <= full_lo <= full_hi <= hi <= k_len, case
+            assert lo % bn == 0 and (full_lo % bn == 0 or full_lo == hi), case
+            if full_hi > full_lo:
+                assert full_hi % bn == 0 and rows[:, full_lo:full_hi].all(), case
+
+
+@pytest.mark.parametrize("bm,bn", [(8, 4), (16, 32)])
+def test_query_ranges_cover_exactly_the_visible_tiles(bm, bn):
+    """The jit helper _query_ranges (dK/dV), the mirror image: every query that sees a key of
+    the block is in [lo, hi); the unmasked query tiles [full_lo, full_hi) are whole tiles of
+    real queries that see every key of the block, and a ragged key block has none."""
+    for q_len, k_len, wl, wr in RANGE_CASES:
+        vis = A.visible(q_len, k_len, wl, wr)
+        for b, (lo, full_lo, full_hi, hi) in enumerate(_ranges(False, q_len, k_len, wl, wr, bm, bn)):
+            case = (q_len, k_len, wl, wr, b, (lo, full_lo, full_hi, hi))
+            cols = vis[:, b * bn : (b + 1) * bn]
+            seen = cols.any(1).nonzero().flatten()
+            if len(seen):
+                assert lo <= seen.min() and seen.max() < hi, case
+            assert 0 <= lo <= full_lo <= full_hi <= hi <= q_len, case
+            assert lo % bm == 0 and (full_lo % bm == 0 or full_lo == hi), case
+            if full_hi > full_lo:
+                assert full_hi % bm == 0 and (b + 1) * bn <= k_len, case
+                assert cols[full_lo:full_hi].all(), case
 
 
 def test_autotune_keep_rules():

@@ -1,7 +1,9 @@
 """The `leanops` CLI end to end on the CPU: `leanops bench --quick` (what CI runs), the suites
 at tiny sizes, JSON/CSV/PNG outputs whose energy fields are meter numbers or null with a reason,
 the demo, and the pytest-benchmark suites. Meters themselves: test_bench_energy.py; the runner:
-test_bench_runner.py."""
+test_bench_runner.py. Every command is pinned to the CPU (--device cpu, or no visible GPU for
+`info`), so on a GPU machine these tests check the same CPU rows instead of running NVML energy
+loops on the GPU; the GPU rows are bench/gpu_check.sh's job."""
 
 import csv
 import json
@@ -19,6 +21,15 @@ from leanops.bench.energy import EnergyMeter
 from leanops.bench.report import CSV_HEADER, format_table
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+CPU = ["--device", "cpu"]
+
+
+@pytest.fixture
+def no_gpu_visible(monkeypatch):
+    """`leanops info` reports the default device (a GPU when one is visible): hide it."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
 
 
 @pytest.fixture
@@ -55,7 +66,7 @@ def test_format_table_prints_missing_values_as_dashes():
     assert lines[0].split() == ["A", "B"] and lines[2].split() == ["x", "1.2"] and lines[3].split() == ["yy", "-"]
 
 
-def test_cli_info_prints_the_backend_report(capsys, no_rapl):
+def test_cli_info_prints_the_backend_report(capsys, no_rapl, no_gpu_visible):
     assert cli.main(["info"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["reference"]["available"] is True
@@ -65,7 +76,7 @@ def test_cli_info_prints_the_backend_report(capsys, no_rapl):
 def test_bench_quick_on_cpu_writes_valid_json_and_csv(tmp_path, capsys, no_rapl):
     """The CI smoke test: every op family vs its dense baseline, tiny sizes, exit 0."""
     out, table = tmp_path / "r.json", tmp_path / "r.csv"
-    assert cli.main(["bench", "--quick", "--progress", "plain", "--out", str(out), "--csv", str(table)]) == 0
+    assert cli.main(["bench", "--quick", *CPU, "--progress", "plain", "--out", str(out), "--csv", str(table)]) == 0
     text = capsys.readouterr().out
     assert "energy: not measured" in text and "no RAPL energy counters" in text
     data = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
@@ -107,7 +118,7 @@ def test_bench_with_a_readable_meter_reports_its_numbers(tmp_path, capsys, monke
     """Where a counter reads, rows carry its numbers and everything derived from them."""
     monkeypatch.setattr(runner_module, "meter_for", lambda device: (ClockMeter(), None))
     out = tmp_path / "r.json"
-    assert cli.main(["bench", "matmul", "--quick", "--batch", "3", "--providers", "dense,int8_weight_mm",
+    assert cli.main(["bench", "matmul", "--quick", *CPU, "--batch", "3", "--providers", "dense,int8_weight_mm",
                      "--energy-seconds", "0.02", "--progress", "plain", "--out", str(out)]) == 0
     data = json.loads(out.read_text())
     check_energy_fields(data["rows"])
@@ -123,7 +134,7 @@ def test_bench_with_a_readable_meter_reports_its_numbers(tmp_path, capsys, monke
 
 def test_bench_attention_on_cpu(tmp_path, capsys, no_rapl):
     out = tmp_path / "a.json"
-    assert cli.main(["bench", "attention", "--seqlen", "32,48", "--heads", "2", "--head-dim", "16",
+    assert cli.main(["bench", "attention", *CPU, "--seqlen", "32,48", "--heads", "2", "--head-dim", "16",
                      "--causal", "--progress", "plain", "--out", str(out)]) == 0
     data = json.loads(out.read_text())
     providers = {r["provider"] for r in data["rows"]}
@@ -161,7 +172,7 @@ def test_bench_attention_passes_and_int8_on_cpu(tmp_path, capsys, no_rapl):
 
 def test_bench_model_on_cpu(tmp_path, capsys, no_rapl):
     out, table = tmp_path / "m.json", tmp_path / "m.csv"
-    assert cli.main(["bench", "model", "--model", "mini-encoder", "--preset", "test", "--tokens", "16",
+    assert cli.main(["bench", "model", *CPU, "--model", "mini-encoder", "--preset", "test", "--tokens", "16",
                      "--batch", "2", "--variants", "int8 weight-only", "--progress", "plain",
                      "--out", str(out), "--csv", str(table)]) == 0
     rows = json.loads(out.read_text())["rows"]
@@ -180,7 +191,7 @@ def test_bench_model_on_cpu(tmp_path, capsys, no_rapl):
 def test_bench_plot_writes_a_png(tmp_path, capsys, no_rapl):
     pytest.importorskip("matplotlib")
     png = tmp_path / "r.png"
-    assert cli.main(["bench", "matmul", "--quick", "--batch", "2", "--providers", "dense,int8_weight_mm",
+    assert cli.main(["bench", "matmul", "--quick", *CPU, "--batch", "2", "--providers", "dense,int8_weight_mm",
                      "--progress", "plain", "--plot", str(png)]) == 0
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
@@ -194,7 +205,7 @@ def test_bench_plot_without_matplotlib_fails_before_running(tmp_path, capsys, mo
 
 
 def test_bench_save_writes_under_the_results_dir(tmp_path, capsys, no_rapl):
-    assert cli.main(["bench", "matmul", "--quick", "--batch", "2", "--providers", "dense", "--save",
+    assert cli.main(["bench", "matmul", "--quick", *CPU, "--batch", "2", "--providers", "dense", "--save",
                      "--results-dir", str(tmp_path), "--progress", "plain"]) == 0
     (folder,) = tmp_path.iterdir()
     assert folder.name.startswith("cpu-")
@@ -214,7 +225,7 @@ def test_pytest_benchmark_suites_collect():
 
 def test_cli_demo_runs_on_the_test_preset(tmp_path, capsys):
     path = tmp_path / "demo.json"
-    assert cli.main(["demo", "--preset", "test", "--no-energy", "--json", str(path)]) == 0
+    assert cli.main(["demo", *CPU, "--preset", "test", "--no-energy", "--json", str(path)]) == 0
     text = capsys.readouterr().out
     assert "int4 weight-only g128" in text and "logit SQNR dB" in text
     rows = json.loads(path.read_text())["rows"]
@@ -239,7 +250,7 @@ def test_cli_rejects_bad_arguments(capsys):
 
 def test_common_options_work_before_and_after_the_suite(tmp_path, capsys, no_rapl):
     before, after = tmp_path / "before.json", tmp_path / "after.json"
-    args = ["--quick", "--batch", "2", "--providers", "dense", "--no-energy", "--progress", "plain"]
+    args = ["--quick", *CPU, "--batch", "2", "--providers", "dense", "--no-energy", "--progress", "plain"]
     assert cli.main(["bench", "--out", str(before), "matmul", *args]) == 0
     assert cli.main(["bench", "matmul", "--out", str(after), *args]) == 0
     for path in (before, after):

@@ -70,6 +70,8 @@ def test_every_private_op_has_the_schema_of_its_public_twin(ext):
     missing = set(CUDA_OPS) - set(schemas)
     assert not missing, f"schemas missing from kernels/leanops_C.cpp: {sorted(missing)}"
     for name, schema in schemas.items():
+        if name.startswith("_"):  # test hooks (_gemm_plan): no public twin
+            continue
         public = getattr(torch.ops.leanops, name).default._schema
         assert str(schema).replace("leanops_C::", "leanops::", 1) == str(public)
 

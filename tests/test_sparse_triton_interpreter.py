@@ -14,7 +14,7 @@ poisoned (NaN-filled torch.empty) so an unwritten element shows.
 import leanops
 import pytest
 import torch
-from gemm_checks import assert_matches_dense as _assert_2x_rule
+from gemm_checks import assert_matches_dense
 from leanops import ops
 from leanops.sparsity import (
     compress_24,
@@ -70,7 +70,7 @@ def test_sparse24_mm(interpreter, poisoned, m, n, k, dtype):
     x = _activation(m, k, dtype, layout)
     bias = torch.randn(n, dtype=dtype) if i % 2 == 0 else None
     got, want = _both(ops.sparse24_mm, x, values, meta, bias)
-    _assert_2x_rule(got, x, decompress_24(values, meta).to(dtype), bias)
+    assert_matches_dense(got, x, decompress_24(values, meta).to(dtype), bias)
 
 
 def test_sparse24_mm_sparser_groups_and_special_layouts(interpreter, poisoned):
@@ -82,7 +82,7 @@ def test_sparse24_mm_sparser_groups_and_special_layouts(interpreter, poisoned):
     values, meta = compress_24(w, mask)
     x = torch.randn(5, k)
     got, _ = _both(ops.sparse24_mm, x, values, meta, None)
-    _assert_2x_rule(got, x, torch.where(mask, w, 0), None)
+    assert_matches_dense(got, x, torch.where(mask, w, 0), None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -102,7 +102,7 @@ def test_sparse24_int4_mm(interpreter, poisoned, m, n, k, g, symmetric):
     x = _activation(m, k, dtype, layout)
     bias = torch.randn(n, dtype=dtype) if i % 3 else None
     got, want = _both(ops.sparse24_int4_mm, x, values, meta, scales, zeros, g, bias)
-    _assert_2x_rule(got, x, decompress_24_int4(values, scales, zeros, meta, g).to(dtype), bias)
+    assert_matches_dense(got, x, decompress_24_int4(values, scales, zeros, meta, g).to(dtype), bias)
 
 
 # ---------------------------------------------------------------------------------------------

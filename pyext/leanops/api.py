@@ -22,6 +22,7 @@ from leanops.nn.quantized import Int4WeightOnlyLinear, Int8Linear, Int8WeightOnl
 from leanops.nn.sparse import SparseLinear
 from leanops.nn.swap import FilterFn, format_unsupported, replace_module, select_linears
 from leanops.nn.training import Int8TrainingLinear
+from leanops.quant import int4 as int4_format
 from leanops.quant.common import ValueChecks
 from leanops.quant.config import (
     Int4WeightOnlyConfig,
@@ -31,8 +32,8 @@ from leanops.quant.config import (
     QuantConfig,
 )
 from leanops.quant.smoothquant import collect_activation_amax, smoothing_factors
-from leanops.sparsity import format as sparse_format
 from leanops.sparsity import pruning
+from leanops.sparsity import sparse24 as sparse_format
 from leanops.sparsity.config import SemiSparseConfig
 from leanops.sparsity.masks import check_nm
 
@@ -161,9 +162,22 @@ def prune_(
 
     The layers stay nn.Linear with zeros in their weights (SparseGPT also updates the kept
     weights): for measuring accuracy, for sparse fine-tuning (enable_sparse_training) before
-    compressing with sparsify_. method: "magnitude", "wanda" or "sparsegpt" (the last two need
-    calibrate). Layers whose in_features is not a multiple of m, or whose weight is shared with
-    another module (tied), are left alone and logged.
+    compressing with sparsify_. Layers whose in_features is not a multiple of m, or whose weight
+    is shared with another module (tied), are left alone and logged.
+
+    Arguments:
+        model: the model (not a bare nn.Linear: use leanops.sparsity.prune_magnitude on its
+            weight).
+        method: "magnitude" (|W|, default), "wanda" (|W| * ||X_j||) or "sparsegpt" (the OBS
+            solver, which also updates the kept weights); the last two need calibrate.
+        n, m: keep n of every m consecutive inputs (default 2:4, what sparse tensor cores run).
+        calibrate: a callable run on the model with sample inputs, e.g. lambda m: m(batch).
+        filter_fn: filter_fn(module, name) -> bool selects the layers (default: all).
+        blocksize: SparseGPT's column block, a positive multiple of m (default 128).
+        damp: SparseGPT's Hessian damping, relative to its mean diagonal (default 0.01).
+
+    Raises: ValueError for an invalid n:m, method or blocksize, or a calibrating method without
+    calibrate.
     """
     check_nm(n, m)
     if method not in pruning.METHODS:
@@ -294,14 +308,17 @@ def save_quantized(model: nn.Module, path: str | os.PathLike) -> None:
     """Write the model's whole state_dict to a .safetensors file, with metadata describing each
     quantised layer so load_quantized can rebuild them.
 
-    model: any nn.Module, with or without leanops packed layers.
-    path: the file to write. It is written under a temporary name in the same directory and
-        renamed when complete, so a crash never leaves a partial file (or a damaged previous
-        one) under `path`.
     Tied (shared) tensors are stored once (the others are named in the metadata, as
     safetensors.torch.save_model does). Each stored tensor's CRC-32 (over its dtype, shape and
     bytes) goes into the metadata; load_quantized verifies them.
-    Raises whatever writing the file raises (OSError, ...).
+
+    Arguments:
+        model: any nn.Module, quantised (leanops' packed layers) or not.
+        path: the file to write (str or os.PathLike). It is written under a temporary name in
+            the same directory and renamed when complete, so a crash never leaves a partial
+            file (or a damaged previous one) under `path`.
+
+    Raises: whatever writing the file raises (OSError, ...).
     """
     from safetensors.torch import save_file
 
@@ -504,24 +521,28 @@ def load_quantized(
 ) -> nn.Module:
     """Load a file written by save_quantized into `model`, all or nothing.
 
-    model: a freshly built model of the same architecture, dense or already quantised the same
-        way. Its nn.Linear layers that were quantised are replaced by packed layers on the same
-        device, then every tensor is loaded.
-    path: the .safetensors file.
-    strict: True: the file's tensors outside the quantised layers must match the model's state
-        names exactly (tied names count once); False: extra or missing ones are ignored. The
-        tensors of a quantised layer are always all required.
-    verify_checksums: True (default): recompute each tensor's CRC-32 and compare it with the one
-        written by save_quantized (files written before checksums existed have none and load
-        without). False skips only this, for very large trusted files: the format checks still
-        run. Cost: see the README ("Saving and loading").
     Before anything in `model` changes, the whole file is read and checked: header, format
     version, checksums, every layer's spec and shapes against the model, and the stored values
     (scales positive and finite, zero points in [0, 15], 2:4 metadata codes valid; see
     PackedLinear.validate_state). So a failure leaves `model` exactly as it was. The new packed
     layers are allocated before any is swapped in: the model's memory briefly holds both.
-    Returns the model.
-    Raises ValueError naming the path and the problem (not a safetensors file, not written by
+
+    Arguments:
+        model: a freshly built model of the same architecture, dense or already quantised the
+            same way. Its nn.Linear layers that were quantised are replaced by packed layers on
+            the same device, then every tensor is loaded.
+        path: the .safetensors file (str or os.PathLike).
+        strict: True (default): the file's tensors outside the quantised layers must match the
+            model's state names exactly (tied names count once); False: extra or missing ones
+            are ignored. The tensors of a quantised layer are always all required.
+        verify_checksums: True (default): recompute each tensor's CRC-32 and compare it with the
+            one written by save_quantized (files written before checksums existed have none and
+            load without). False skips only this, for very large trusted files: the format
+            checks still run. Cost: see the README ("Saving and loading").
+
+    Returns: the model.
+
+    Raises: ValueError naming the path and the problem (not a safetensors file, not written by
     leanops, another format version, corrupt tensors, a layer or shape that does not fit, an
     invalid value); OSError when the file cannot be read.
     """

@@ -70,8 +70,12 @@ class use_backend(contextlib.ContextDecorator):
     >>> with leanops.use_backend("triton"):
     ...     y = model(x)
 
-    `None` restores automatic choice. A forced backend that cannot run a call raises a
-    RuntimeError that says why, instead of falling back.
+    Arguments:
+        name: "cuda", "triton" or "reference", or None for automatic choice (cuda -> triton ->
+            reference). A forced backend that cannot run a call raises a RuntimeError that says
+            why, instead of falling back.
+
+    Raises: ValueError for any other name.
     """
 
     def __init__(self, name: str | None):

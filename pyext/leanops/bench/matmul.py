@@ -26,8 +26,7 @@ import torch
 import torch.nn.functional as F
 
 import leanops
-from leanops.bench.roofline import Ceilings
-from leanops.bench.runner import Case, Settings, run_cases
+from leanops.bench.runner import Case
 from leanops.quant import quantize_int4, quantize_int8_per_channel, quantize_per_token_int8
 
 # (K, N) = (in_features, out_features) of the distinct linear layers of each model.
@@ -49,7 +48,6 @@ PROVIDERS = (
     "sparse24_mm",
     "sparse24_int4_mm",
 )
-LEANOPS_OPS = ("int4_weight_mm", "int8_weight_mm", "int8_mm", "int8_dynamic_linear")
 
 
 def default_backends(device: torch.device) -> list[str]:
@@ -220,25 +218,3 @@ def suite_cases(shapes: str = "llama-7b", batches=(1, 16, 128, 2048), dtype: tor
         providers = ("dense", *providers)  # ratios need the baseline of each shape
     return [c for (k, n) in SHAPES[shapes] for m in batches
             for c in matmul_cases(k, n, m, dtype, device, group_size, providers, backends)]
-
-
-def run_matmul_suite(
-    shapes: str = "llama-7b",
-    batches=(1, 16, 128, 2048),
-    dtype: torch.dtype = torch.bfloat16,
-    device: torch.device | None = None,
-    providers=PROVIDERS,
-    backends=None,
-    group_size: int = 128,
-    energy: bool = False,
-    energy_trials: int = 3,
-    ceilings: Ceilings | None = None,
-    progress=print,
-    settings: Settings | None = None,
-) -> list[dict]:
-    """Rows for every shape x batch x provider (the older entry point; the CLI uses the runner).
-    Backends default to every leanops backend that can run on `device`."""
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    settings = settings or Settings(energy=energy, energy_trials=energy_trials)
-    cases = suite_cases(shapes, batches, dtype, device, providers, backends, group_size)
-    return run_cases(cases, device, settings, ceilings, progress, title="matmul").rows

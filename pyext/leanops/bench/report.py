@@ -120,7 +120,6 @@ KERNEL_COLUMNS = [
     ("TFLOP/J", "tflop_per_joule", ".3f"),
     ("energy x", "energy_gain_vs_dense", ".2f"),
 ]
-MATMUL_COLUMNS = KERNEL_COLUMNS
 MODEL_COLUMNS = [
     ("op", "op", ""),
     ("variant", "provider", ""),
@@ -158,10 +157,6 @@ def table(rows: list[dict]) -> str:
         group = [_display(r) for r in rows if r.get("suite", "matmul") == suite]
         parts.append(format_table(group, MODEL_COLUMNS if suite == "model" else KERNEL_COLUMNS))
     return "\n\n".join(parts)
-
-
-def matmul_table(rows: list[dict]) -> str:
-    return format_table([_display(r) for r in rows], KERNEL_COLUMNS)
 
 
 def footnotes(rows: list[dict], skipped: list[dict], failed: list[dict], energy: dict | None = None) -> str:

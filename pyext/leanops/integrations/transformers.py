@@ -105,25 +105,32 @@ def leanops_int8_attention_forward(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """transformers' attention function for attn_implementation="leanops_int8": as
-    leanops_attention_forward with leanops.attention_int8.
+    leanops_attention_forward, with leanops.attention_int8 (int8 Q K^T forward, int8 dV/dQ/dK
+    backward: it trains).
 
-    module: the calling attention layer (its `is_causal` and `training` are read).
-    query: [B, Hq, Sq, D]; key, value: [B, Hkv, Sk, D] (float16, bfloat16 or float32).
-    attention_mask: None or a 4-D boolean/additive mask from transformers' SDPA mask builder.
-    dropout: must be 0 in training (else SDPA runs, with a one-time warning); default 0.
-    scaling: score scale, default 1/sqrt(D). is_causal: default the module's (True if unset).
-    softcap: None or > 0 (Gemma 2's attn_logit_softcapping).
-    Returns (attn_output [B, Sq, Hq, D], None).
-    Raises ValueError for a fallback reason combined with softcap, or bad tensors (as the op).
+    Arguments:
+        module: the calling attention layer (its `is_causal` and `training` are read).
+        query: [B, Hq, Sq, D]; key, value: [B, Hkv, Sk, D] (float16, bfloat16 or float32).
+        attention_mask: None, or the 4-D boolean/additive mask of transformers' SDPA mask
+            builder (padding, sliding windows): the kernels' bias path.
+        dropout: must be 0 in training (else SDPA runs, with a one-time warning); default 0.
+        scaling: the score scale; default 1 / sqrt(D).
+        is_causal: default the module's `is_causal` (True if it has none).
+        softcap: None, or > 0 (Gemma 2's attn_logit_softcapping).
+        kwargs: position_bias or output_attentions=True make SDPA run instead (one warning).
+
+    Returns: (attn_output [B, Sq, Hq, D], None).
+
+    Raises: ValueError for a fallback reason combined with softcap, or bad tensors (as the op).
     """
     return _forward(attention_int8, module, query, key, value, attention_mask, dropout, scaling,
                     is_causal, softcap, **kwargs)
 
 
 def register_transformers(name: str = NAME) -> bool:
-    """Register leanops attention with transformers under `name` and the int8 variant under
-    `name + "_int8"` (idempotent). Returns False, registering nothing, when transformers
-    (>= 4.48, which has AttentionInterface) is missing."""
+    """Register leanops attention with transformers under `name` and the int8 variant
+    (leanops.attention_int8) under `name + "_int8"` (idempotent). Returns False, registering
+    nothing, when transformers (>= 4.48, which has AttentionInterface) is missing."""
     try:
         from transformers import AttentionInterface
     except ImportError:

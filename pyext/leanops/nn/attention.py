@@ -29,6 +29,7 @@ from torch import nn
 
 from leanops.ops.attention import MAX_HEAD_DIM, attention
 from leanops.ops.int8_attention import attention_int8
+from leanops.quant.common import FLOAT_DTYPES
 
 
 class MultiheadAttention(nn.MultiheadAttention):
@@ -78,7 +79,7 @@ class MultiheadAttention(nn.MultiheadAttention):
             return "dropout > 0 in training is not supported by the fused path"
         if query.is_nested or key.is_nested or value.is_nested:
             return "nested tensors are not supported by the fused path"
-        if query.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        if query.dtype not in FLOAT_DTYPES:
             return f"dtype {query.dtype} is not supported by the fused path"
         if self.head_dim > MAX_HEAD_DIM:
             return f"head dim {self.head_dim} > {MAX_HEAD_DIM} is not supported by the fused path"

@@ -6,7 +6,7 @@ A subclass stores its packed weight tensors as buffers (so state_dict, .to(devic
 safetensors see them) and the bias as a Parameter of the original layer's dtype, implements
 `_matmul(x2d)` and `dequantized_weight()`, returns its constructor arguments from
 `format_args()`, checks its format's stored values in `_check_format` (with the validators of
-leanops.quant / leanops.sparsity.format), and is registered with @register_packed_linear.
+leanops.quant / leanops.sparsity.sparse24), and is registered with @register_packed_linear.
 
 The kernels never check values per call (that would cost a pass over the weight, or a GPU
 synchronisation, on every forward), so every tensor that enters a layer from outside is checked

@@ -44,6 +44,14 @@ class QATLinear(nn.Linear):
 
     `weight` is read through attribute access every forward, so a parametrization on it (e.g.
     leanops.sparsity.enable_sparse_training's 2:4 SparseMask) applies before quantisation.
+
+    Arguments (of the constructor; leanops.qat.prepare_ and `from_linear` wrap an existing
+    layer instead):
+        in_features, out_features, bias, device, dtype: as nn.Linear's.
+        config: Int8DynamicConfig, Int8WeightOnlyConfig or Int4WeightOnlyConfig (required; a
+            TypeError otherwise); int4's group size must divide in_features (ValueError).
+        learnable_scales: train the scales (LSQ) as the Parameter weight_scale (default False).
+        smoothing: Int8DynamicConfig only: SmoothQuant's s [in_features], positive, or None.
     """
 
     def __init__(
@@ -110,8 +118,9 @@ class QATLinear(nn.Linear):
         smoothing: torch.Tensor | None = None,
     ) -> QATLinear:
         """Wrap `linear`'s own weight and bias Parameters (shared, not copied: an optimizer built
-        before the swap keeps updating them). Learnable scales start at the RTN scales, so the
-        first forward is the same with or without them."""
+        before the swap keeps updating them) with the fake quantisation of `config`.
+        learnable_scales and smoothing as the constructor's; learnable scales start at the RTN
+        scales, so the first forward is the same with or without them."""
         module = cls(
             linear.in_features, linear.out_features, bias=False, config=config, device="meta",
             dtype=linear.weight.dtype,

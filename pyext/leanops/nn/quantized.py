@@ -24,7 +24,15 @@ def _check_int8_weight(state, prefix, checks) -> None:
 
 @register_packed_linear
 class Int8Linear(PackedLinear):
-    """Dynamic W8A8 linear: int8 per-channel weights, per-token int8 activations at run time.
+    """Dynamic W8A8 linear: int8 per-channel weights, per-token int8 activations at run time
+    (leanops::int8_dynamic_linear). Build it with `from_linear` or leanops.quantize_; the
+    constructor makes an empty layer of the right shape (what load_quantized fills).
+
+    Arguments:
+        in_features, out_features: K and N of the weight [N, K], as nn.Linear.
+        bias: whether the layer has a bias Parameter [N] (in `dtype`).
+        device, dtype: where the buffers live and the bias's (and output's expected) dtype.
+        smoothquant: whether the layer has the SmoothQuant buffer `smooth` (default False).
 
     Buffers: weight int8 [out, in], weight_scale fp32 [out], and with smoothquant=True
     smooth fp32 [in], the per-input-channel multiplier (1/s) applied to activations inside the
@@ -90,7 +98,14 @@ class Int8Linear(PackedLinear):
 
 @register_packed_linear
 class Int8WeightOnlyLinear(PackedLinear):
-    """W8A16 linear: int8 per-channel weights, 16-bit (or fp32) activations.
+    """W8A16 linear: int8 per-channel weights, 16-bit (or fp32) activations
+    (leanops::int8_weight_mm). Build it with `from_linear` or leanops.quantize_; the
+    constructor makes an empty layer of the right shape.
+
+    Arguments:
+        in_features, out_features: K and N of the weight [N, K], as nn.Linear.
+        bias: whether the layer has a bias Parameter [N] (in `dtype`).
+        device, dtype: where the buffers live and the bias's (and output's expected) dtype.
 
     Buffers: weight int8 [out, in], weight_scale fp32 [out].
     """
@@ -104,6 +119,8 @@ class Int8WeightOnlyLinear(PackedLinear):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int8WeightOnlyLinear:
+        """Quantise `linear` (RTN per output channel, leanops.quant.int8) into a new layer on
+        its device, the bias copied. Raises ValueError for a non-finite or non-float weight."""
         weight = linear.weight.detach()
         module = cls(
             linear.in_features, linear.out_features, linear.bias is not None,
@@ -127,10 +144,23 @@ class Int8WeightOnlyLinear(PackedLinear):
 
 @register_packed_linear
 class Int4WeightOnlyLinear(PackedLinear):
-    """W4A16 linear: group-wise int4 weights in the layout of leanops.quant.int4.
+    """W4A16 linear: group-wise int4 weights in the layout of leanops.quant.int4
+    (leanops::int4_weight_mm). Build it with `from_linear` or leanops.quantize_; the
+    constructor makes an empty layer of the right shape.
+
+    Arguments:
+        in_features, out_features: K and N of the weight [N, K], as nn.Linear.
+        bias: whether the layer has a bias Parameter [N] (in `dtype`).
+        device, dtype: where the buffers live and the bias's (and output's expected) dtype;
+            the scales are stored in `dtype` too.
+        group_size: inputs per scale, a multiple of 32 dividing in_features (default 128);
+            in_features means one scale per output channel.
+        symmetric: True (default): codes -8..7 around a fixed zero point; False: a uint8 zero
+            point per group (weight_zero).
 
     Buffers: weight_packed uint8 [out, in/2], weight_scale [out, in/group_size] in `dtype`, and
     if not symmetric weight_zero uint8 [out, in/group_size].
+    Raises: ValueError if group_size is not a multiple of 32 dividing in_features.
     """
 
     def __init__(
@@ -168,6 +198,9 @@ class Int4WeightOnlyLinear(PackedLinear):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int = 128, symmetric: bool = True):
+        """Quantise `linear` (RTN per group of `group_size` inputs, `symmetric` or with zero
+        points, leanops.quant.int4) into a new layer on its device, scales in its weight's dtype,
+        the bias copied. Raises ValueError for a group size that does not divide in_features."""
         weight = linear.weight.detach()
         module = cls(
             linear.in_features, linear.out_features, linear.bias is not None,

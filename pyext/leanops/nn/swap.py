@@ -7,10 +7,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-import torch
 from torch import nn
 
 from leanops.quant import int4 as int4_format
+from leanops.quant.common import FLOAT_DTYPES
 from leanops.quant.config import Int4WeightOnlyConfig, QuantConfig
 
 logger = logging.getLogger("leanops")
@@ -38,7 +38,7 @@ def why_not_swappable(name: str, linear: nn.Linear, mha_children: set[str]) -> s
     w = linear.weight
     if w.is_meta:
         return "its weight is on the meta device (not materialised)"
-    if w.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+    if w.dtype not in FLOAT_DTYPES:
         return f"weight dtype {w.dtype} is not float16/bfloat16/float32"
     return None
 

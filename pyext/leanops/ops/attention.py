@@ -415,8 +415,23 @@ torch.library.register_autograd("leanops::attention_fwd", _fwd_backward, setup_c
 
 def attention_fwd(q, k, v, bias=None, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0,
                   max_seqlen_k=0, scale=None, window_left=-1, window_right=-1, softcap=0.0):
-    """The raw op: (out, lse). See the module docstring; `leanops.attention` is the friendly
-    entry point."""
+    """The raw op leanops::attention_fwd, returning the log-sum-exp too; `leanops.attention` and
+    `leanops.attention_varlen` are the friendly entry points. Differentiable in q, k, v.
+
+    Arguments:
+        q, k, v: dense [B, H, S, D] or, with cu_seqlens, varlen [T, H, D] (module docstring).
+        bias: None or a float tensor broadcastable to [B, Hq, Sq, Sk] added to the scores (-inf
+            masks); size-1 dims are read with stride 0. Dense only.
+        cu_seqlens_q, cu_seqlens_k: None (dense) or int32 [B + 1] (varlen), given together.
+        max_seqlen_q, max_seqlen_k: the longest sequences (varlen only; size the grid).
+        scale: score multiplier, default 1 / sqrt(D).
+        window_left, window_right: the sliding window in keys, inclusive, -1 = unbounded;
+            causal is window_right = 0 (bottom-right aligned).
+        softcap: 0 (off) or > 0: scores become softcap * tanh(s / softcap).
+
+    Returns: (out, lse): out with q's shape and dtype; lse fp32, natural log, [B, Hq, Sq] dense
+    or [Hq, Tq] varlen, -inf for rows that see no key (whose out is 0). lse gets no gradient.
+    """
     if scale is None:
         scale = default_scale(q.shape[-1])
     return torch.ops.leanops.attention_fwd.default(
@@ -481,18 +496,33 @@ def attention(
     window: tuple[int, int] | None = None,
     softcap: float | None = None,
 ) -> torch.Tensor:
-    """Fused attention: softmax(q k^T * scale [+ attn_mask]) v for q [B, Hq, Sq, D] and k, v
-    [B, Hkv, Sk, D], F.scaled_dot_product_attention's layout and arguments. Differentiable in
-    q, k, v.
+    """Fused attention, softmax(q k^T * scale [+ attn_mask]) v, with
+    F.scaled_dot_product_attention's layout. Differentiable in q, k and v.
 
-    - GQA/MQA when Hkv < Hq (Hq a multiple of Hkv), without repeating k/v in memory.
-    - causal: bottom-right aligned when Sq != Sk (query i is position i + Sk - Sq; see
-      leanops.ops.attention). window=(left, right): sliding window, -1 = unbounded.
-    - scale defaults to 1/sqrt(D); softcap: logits capped to softcap * tanh(s / softcap).
-    - attn_mask: bool (True = attend) or additive float, broadcastable to [B, Hq, Sq, Sk]: the
-      slower general path (the mask is read per score tile); not differentiable.
-    - dtypes float16/bfloat16 (Triton kernels on sm_80+ GPUs) and float32; head dim 1-256.
-    On CPU tensors the fp32 PyTorch reference runs. Rows that see no key return 0.
+    Arguments:
+        q: [B, Hq, Sq, D] float16, bfloat16 or float32, any strides; D (head dim) 1 to 256.
+        k, v: [B, Hkv, Sk, D], q's dtype and device. Hkv < Hq is GQA/MQA (Hq a multiple of Hkv;
+            q head h reads kv head h // (Hq / Hkv)), never repeated in memory.
+        attn_mask: None, or bool (True = may attend) or float (added to the scores), of a shape
+            broadcastable to [B, Hq, Sq, Sk]. The slower general path (a mask tile is read per
+            score tile); it gets no gradient (raises if it requires one).
+        causal: mask keys after the query. Aligned bottom-right when Sq != Sk: query i is the
+            token at position i + Sk - Sq, so the last query sees every key (flash-attention
+            >= 2.1, a KV cache's convention). SDPA's is_causal aligns top-left instead; the two
+            agree only when Sq == Sk.
+        scale: the score multiplier; default 1 / sqrt(D).
+        window: None, or (left, right): query i sees keys j with
+            i + Sk - Sq - left <= j <= i + Sk - Sq + right, both ends inclusive, -1 = unbounded
+            on that side; causal=True caps right at 0.
+        softcap: None, or a positive float: scores become softcap * tanh(s / softcap) (Gemma 2),
+            before the mask is added.
+
+    Returns: [B, Hq, Sq, D] in q's dtype. A query row that sees no key (causal with Sq > Sk, a
+    fully masked row) gets 0, as flash-attention (SDPA's math path gives NaN).
+
+    Raises: ValueError naming the argument for a wrong shape, dtype, device, head dim, window or
+    softcap. On CUDA tensors the Triton kernels run (sm_80+); on CPU tensors the fp32 PyTorch
+    reference. See leanops.ops.attention for the exact definition.
     """
     bias, scale, wl, wr, cap = public_call_args(q, k, attn_mask, causal, scale, window, softcap)
     out, _ = attention_fwd(q, k, v, bias, scale=scale, window_left=wl, window_right=wr,
@@ -513,12 +543,25 @@ def attention_varlen(
     window: tuple[int, int] | None = None,
     softcap: float | None = None,
 ) -> torch.Tensor:
-    """Attention over a batch of variable-length sequences packed along the first dim (no
-    padding): q [Tq, Hq, D], k, v [Tk, Hkv, D]; sequence b is rows cu_seqlens_q[b] ..
-    cu_seqlens_q[b+1] of q and cu_seqlens_k[b] .. cu_seqlens_k[b+1] of k/v (int32 [B + 1],
-    starting at 0). max_seqlen_q/k: the longest sequence (sizes the launch grid; a smaller value
-    than the truth leaves rows unwritten). Masks per sequence as in `attention`. Differentiable
-    in q, k, v. Returns out [Tq, Hq, D]."""
+    """Attention over a batch of variable-length sequences packed along the first dim, without
+    padding (flash-attention's varlen layout). Differentiable in q, k and v.
+
+    Arguments:
+        q: [Tq, Hq, D] float16, bfloat16 or float32: the B sequences' queries, one after another.
+        k, v: [Tk, Hkv, D], q's dtype and device (GQA/MQA as in `attention`).
+        cu_seqlens_q, cu_seqlens_k: int32 [B + 1], starting at 0 and non-decreasing: sequence b
+            is rows cu_seqlens_q[b] .. cu_seqlens_q[b + 1] - 1 of q and cu_seqlens_k[b] ..
+            cu_seqlens_k[b + 1] - 1 of k and v. Values are not checked (that would synchronise
+            with the GPU).
+        max_seqlen_q, max_seqlen_k: the longest query / key sequence. They size the launch grid:
+            a value smaller than the truth leaves rows unwritten.
+        causal, scale, window, softcap: as in `attention`, applied per sequence (causal and
+            window aligned bottom-right within each sequence).
+
+    Returns: [Tq, Hq, D] in q's dtype.
+
+    Raises: ValueError naming the argument for a wrong shape, dtype or device.
+    """
     _, scale, wl, wr, cap = public_call_args(q, k, None, causal, scale, window, softcap)
     out, _ = attention_fwd(q, k, v, None, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
                            int(max_seqlen_k), scale, wl, wr, cap)

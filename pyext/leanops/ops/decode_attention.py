@@ -133,19 +133,29 @@ def attention_decode(
     window: tuple[int, int] | None = None,
     softcap: float | None = None,
 ) -> torch.Tensor:
-    """Attention of a few new tokens (q [B, Hq, Sq, D], Sq typically 1-16) against a KV cache,
-    split across programs along the cache (split-KV, then a reduction) with the q heads that
-    share a kv head packed into one program: for inference (no backward).
+    """Attention of a few new tokens against a KV cache, for inference (no backward: asking for
+    gradients raises). The cache is split across programs (split-KV, then a reduction) and the
+    q heads that share a kv head are packed into one program.
 
-    Cache layouts:
-    - dense: k_cache, v_cache [B, Hkv, S_max, D] (any strides); cache_seqlens int32 [B] (valid
-      lengths; default all S_max);
-    - paged: k_cache, v_cache [num_pages, Hkv, page_size, D] (any strides: flash-attention /
-      vLLM's [num_pages, page_size, Hkv, D] is `.transpose(1, 2)` of it, no copy), block_table
-      int32 [B, max_pages] (page ids of each sequence, in order) and cache_seqlens required.
-    The new tokens are the last Sq positions of each sequence (bottom-right causal alignment).
-    Values are not checked (that would synchronise with the GPU): cache_seqlens[b] must be at
-    most S_max (dense) or the pages block_table[b] holds, and page ids must be valid.
+    Arguments:
+        q: [B, Hq, Sq, D] float16, bfloat16 or float32, Sq typically 1-16: the new tokens, which
+            are the last Sq positions of each sequence (bottom-right alignment).
+        k_cache, v_cache: q's dtype, any strides. Dense: [B, Hkv, S_max, D]. Paged:
+            [num_pages, Hkv, page_size, D] (flash-attention / vLLM's [num_pages, page_size,
+            Hkv, D] is `.transpose(1, 2)` of it, no copy).
+        cache_seqlens: None (dense: every sequence is S_max long) or int32 [B], the valid
+            length of each sequence including the new tokens; required when paged.
+        block_table: None (dense) or int32 [B, max_pages]: the page ids of each sequence, in
+            order (any page size).
+        causal: default True here (the new tokens attend to the cache and to each other
+            causally).
+        scale, window, softcap: as in `leanops.attention`.
+
+    Returns: [B, Hq, Sq, D] in q's dtype.
+
+    Raises: ValueError naming the argument for a wrong shape, dtype or device. Values are not
+    checked (that would synchronise with the GPU): cache_seqlens[b] must be at most S_max
+    (dense) or what the pages of block_table[b] hold, and page ids must be valid.
     """
     wl, wr = normalize_window(causal, window)
     if scale is None:

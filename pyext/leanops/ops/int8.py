@@ -15,8 +15,15 @@ import torch
 
 from leanops.dispatch import OpBackends
 from leanops.ops._autograd import register_weight_only_autograd
-from leanops.ops._checks import FLOAT_DTYPES, check_out_dtype, check_same_device, check_tensor
+from leanops.ops._checks import (
+    CUDA_GEMM_MAX_M,
+    FLOAT_DTYPES,
+    check_out_dtype,
+    check_same_device,
+    check_tensor,
+)
 from leanops.ops._library import register
+from leanops.ops._reference import linear_reference
 from leanops.quant import int8 as int8_format
 
 INT8 = (torch.int8,)
@@ -71,10 +78,19 @@ def _quantize_per_token_fake(x, smooth=None):
 def quantize_per_token_int8(
     x: torch.Tensor, smooth: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantise each row of x [M, K] to int8 with its own fp32 scale: (q [M, K], scale [M]).
+    """Quantise each row (token) of x to int8 with its own fp32 scale, symmetric RTN:
+    scale = max(amax|row| / 127, FLT_MIN), q = round-half-even(x / scale) in [-127, 127]
+    (leanops.quant.int8). Inference only: the int8 outputs carry no gradient.
 
-    `smooth` [K], if given, multiplies x per column first (SmoothQuant's 1/s), fused in the same
-    pass on GPU. Rows with NaN/Inf get scale NaN. Inference only (int8 outputs carry no gradient).
+    Arguments:
+        x: [M, K] float16, bfloat16 or float32, any strides, K >= 1.
+        smooth: None or [K] float, contiguous: multiplies x per column first (SmoothQuant's
+            1 / s), fused into the same pass on a GPU.
+
+    Returns: (q int8 [M, K], scale fp32 [M]). A row holding NaN or Inf (after smooth) gets scale
+    NaN and all-zero codes, so the NaN reaches the matmul's output instead of vanishing.
+
+    Raises: ValueError naming the argument for a wrong shape, dtype or device.
     """
     return torch.ops.leanops.quantize_per_token_int8.default(x, smooth)
 
@@ -122,6 +138,8 @@ def _int8_mm_cuda_supports(a, b, a_scale, b_scale, bias=None, out_dtype=None):
         return f"the CUDA kernel needs K to be a multiple of 16, got K = {k}"
     if k > INT8_MM_CUDA_MAX_K:
         return f"the CUDA kernel's int32 accumulation is bounded to K <= {INT8_MM_CUDA_MAX_K}, got K = {k}"
+    if a.shape[0] > CUDA_GEMM_MAX_M:  # gridDim.y = ceil(M / 128) row tiles of the large config
+        return f"the CUDA kernel takes M up to {CUDA_GEMM_MAX_M}, got M = {a.shape[0]}"
     if b.data_ptr() % 16 != 0:  # cp.async copies 16-byte units; a fresh tensor is aligned
         return "the CUDA kernel needs b's data 16-byte aligned (it is a view at an odd offset)"
     return None
@@ -185,10 +203,21 @@ def int8_mm(
     bias: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """W8A8 matmul with the dequantisation fused: (a @ b.T) * a_scale[:, None] * b_scale + bias.
+    """W8A8 matmul with the dequantisation fused: out = (a @ b.T) * a_scale[:, None] *
+    b_scale[None, :] + bias, the products summed exactly in int32 and the epilogue in fp32 in
+    that order, rounded once to out_dtype. Differentiable only in bias.
 
-    a int8 [M, K] (any strides), b int8 [N, K] contiguous, a_scale [M] (per token), b_scale [N]
-    (per output channel), bias [N] or None; the output [M, N] has out_dtype (default bfloat16).
+    Arguments:
+        a: int8 [M, K], any strides (the activation codes, e.g. from quantize_per_token_int8).
+        b: int8 [N, K], contiguous (the weight codes, one row per output channel).
+        a_scale: [M] float, contiguous: one scale per row of a (per token).
+        b_scale: [N] float, contiguous: one scale per output channel.
+        bias: None or [N] float, contiguous.
+        out_dtype: float16, bfloat16 or float32; None means bfloat16.
+
+    Returns: [M, N] in out_dtype.
+
+    Raises: ValueError naming the argument for a wrong shape, dtype, layout or device.
     """
     return torch.ops.leanops.int8_mm.default(a, b, a_scale, b_scale, bias, out_dtype)
 
@@ -212,10 +241,7 @@ def _check_int8_weight_mm(x, w, w_scale, bias=None):
 
 
 def _int8_weight_mm_reference(x, w, w_scale, bias=None):
-    out = (x.float() @ w.float().t()) * w_scale.float()
-    if bias is not None:
-        out = out + bias.float()
-    return out.to(x.dtype)
+    return linear_reference(x, w, bias, col_scale=w_scale)
 
 
 _int8_weight_mm_backends = OpBackends(
@@ -256,10 +282,19 @@ register_weight_only_autograd(
 def int8_weight_mm(
     x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """W8A16 matmul: x @ (w * w_scale[:, None]).T + bias, output in x's dtype.
+    """W8A16 matmul: out = (x @ w.T) * w_scale[None, :] + bias, w converted exactly to x's dtype,
+    fp32 accumulation, rounded once to x's dtype. Differentiable in x and bias (the weight is
+    frozen).
 
-    x [M, K] float16/bfloat16/float32 (any strides), w int8 [N, K] contiguous, w_scale [N].
-    Differentiable w.r.t. x and bias (the weight is frozen).
+    Arguments:
+        x: [M, K] float16, bfloat16 or float32, any strides.
+        w: int8 [N, K], contiguous (RTN per output channel, leanops.quant.int8).
+        w_scale: [N] float, contiguous.
+        bias: None or [N] float, contiguous.
+
+    Returns: [M, N] in x's dtype.
+
+    Raises: ValueError naming the argument for a wrong shape, dtype, layout or device.
     """
     return torch.ops.leanops.int8_weight_mm.default(x, w, w_scale, bias)
 
@@ -320,10 +355,19 @@ def int8_dynamic_linear(
     smooth: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The dynamic W8A8 linear layer: quantise x per token (after multiplying by `smooth`), then
-    int8_mm with w [N, K] int8 and w_scale [N]; output in x's dtype.
+    """The dynamic W8A8 linear layer as one op: quantize_per_token_int8(x, smooth), then
+    int8_mm with the int8 weight, out_dtype x's dtype.
 
-    Gradients: x gets the straight-through estimate grad @ (W * smooth) and bias its sum; the
-    int8 weight is frozen.
+    Arguments:
+        x: [M, K] float16, bfloat16 or float32, any strides.
+        w: int8 [N, K], contiguous; w_scale: [N] float, contiguous (per output channel).
+        smooth: None or [K] float, contiguous: SmoothQuant's 1 / s, applied to x before its
+            quantisation (the weight was quantised as W * s).
+        bias: None or [N] float, contiguous.
+
+    Returns: [M, N] in x's dtype. Gradients: x gets the straight-through estimate
+    grad @ (W * smooth) (the rounding itself has none) and bias its sum; the weight is frozen.
+
+    Raises: ValueError naming the argument for a wrong shape, dtype, layout or device.
     """
     return torch.ops.leanops.int8_dynamic_linear.default(x, w, w_scale, smooth, bias)

@@ -283,23 +283,30 @@ def attention_int8(
     softcap: float | None = None,
     smooth_k: bool = True,
 ) -> torch.Tensor:
-    """Attention with Q.K^T in int8 (SageAttention-style per-block scales, K smoothed by its
-    mean, Q and K balanced per channel) and P.V in v's dtype; differentiable in q, k, v with an
-    int8 backward (dP in 16 bits, dV, dQ, dK in int8: see leanops.ops.int8_attention).
+    """Attention with Q K^T in int8 and P V in v's dtype (SageAttention-style), differentiable
+    in q, k and v with an int8 backward: the definition, which backward products run in int8
+    and why are in leanops.ops.int8_attention. Q and K are quantised per block of
+    leanops.quant.int8.QK_BLOCK rows after K's mean is subtracted (smooth_k) and both are balanced
+    per channel by powers of two (leanops.quant.int8.quantize_qk): an approximation of
+    `leanops.attention`, whose gradient error is measured in bench/NOTES.md ("int8 attention").
 
-    q: [B, Hq, Sq, D], float16, bfloat16 or float32 (Triton kernels on sm_80+ GPUs; the fp32
-        PyTorch reference on CPU); D 1-256.
-    k, v: [B, Hkv, Sk, D], q's dtype; Hq a multiple of Hkv (GQA/MQA).
-    attn_mask: None (default), bool (True = attend) or additive float, broadcastable to
-        [B, Hq, Sq, Sk]; not differentiable.
-    causal: bottom-right aligned causal mask when Sq != Sk (default False).
-    scale: score scale, default 1/sqrt(D).
-    window: (left, right) sliding window, -1 = unbounded; default None (no window).
-    softcap: None (default) or > 0: scores capped to softcap * tanh(s / softcap).
-    smooth_k: subtract K's mean over the sequence before quantising (default True).
-    Returns out [B, Hq, Sq, D] in q's dtype and layout; rows that see no key are 0.
-    Raises ValueError naming the argument for bad shapes, dtypes, devices or values (as
-    leanops.attention), NotImplementedError if attn_mask requires grad.
+    Arguments:
+        q: [B, Hq, Sq, D] float16, bfloat16 or float32 (P V runs in it), any strides; D 1 to 256.
+        k, v: [B, Hkv, Sk, D], q's dtype and device (GQA/MQA as in `leanops.attention`).
+        attn_mask: None, or bool (True = may attend) or float (added to the scores), broadcastable
+            to [B, Hq, Sq, Sk]; it gets no gradient (raises if it requires one).
+        causal, scale, window, softcap: as in `leanops.attention` (causal bottom-right aligned,
+            window ends inclusive, default scale 1 / sqrt(D)).
+        smooth_k: subtract K's mean over the sequence before quantising (default True): exact
+            for the softmax, and it keeps a shared offset of the keys out of the int8 grid.
+
+    Returns: [B, Hq, Sq, D] in q's dtype and layout. A query row that sees no key gets 0 and
+    zero gradients.
+
+    Raises: ValueError naming the argument for a wrong shape, dtype, device, head dim, window or
+    softcap (the same checks as `leanops.attention`); NotImplementedError if attn_mask requires
+    grad. On CUDA tensors the Triton kernels run (sm_80+); on CPU tensors the PyTorch reference,
+    which computes the kernels' int8 numerics (same codes and scales).
     """
     bias, scale, wl, wr, cap = public_call_args(q, k, attn_mask, causal, scale, window, softcap)
     out, _ = torch.ops.leanops.attention_int8.default(q, k, v, bias, None, None, 0, 0, scale, wl,
@@ -321,17 +328,25 @@ def attention_int8_varlen(
     softcap: float | None = None,
     smooth_k: bool = True,
 ) -> torch.Tensor:
-    """attention_int8 over variable-length sequences packed along the first dim (no padding),
-    as leanops.attention_varlen; smoothing, balance and block scales are per sequence.
+    """`attention_int8` over a batch of variable-length sequences packed along the first dim,
+    without padding (flash-attention's varlen layout, as `leanops.attention_varlen`); K's mean,
+    the balance and the block scales are per sequence. Differentiable in q, k and v.
 
-    q: [Tq, Hq, D], float16, bfloat16 or float32; D 1-256.
-    k, v: [Tk, Hkv, D], q's dtype; Hq a multiple of Hkv.
-    cu_seqlens_q, cu_seqlens_k: int32 [B + 1], starting at 0: sequence b is rows
-        cu_seqlens[b] .. cu_seqlens[b + 1].
-    max_seqlen_q, max_seqlen_k: the longest sequence (sizes the launch grid).
-    causal, scale, window, softcap, smooth_k: as in attention_int8, per sequence.
-    Returns out [Tq, Hq, D] in q's dtype; differentiable in q, k, v.
-    Raises ValueError naming the argument for bad shapes, dtypes, devices or values.
+    Arguments:
+        q: [Tq, Hq, D] float16, bfloat16 or float32: the B sequences' queries, one after another.
+        k, v: [Tk, Hkv, D], q's dtype and device (GQA/MQA as in `leanops.attention`).
+        cu_seqlens_q, cu_seqlens_k: int32 [B + 1], starting at 0 and non-decreasing: sequence b
+            is rows cu_seqlens_q[b] .. cu_seqlens_q[b + 1] - 1 of q and cu_seqlens_k[b] ..
+            cu_seqlens_k[b + 1] - 1 of k and v. Values are not checked (that would synchronise
+            with the GPU).
+        max_seqlen_q, max_seqlen_k: the longest query / key sequence. They size the launch grid:
+            a value smaller than the truth leaves rows unwritten.
+        causal, scale, window, softcap: as in `leanops.attention`, applied per sequence.
+        smooth_k: as in `attention_int8` (default True).
+
+    Returns: [Tq, Hq, D] in q's dtype.
+
+    Raises: ValueError naming the argument for a wrong shape, dtype or device.
     """
     _, scale, wl, wr, cap = public_call_args(q, k, None, causal, scale, window, softcap)
     out, _ = torch.ops.leanops.attention_int8.default(

@@ -14,8 +14,8 @@ divides K; g == K is per-channel), with G = K // g groups per row:
 
 The product is computed in the scales' dtype: (q - z) is a small integer and exact there, so it
 is a single rounding, identical in every kernel. Packing along K keeps a row's bytes contiguous
-for the dot-product loop; the CUDA tensor-core kernels may repack this once at load time into a
-shuffled layout of their own, but this is the format that is stored and passed around.
+for the dot-product loop; every kernel, Triton and CUDA alike, reads this stored layout as it
+is (the CUDA tensor-core kernel dequantises in registers, with no repacked copy).
 """
 
 from __future__ import annotations
@@ -175,7 +175,7 @@ def quantize_int4(
         if not isinstance(scales, torch.Tensor) or tuple(scales.shape) != shape:
             got = tuple(scales.shape) if isinstance(scales, torch.Tensor) else type(scales).__name__
             raise ValueError(f"scales must be a tensor of shape {shape}, got {got}")
-        if scales.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        if scales.dtype not in FLOAT_DTYPES:
             raise ValueError(f"scales must be float16, bfloat16 or float32, got {scales.dtype}")
         with value_checks(None) as checks:
             require_positive_finite(checks, scales, "scales")

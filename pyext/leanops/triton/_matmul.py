@@ -4,7 +4,9 @@ sparse24_mm, sparse24_int4_mm), the one home for it:
 - the config spaces: decode (M <= SMALL_M, split-K) and prefill tiles, the keep() predicate, the
   default config without autotuning, the interpreter configs
 - jit helpers: the kernel prologue (tile ids with the GROUP_M swizzle, the K slice of a split-K
-  program, offsets), the epilogue stores, and the deterministic split-K reduce kernel
+  program, offsets, the activation pointers), the epilogue (scales, bias, the masked store or
+  the split-K partial store), the deterministic split-K reduce kernel, and the in-register
+  int4 unpacking and dequantisation of the two int4 families
 - `matmul_family`, which builds a family's configs, keep() and autotuned kernel, and
   `run_matmul`, the launcher body (path choice, workspace, reduce)
 
@@ -198,6 +200,59 @@ def k_slice(pid_k, K, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
 
 
 @triton.jit
+def matmul_prologue(x_ptr, M, N, K, stride_xm, stride_xk, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                    SPLIT_K: tl.constexpr):
+    """What every matmul kernel does first: find this program's output tile (program_id(0), in
+    GROUP_M order) and K slice (program_id(1)), and point at its first [BLOCK_M, BLOCK_K]
+    activation tile. Returns (offs_m, offs_n, rm, rn, offs_k, k0, k_first, k_end, x_ptrs,
+    x_step): the tile's int64 row / column indices, the same with rows / columns past the edge
+    replaced by 0, tl.arange(0, BLOCK_K), the slice's first K index and [first, end) K-tile
+    range, the activation pointers and their step per K tile."""
+    pid_m, pid_n = tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    k_first, k_end = k_slice(tl.program_id(1), K, BLOCK_K, SPLIT_K)
+    # int64 before any stride product: offsets pass 2**31 on large activations.
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    # Edge tiles read row 0 instead of masking: loads stay unmasked along M/N (vectorised, no
+    # predicate per element) and the extra rows are dropped by the masked store.
+    rm = tl.where(offs_m < M, offs_m, 0)
+    rn = tl.where(offs_n < N, offs_n, 0)
+    k0 = k_first.to(tl.int64) * BLOCK_K
+    x_ptrs = x_ptr + rm[:, None] * stride_xm + (k0 + offs_k)[None, :] * stride_xk
+    x_step = tl.cast(stride_xk, tl.int64) * BLOCK_K
+    return offs_m, offs_n, rm, rn, offs_k, k0, k_first, k_end, x_ptrs, x_step
+
+
+@triton.jit
+def unpack_nibbles(packed, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """uint8 [ROWS/2, COLS] -> its 4-bit values [ROWS, COLS] in K order, byte j holding row 2j in
+    its low nibble and 2j+1 in its high nibble (leanops.quant.int4's packing, and the 2:4
+    metadata's two groups per byte). join puts (low, high) of byte j side by side in a new last
+    axis, the permute moves that axis next to j, and the reshape flattens (j, 2) into
+    2j + {0, 1} (the unpacking of Triton's own int4 mixed-matmul test)."""
+    lo = packed & 0xF
+    hi = packed >> 4
+    return tl.reshape(tl.permute(tl.join(lo, hi), (0, 2, 1)), (ROWS, COLS))
+
+
+@triton.jit
+def dequantize_int4(q, scales_ptr, zeros_ptr, sz_ptrs, g, HAS_ZEROS: tl.constexpr,
+                    BLOCK_N: tl.constexpr):
+    """The int4 format's (q - z) * s for codes q [*, BLOCK_N] that all lie in group g of their
+    weight row (sz_ptrs: the rows' starts in scales / zeros [N, groups]); z = 8 if symmetric.
+    (q - z) is an integer in [-15, 15], exact in every float dtype; the product with the scale
+    is the format's single rounding, in the scales' dtype as the reference does."""
+    s = tl.load(scales_ptr + sz_ptrs + g)
+    if HAS_ZEROS:
+        z = tl.load(zeros_ptr + sz_ptrs + g).to(tl.int8)
+    else:
+        z = tl.full((BLOCK_N,), 8, dtype=tl.int8)
+    return (q.to(tl.int8) - z[None, :]).to(s.dtype) * s[None, :]
+
+
+@triton.jit
 def store_tile(out_ptr, out, offs_m, offs_n, M, N, stride_om, stride_on):
     """The matmul epilogue's store: tile `out` (fp32) rounded once to out's dtype, edge rows and
     columns masked off."""
@@ -214,6 +269,28 @@ def store_partial(ws_ptr, acc, offs_m, offs_n, M, N, stride_ws_s):
     ws_ptrs = (ws_ptr + tl.program_id(1).to(tl.int64) * stride_ws_s
                + offs_m[:, None] * N + offs_n[None, :])
     tl.store(ws_ptrs, acc, mask=mask)
+
+
+@triton.jit
+def matmul_epilogue(out_ptr, ws_ptr, row_scale_ptr, col_scale_ptr, bias_ptr, acc, offs_m, offs_n,
+                    rm, rn, M, N, stride_om, stride_on, stride_ws_s, HAS_ROW_SCALE: tl.constexpr,
+                    HAS_COL_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
+    """What every matmul kernel does last. Unsplit: out = acc * row scale * col scale + bias in
+    fp32, in that order (the references' and _splitk_reduce_kernel's), rounded once into out.
+    Split-K: the unscaled partial sums into the workspace, for the reduce to add in slice order
+    and then apply this same epilogue once (int32 partials of int8_mm add exactly, so its
+    split-K result is bit-identical to the unsplit one)."""
+    if SPLIT_K == 1:
+        out = acc.to(tl.float32)
+        if HAS_ROW_SCALE:
+            out = out * tl.load(row_scale_ptr + rm).to(tl.float32)[:, None]
+        if HAS_COL_SCALE:
+            out = out * tl.load(col_scale_ptr + rn).to(tl.float32)[None, :]
+        if HAS_BIAS:
+            out = out + tl.load(bias_ptr + rn).to(tl.float32)[None, :]
+        store_tile(out_ptr, out, offs_m, offs_n, M, N, stride_om, stride_on)
+    else:
+        store_partial(ws_ptr, acc, offs_m, offs_n, M, N, stride_ws_s)
 
 
 @triton.jit

@@ -47,7 +47,7 @@ def _decode_kernel(
     H_KV, GROUP, SQ, seqlen_k, head_dim, page_size, rows_total,
     SK_BUCKET,
     HAS_SEQLENS: tl.constexpr, PAGED: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, EVEN_D: tl.constexpr,
+    WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -248,7 +248,7 @@ def decode_into(out, lse, q, k_cache, v_cache, cache_seqlens, block_table, scale
         H_KV=hkv, GROUP=group, SQ=sq, seqlen_k=k_cache.shape[2], head_dim=d, page_size=page_size,
         rows_total=rows, SK_BUCKET=seq_bucket(max_k),
         HAS_SEQLENS=cache_seqlens is not None, PAGED=paged, HAS_SOFTCAP=softcap > 0,
-        WINDOW_LEFT=wl >= 0, WINDOW_RIGHT=wr >= 0, EVEN_D=block_d == d,
+        WINDOW_LEFT=wl >= 0, WINDOW_RIGHT=wr >= 0,
         DOT_PRECISION=common.dot_precision(q.dtype), BLOCK_D=block_d, BLOCK_M=block_m,
     )
     grid = (batch * hkv, splits)

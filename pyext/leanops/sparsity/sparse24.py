@@ -71,9 +71,8 @@ from __future__ import annotations
 import torch
 
 from leanops.quant import int4 as int4_format
-from leanops.quant.common import ValueChecks, first_bad, value_checks
+from leanops.quant.common import FLOAT_DTYPES, ValueChecks, first_bad, value_checks
 
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 GROUP = 4  # inputs per group
 KEPT = 2  # entries stored per group
 K_MULTIPLE = 8  # one meta byte = two groups of 4 inputs

@@ -18,7 +18,7 @@ The definition (the reference computes it in fp32; the kernels follow it):
   Kd = dequantised K ((k - mean) * b); softcap, bias and masks as in attention.
   forward   S = Qd Kd^T * scale, P = softmax(S), out = P V (P V in v's dtype), lse = logsumexp(S).
   backward  FA2's five products, chosen from measured gradient error (bench/NOTES.md, "int8
-            attention: which backward products run in int8"):
+            attention that trains"):
               S  = Qd Kd^T         recomputed from the same int8 codes, so P is the forward's (a
                                    16-bit S against the int8 forward's lse: dQ error 1.8-3.6%
                                    instead of 1.3%, 10^4 % once keys share an offset)

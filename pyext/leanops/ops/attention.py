@@ -53,18 +53,20 @@ held to "error vs an fp32/fp64 reference at most 2x the error of PyTorch's same-
 
 CPU tensors (no backend forced) take the CPU path (`_cpu_attention`, `_cpu_attention_bwd`), not
 the reference: PyTorch's CPU flash-attention kernels (aten::_scaled_dot_product_flash_attention_
-for_cpu and its backward: blocked online softmax, P rounded to the input dtype, GQA without
-repeating k/v, no Sq x Sk buffer) wherever they compute exactly the definition, which is always
-except softcap:
-  - no window: one call (the bias as SDPA's attn_mask);
-  - causal-like windows (left unbounded) without a bias: the rows that see no key are cut off,
-    the keys every remaining row sees go to one call and the bottom-right causal rest to a second,
-    top-left causal one (SDPA's is_causal), merged by their lse;
-  - windows with a left edge, or causal with a bias: query blocks, each against only the keys it
-    can see, with a [rows, keys] additive mask (bounded by _CPU_ELEMS elements);
+for_cpu and its backward: blocked online softmax in fp32, P rounded to the input dtype as in the
+Triton kernels, GQA without repeating k/v, no Sq x Sk buffer) wherever their math is the
+definition's, which is everything but softcap; held to the same 2x rule (tests/
+test_attention_cpu.py). How a call is split:
+  - no window: one call (a bias goes in as SDPA's additive attn_mask);
+  - a causal-like window (left unbounded) without a bias: one call when every row sees every
+    key (decode) or it is SDPA's top-left is_causal (Sq = Sk); otherwise the rows that see no
+    key are cut off, the keys every other row sees go to one call and the causal rest to a
+    second, top-left causal one, the two merged by their lse;
+  - a window with a left edge, or causal with a bias: query blocks, each against only the keys
+    it can see, with a [rows, keys] additive mask (at most _CPU_ELEMS elements per block);
   - Dv != D: the smaller side padded with zeros (exact: a zero column changes no dot product);
     a bias of another dtype than q: the call runs in their promoted dtype;
-  - softcap (SDPA has none): the reference's math, over the same query blocks, so memory stays
+  - softcap (SDPA has none): the reference's math over the same query blocks, so memory stays
     bounded by the blocks, not Sq x Sk.
 `use_backend("reference")` runs the definition itself; the tests compare both with it.
 """
@@ -109,13 +111,18 @@ def normalize_window(causal: bool, window) -> tuple[int, int]:
     return left, right
 
 
-def key_range(rows: torch.Tensor, sq: int, sk: int, window_left: int, window_right: int):
-    """(lo, hi), int tensors like `rows`: query i (of sq, against sk keys) sees exactly the keys
-    lo <= j < hi, none when hi <= lo (bottom-right aligned, see the module docstring). Both are
-    non-decreasing in i, and only a first run of rows can see nothing."""
+def key_range(rows, sq: int, sk: int, window_left: int, window_right: int):
+    """(lo, hi) of query i = `rows` (an int, or an int tensor of rows) of sq against sk keys: it
+    sees exactly the keys lo <= j < hi, none when hi <= lo (bottom-right aligned, see the module
+    docstring). lo is clipped at 0 and hi at sk, hi not below: it grows by exactly one per row
+    until it reaches sk, and the rows that see nothing are those with hi <= 0, a first run."""
     pos = rows + (sk - sq)  # the query's own position among the keys
-    lo = (pos - window_left).clamp(min=0) if window_left >= 0 else torch.zeros_like(pos)
-    hi = (pos + window_right + 1).clamp(max=sk) if window_right >= 0 else torch.full_like(pos, sk)
+    if isinstance(pos, torch.Tensor):
+        lo = (pos - window_left).clamp(min=0) if window_left >= 0 else torch.zeros_like(pos)
+        hi = (pos + window_right + 1).clamp(max=sk) if window_right >= 0 else torch.full_like(pos, sk)
+    else:
+        lo = max(pos - window_left, 0) if window_left >= 0 else 0
+        hi = min(pos + window_right + 1, sk) if window_right >= 0 else sk
     return lo, hi
 
 
@@ -405,16 +412,15 @@ def _cpu_flash_bwd(do, q, k, v, out, lse, mask, causal, scale):
 
 
 def _cpu_plan(q, k, bias, wl, wr, softcap):
-    """How the CPU path splits a dense problem: ("two", r0, c) for a causal-like window without
-    a bias or softcap (rows from r0 on see keys [0, c + i - r0); rows above none), else
-    ("blocks", ranges) with ranges a list of (i0, i1, lo, hi, band): query rows [i0, i1) against
-    keys [lo, hi), band the bool [rows, keys] visibility or None where every row sees them all."""
+    """How the CPU path splits a dense problem (int arithmetic on key_range, no tensors): ("two",
+    r0, c) for a causal-like window without a bias or softcap (rows from r0 on see keys
+    [0, c + i - r0); rows above none), else ("blocks", ranges) with ranges a list of
+    (i0, i1, lo, hi, band): query rows [i0, i1) against keys [lo, hi), band the bool
+    [rows, keys] visibility or None where every row sees them all."""
     sq, sk = q.shape[2], k.shape[2]
-    lo, hi = key_range(torch.arange(sq), sq, sk, wl, wr)
-    seen = hi > lo
-    r0 = sq - int(seen.sum())  # the rows that see no key come first
+    r0 = min(sq, max(0, 1 - key_range(0, sq, sk, wl, wr)[1]))  # the rows with hi <= 0
     if wl < 0 and bias is None and softcap == 0:
-        return "two", r0, int(hi[r0]) if r0 < sq else sk
+        return "two", r0, key_range(r0, sq, sk, wl, wr)[1] if r0 < sq else sk
     if wl < 0 and wr < 0 and softcap == 0:  # no window: the bias as one mask, one call
         return "blocks", [(0, sq, 0, sk, None)]
     # elements one query row materialises: its mask row (the bias' broadcast batch and heads) or,
@@ -425,8 +431,8 @@ def _cpu_plan(q, k, bias, wl, wr, softcap):
     ranges = []
     for i0 in range(r0, sq, rows):
         i1 = min(i0 + rows, sq)
-        j0, j1 = int(lo[i0]), int(hi[i1 - 1])
-        full = int(lo[i1 - 1]) <= j0 and int(hi[i0]) >= j1
+        (j0, hi_first), (lo_last, j1) = key_range(i0, sq, sk, wl, wr), key_range(i1 - 1, sq, sk, wl, wr)
+        full = lo_last <= j0 and hi_first >= j1
         band = None if full else visible(sq, sk, wl, wr, q.device, rows=(i0, i1), keys=(j0, j1))
         ranges.append((i0, i1, j0, j1, band))
     return "blocks", ranges
@@ -482,18 +488,28 @@ def _cpu_attention(q, k, v, bias, scale, wl, wr, softcap):
     docstring); out [B, Hq, Sq, Dv] in q's or a wider dtype."""
     dv = v.shape[-1]
     b, hq, sq = q.shape[:3]
+    sk = k.shape[2]
+    if q.numel() == 0 or sk == 0:  # (the kernels divide by the lengths)
+        return q.new_zeros((b, hq, sq, dv)), q.new_full((b, hq, sq), float("-inf"),
+                                                         dtype=torch.float32)
     qw, kw, vw, bias = _cpu_operands(q, k, v, bias, softcap)
+    plan = _cpu_plan(q, k, bias, wl, wr, softcap)
+    if plan[0] == "two":
+        _, r0, c = plan
+        if r0 == 0 and c >= sk:  # every row sees every key (decode, full attention): one call
+            o, l_ = _cpu_flash(qw, kw, vw, None, False, scale)
+            return o[..., :dv], l_
+        if r0 == 0 and c == 1:  # causal with Sq = Sk: SDPA's is_causal
+            o, l_ = _cpu_flash(qw, kw, vw, None, True, scale)
+            return o[..., :dv], l_
     out = qw.new_zeros((b, hq, sq, vw.shape[-1]))  # rows that see no key stay 0
     lse = q.new_full((b, hq, sq), float("-inf"), dtype=torch.float32)
-    if out.numel() == 0 or k.shape[2] == 0:
-        return out[..., :dv], lse
-    plan = _cpu_plan(q, k, bias, wl, wr, softcap)
     if plan[0] == "two":
         _, r0, c = plan
         if r0 == sq:
             return out[..., :dv], lse
         qr = qw[:, :, r0:]
-        if c >= k.shape[2]:  # every row sees every key
+        if c >= sk:
             o, l_ = _cpu_flash(qr, kw, vw, None, False, scale)
         else:  # keys [0, c - 1) for every row, then a top-left causal triangle
             p = c - 1
@@ -522,17 +538,21 @@ def _cpu_attention_bwd(grad_out, q, k, v, out, lse, bias, scale, wl, wr, softcap
     """(dq, dk, dv) of dense CPU inputs by the CPU path, split as the forward was. dK and dV
     of keys that several query blocks see are summed in fp32."""
     d, dv = q.shape[-1], v.shape[-1]
+    sk = k.shape[2]
+    if q.numel() == 0 or sk == 0:
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     qw, kw, vw, bias = _cpu_operands(q, k, v, bias, softcap)
     do, ow = grad_out.to(qw.dtype), out.to(qw.dtype)
     if vw.shape[-1] > dv:  # padded V columns: their output and its gradient are 0
         do, ow = F.pad(do, (0, vw.shape[-1] - dv)), F.pad(ow, (0, vw.shape[-1] - dv))
     lse = _safe_lse(lse)  # rows that see nothing: every score is -inf, P = exp(-inf - 0) = 0
+    plan = _cpu_plan(q, k, bias, wl, wr, softcap)
+    if plan[0] == "two" and plan[1] == 0 and (plan[2] >= sk or plan[2] == 1):  # one call
+        g = _cpu_flash_bwd(do, qw, kw, vw, ow, lse, None, plan[2] == 1 and sk > 1, scale)
+        return g[0][..., :d], g[1][..., :d], g[2][..., :dv]
     dq = torch.zeros(qw.shape, dtype=torch.float32, device=q.device)
     dk = torch.zeros(kw.shape, dtype=torch.float32, device=q.device)
     dvv = torch.zeros(vw.shape, dtype=torch.float32, device=q.device)
-    if q.numel() == 0 or k.shape[2] == 0:
-        return dq[..., :d], dk[..., :d], dvv[..., :dv]
-    plan = _cpu_plan(q, k, bias, wl, wr, softcap)
     if plan[0] == "two":
         _, r0, c = plan
         if r0 == q.shape[2]:
@@ -546,10 +566,10 @@ def _cpu_attention_bwd(grad_out, q, k, v, out, lse, bias, scale, wl, wr, softcap
             dk[:, :, j0:j1] += g[1]
             dvv[:, :, j0:j1] += g[2]
 
-        if c >= k.shape[2]:
-            part(0, k.shape[2], False)
+        if c >= sk:
+            part(0, sk, False)
         else:
-            part(c - 1, k.shape[2], True)
+            part(c - 1, sk, True)
             if c > 1:
                 part(0, c - 1, False)
         return dq[..., :d], dk[..., :d], dvv[..., :dv]

@@ -492,18 +492,12 @@ def test_register_transformers_without_transformers_returns_false(monkeypatch):
     assert leanops.integrations.register_transformers() is False
 
 
-@pytest.mark.slow
-def test_transformers_attn_implementation_leanops(tmp_path):
-    """A tiny random-weight Llama (GQA) saved and reloaded with attn_implementation="leanops":
-    logits match "eager" with and without padding, and a cached decode step matches too."""
-    transformers = pytest.importorskip("transformers", reason="transformers is not installed")
+def _hf_matches_eager(transformers, model, path):
+    """`model` saved to `path` and reloaded with attn_implementation="leanops" and "eager":
+    logits agree with and without (left) padding, and so does a cached decode step."""
     assert leanops.integrations.register_transformers()
-    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
-                                   num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, max_position_embeddings=64)
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path)
-    models = {impl: transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation=impl).eval()
+    model.save_pretrained(path)
+    models = {impl: transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation=impl).eval()
               for impl in ("eager", "leanops")}
     assert models["leanops"].config._attn_implementation == "leanops"
     ids = torch.randint(0, 128, (2, 11))
@@ -524,14 +518,25 @@ def test_transformers_attn_implementation_leanops(tmp_path):
 
 
 @pytest.mark.slow
+def test_transformers_attn_implementation_leanops(tmp_path):
+    """A tiny random-weight Llama (GQA, vocabulary 128) through the leanops attention
+    implementation matches "eager"."""
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed")
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    _hf_matches_eager(transformers, transformers.LlamaForCausalLM(cfg), tmp_path)
+
+
+@pytest.mark.slow
 def test_transformers_deepseek_v3_multi_head_latent_attention(tmp_path):
     """DeepSeek-V3's MLA passes value states with a head dim (12) other than the query/key one
     (16 + 8 rope): attn_implementation="leanops" now takes them as they come (it raised "v must
-    have k's shape"); logits match "eager" with and without padding, and a cached decode step."""
+    have k's shape") and matches "eager"."""
     transformers = pytest.importorskip("transformers", reason="transformers is not installed")
     if not hasattr(transformers, "DeepseekV3Config"):
         pytest.skip("this transformers has no DeepSeek-V3")
-    assert leanops.integrations.register_transformers()
     cfg = transformers.DeepseekV3Config(
         vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4,
@@ -539,21 +544,4 @@ def test_transformers_deepseek_v3_multi_head_latent_attention(tmp_path):
         topk_group=1, kv_lora_rank=32, q_lora_rank=None, qk_rope_head_dim=8,
         qk_nope_head_dim=16, v_head_dim=12, max_position_embeddings=64)
     torch.manual_seed(0)
-    transformers.DeepseekV3ForCausalLM(cfg).save_pretrained(tmp_path)
-    models = {impl: transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation=impl).eval()
-              for impl in ("eager", "leanops")}
-    ids = torch.randint(0, 128, (2, 11))
-    pad = torch.ones(2, 11, dtype=torch.long)
-    pad[1, :3] = 0  # left padding
-    with torch.no_grad():
-        for mask in (None, pad):
-            want = models["eager"](ids, attention_mask=mask).logits
-            got = models["leanops"](ids, attention_mask=mask).logits
-            keep = slice(None) if mask is None else mask.bool()
-            torch.testing.assert_close(got[keep], want[keep], rtol=1e-4, atol=1e-4)
-        outs = {}
-        for impl, m in models.items():
-            first = m(ids, use_cache=True)
-            nxt = first.logits[:, -1:].argmax(-1)
-            outs[impl] = m(nxt, past_key_values=first.past_key_values, use_cache=True).logits
-        torch.testing.assert_close(outs["leanops"], outs["eager"], rtol=1e-4, atol=1e-4)
+    _hf_matches_eager(transformers, transformers.DeepseekV3ForCausalLM(cfg), tmp_path)

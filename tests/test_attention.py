@@ -230,6 +230,7 @@ def _bad_calls():
         (lambda: leanops.attention(q, k, v, attn_mask=torch.ones(7, 9, dtype=torch.int32)), r"attn_mask must be bool"),
         (lambda: leanops.attention(q, k, v, window=(-2, 0)), r"window must be \(left, right\)"),
         (lambda: leanops.attention(q, k, v, softcap=-1.0), r"softcap must be a positive float"),
+        (lambda: leanops.attention(q, k, v, scale="0.1x"), r"attention: scale must be a finite float or None, got '0.1x'"),
         (lambda: leanops.attention(q, k, v.to("meta")), r"q is on cpu but v is on meta"),
         (lambda: leanops.attention_varlen(t, t, t, cu.long(), cu, 4, 4), r"cu_seqlens_q must have dtype int32"),
         (lambda: leanops.attention_varlen(t, t, t, cu, cu[:2], 4, 4), r"cu_seqlens_q and cu_seqlens_k must both be \[B \+ 1\]"),

@@ -140,7 +140,10 @@ def resolve_scale(op: str, scale, q) -> float:
     """scale as a float, or the default 1/sqrt(D) once q is checked to have a head dim D the
     kernels take (so a head dim of 0 is named, not a ZeroDivisionError)."""
     if scale is not None:
-        return float(scale)
+        try:
+            return float(scale)
+        except (TypeError, ValueError):
+            raise ValueError(f"{op}: scale must be a finite float or None, got {scale!r}") from None
     check_tensor(op, "q", q, dtypes=FLOAT_DTYPES)
     if q.dim() == 0:
         raise ValueError(f"{op}: q must have a head dim (its last dim), got a 0-d tensor")
@@ -457,8 +460,9 @@ def _block_mask(bias, band, i0, i1, lo, hi, dtype, device):
 
 def _blind(mask, shape):
     """Bool `shape` [B, H, rows]: rows of the additive mask with every key at -inf, which the CPU
-    kernels return as out 0, lse 0 (the definition's lse is -inf)."""
-    return torch.isneginf(mask).all(-1).expand(shape)
+    kernels return as out 0, lse 0 (the definition's lse is -inf). A max over keys: no bool copy
+    of the mask; a NaN row stays NaN, not blind."""
+    return (mask.amax(-1) == float("-inf")).expand(shape)
 
 
 def _cpu_operands(q, k, v, bias, softcap):
@@ -703,8 +707,29 @@ torch.library.register_autograd("leanops::attention_fwd", _fwd_backward, setup_c
 
 def attention_fwd(q, k, v, bias=None, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0,
                   max_seqlen_k=0, scale=None, window_left=-1, window_right=-1, softcap=0.0):
-    """The raw op: (out, lse). See the module docstring; `leanops.attention` is the friendly
-    entry point."""
+    """The raw op leanops::attention_fwd on the ops' own layouts (see the module docstring);
+    `leanops.attention` is the friendly entry point. Differentiable in q, k and v.
+
+    Args:
+        q: [B, Hq, Sq, D], or [Tq, Hq, D] with cu_seqlens; float16, bfloat16 or float32.
+        k: [B, Hkv, Sk, D] / [Tk, Hkv, D], q's dtype; Hq a multiple of Hkv.
+        v: k's shape with head dim Dv (1 to 256, may differ from D), q's dtype.
+        bias: None (default) or an additive float mask broadcastable to [B, Hq, Sq, Sk], each
+            dim 1 or full (dense only); not differentiable.
+        cu_seqlens_q, cu_seqlens_k: None (dense, default) or int32 [B + 1] each (varlen).
+        max_seqlen_q, max_seqlen_k: ints >= 0, the longest sequences (varlen; default 0).
+        scale: a finite float; default None = 1/sqrt(D).
+        window_left, window_right: ints >= 0, or -1 = unbounded (default -1); causal is
+            window_right = 0.
+        softcap: float >= 0, 0 (default) = off.
+
+    Returns:
+        (out [B, Hq, Sq, Dv] / [Tq, Hq, Dv] in q's dtype and layout, lse float32 [B, Hq, Sq] /
+        [Hq, Tq], natural log, -inf for rows that see no key).
+
+    Raises:
+        ValueError: a shape, dtype, device or argument outside the above, naming it.
+    """
     scale = resolve_scale("leanops.attention_fwd", scale, q)
     return torch.ops.leanops.attention_fwd.default(
         q, k, v, bias, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,

@@ -58,7 +58,7 @@ def _bias(kind, b, h, sq, sk, dtype):
     if kind == "bool":  # SDPA's bool mask [Sq, Sk] as the op's bias, a fully masked row included
         mask = torch.rand(sq, sk) > 0.3
         mask[5] = False
-        return A._mask_to_bias(mask, torch.empty(b, h, sq, 1, dtype=dtype), (b,), sk)
+        return A._mask_to_bias(mask, torch.empty(b, h, sq, 1, dtype=dtype), torch.empty(b, h, sk, 1))
     pad = torch.zeros(b, 1, 1, sk)  # key padding; batch entry 1 sees no key at all
     pad[0, ..., 30:] = float("-inf")
     pad[1] = float("-inf")

@@ -93,7 +93,7 @@ def test_bias_path(kind):
         wr = -1
     elif kind == "bool-broadcast":  # SDPA-style bool mask [Sq, Sk], True = attend
         mask = torch.rand(sq, sk) > 0.3
-        bias = A._mask_to_bias(mask, torch.empty(b, h, sq, 1, dtype=torch.float16), (b,), sk)
+        bias = A._mask_to_bias(mask, torch.empty(b, h, sq, 1, dtype=torch.float16), torch.empty(b, h, sk, 1))
         wr = 0
     else:  # key padding [B, 1, 1, Sk] with a batch entry whose keys are all masked
         pad = torch.zeros(b, 1, 1, sk)

@@ -811,15 +811,17 @@ def sdpa_output(out, batch, dims):
     return out.squeeze(0) if dims == 2 else out
 
 
-def _mask_to_bias(attn_mask, q, batch, sk):
+def _mask_to_bias(attn_mask, q, k, batch=None):
     """SDPA's attn_mask (bool: True = may attend; float: added to the scores), of any shape
-    broadcastable to [*batch, Hq, Sq, Sk] (q: the dense [B, Hq, Sq, D] query), as the op's 4-D
-    additive bias (size-1 dims stay size 1: the kernels read them with stride 0)."""
+    broadcastable to [*batch, Hq, Sq, Sk], as the op's 4-D additive bias (size-1 dims stay size
+    1: the kernels read them with stride 0). q, k: the dense [B, H, S, D] query and key; batch:
+    the batch dims B stands for (sdpa_inputs'; default (B,))."""
     if attn_mask is None:
         return None
     if not isinstance(attn_mask, torch.Tensor):
         raise TypeError(f"{OP}: attn_mask must be a Tensor or None, got {type(attn_mask).__name__}")
-    full = (*batch, q.shape[1], q.shape[2], sk)
+    batch = (q.shape[0],) if batch is None else batch
+    full = (*batch, q.shape[1], q.shape[2], k.shape[2])
     shape = tuple(attn_mask.shape)
     padded = (1,) * (len(full) - len(shape)) + shape
     if not 1 <= len(shape) <= len(full) or any(
@@ -901,7 +903,7 @@ def attention(
     """
     q, k, v, batch, dims = sdpa_inputs(OP, q, k, v)
     wl, wr = normalize_window(causal, window)
-    bias = _mask_to_bias(attn_mask, q, batch, k.shape[2])
+    bias = _mask_to_bias(attn_mask, q, k, batch)
     out, _ = attention_fwd(q, k, v, bias, scale=resolve_scale(OP, scale, q), window_left=wl,
                            window_right=wr, softcap=_softcap_value(softcap))
     return sdpa_output(out, batch, dims)

@@ -138,7 +138,8 @@ def test_bench_attention_on_cpu(tmp_path, capsys, no_rapl):
                      "--causal", "--progress", "plain", "--out", str(out)]) == 0
     data = json.loads(out.read_text())
     providers = {r["provider"] for r in data["rows"]}
-    assert {"torch:sdpa", "torch:sdpa[math]"} <= providers
+    # leanops twice: unforced (the CPU path users get) and the reference
+    assert {"torch:sdpa", "torch:sdpa[math]", "leanops:auto", "leanops:reference"} <= providers
     for r in data["rows"]:
         assert r["causal"] is True and r["H"] == 2 and r["D"] == 16
         assert r["flops"] == 4 * 1 * 2 * r["Sq"] * r["Sk"] * 16 / 2  # halved: causal

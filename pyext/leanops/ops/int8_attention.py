@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from leanops._layout import empty_like_layout
 from leanops.dispatch import OpBackends
 from leanops.ops._autograd import register_inference_only
 from leanops.ops._checks import check_same_device
@@ -17,9 +18,12 @@ from leanops.ops.attention import (
     _check_scalars,
     _empty_problem,
     _softcap_value,
-    default_scale,
     normalize_window,
+    out_shape,
     reference_attention,
+    resolve_scale,
+    sdpa_inputs,
+    sdpa_output,
 )
 from leanops.quant import int8 as int8_format
 
@@ -65,7 +69,7 @@ register(
 @torch.library.register_fake("leanops::attention_int8")
 def _attention_int8_fake(q, k, v, scale, wl, wr, softcap, smooth_k):
     _check_int8(q, k, v, scale, wl, wr, softcap)
-    return torch.empty_like(q)
+    return empty_like_layout(q, out_shape(q, v))
 
 
 register_inference_only("attention_int8")
@@ -81,25 +85,29 @@ def attention_int8(
     softcap: float | None = None,
     smooth_k: bool = True,
 ) -> torch.Tensor:
-    """Attention with Q K^T in int8 and P V in q's 16-bit dtype (SageAttention), for inference
-    (no backward: asking for gradients raises). Q and K are quantised per block of
-    leanops.quant.int8.QK_BLOCK rows (leanops.quant.int8.quantize_qk): an approximation,
-    judged by SQNR against exact attention in tests/test_attention*.py.
+    """Attention with Q.K^T in int8 (per-block scales, K smoothed by its mean) and P.V in q's
+    16-bit dtype, as SageAttention: for inference (no backward: requesting gradients raises).
+    See leanops.quant.int8.quantize_qk for the format; the error against fp32 attention is
+    measured in tests/test_attention*.py.
 
-    Arguments:
-        q: [B, Hq, Sq, D] float16 or bfloat16 (P V runs in it), D 1 to 256.
-        k, v: [B, Hkv, Sk, D], q's dtype and device (GQA/MQA as in `leanops.attention`).
-        causal, scale, window, softcap: as in `leanops.attention` (no attn_mask, no varlen).
-        smooth_k: subtract K's mean over the sequence before quantising (default True): exact
-            for the softmax, and it keeps a shared offset of the keys out of the int8 grid.
+    Args:
+        q, k, v: as in `leanops.attention` (its layouts, GQA and Dv != D), float16 or bfloat16.
+        causal, scale, window, softcap: as in `leanops.attention` (defaults False, None =
+            1/sqrt(D), None, None).
+        smooth_k: True (default): subtract K's mean over the sequence before quantising it
+            (softmax-invariant; keeps a shared key offset out of the int8 grid); False: don't.
 
-    Returns: [B, Hq, Sq, D] in q's dtype.
+    Returns:
+        out [*, Hq, Sq, Dv] in q's dtype.
 
-    Raises: ValueError naming the argument for a wrong shape, dtype or device.
+    Raises:
+        ValueError: a shape, dtype or argument outside the above, naming it.
+        NotImplementedError: an input requires grad.
     """
+    q, k, v, batch, dims = sdpa_inputs("leanops.attention_int8", q, k, v)
     wl, wr = normalize_window(causal, window)
-    if scale is None:
-        scale = default_scale(q.shape[-1])
-    return torch.ops.leanops.attention_int8.default(
-        q, k, v, float(scale), wl, wr, _softcap_value(softcap), bool(smooth_k)
+    scale = resolve_scale("leanops.attention_int8", scale, q)
+    out = torch.ops.leanops.attention_int8.default(
+        q, k, v, scale, wl, wr, _softcap_value(softcap), bool(smooth_k)
     )
+    return sdpa_output(out, batch, dims)

@@ -7,6 +7,7 @@ import os
 
 import torch
 
+
 @contextlib.contextmanager
 def poisoned_memory():
     """Inside the block torch.empty returns memory filled with NaN (floats) or the dtype's
@@ -66,19 +67,6 @@ def assert_2x_rule(got, ref, base, dtype, *, what="output", rel_floor=None, floo
     assert err <= 2 * b + floor, (
         f"{what}: error {err:.3g} vs PyTorch {dtype} {b:.3g} (+ floor {floor:.3g})"
     )
-
-
-# The attention tests' floor of the 2x rule (fp16/fp32 inputs in the interpreter).
-ATTENTION_FLOOR = {torch.float16: 2.0**-10, torch.float32: 1e-5}
-
-
-def assert_attention_2x(got, ref64, base, dtype, what):
-    """assert_2x_rule as the attention tests apply it: a floor of one fp16 ulp (1e-5 in fp32) of
-    the largest reference value, but not below 1/20 of the O(1) inputs' scale: a gradient that
-    is exactly zero (dq with a single visible key) is computed from cancelling O(1) terms, and
-    its rounding noise is relative to those, not to zero; non-finite values fail."""
-    assert_2x_rule(got, ref64, base, dtype, what=what, rel_floor=ATTENTION_FLOOR[dtype],
-                   floor_scale=0.05, finite=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -238,9 +238,9 @@ def test_int8_backward_every_kept_config_is_correct():
                                                 0.0, True)
     args = (do, q, k, v, out, lse, None, None, None, 0, 0, 128**-0.5, -1, 0, 0.0, True)
     want = T.attention_int8_bwd(*args)
-    meta = dict(BLOCK_D=128, V=v, SQ_BUCKET=1024, SK_BUCKET=1024, HAS_BIAS=False, QK_INT8=True)
+    meta = dict(BLOCK_D=128, BLOCK_DV=128, V=v, SQ_BUCKET=1024, SK_BUCKET=1024, HAS_BIAS=False, QK_INT8=True)
     for kind, kw in (("dkdv", "cfg_dkdv"), ("dq", "cfg_dq")):
-        for i in sorted(T._kept_for_call(kind, meta)):
+        for i in sorted(T._kept_for(kind, meta)):
             with poisoned_memory():
                 got = T.attention_int8_bwd(*args, **{kw: T._CONFIGS[kind][i]})
             for g, w in zip(got, want, strict=True):

@@ -138,7 +138,8 @@ def test_bench_attention_on_cpu(tmp_path, capsys, no_rapl):
                      "--causal", "--progress", "plain", "--out", str(out)]) == 0
     data = json.loads(out.read_text())
     providers = {r["provider"] for r in data["rows"]}
-    assert {"torch:sdpa", "torch:sdpa[math]"} <= providers
+    # leanops twice: unforced (the CPU path users get) and the reference
+    assert {"torch:sdpa", "torch:sdpa[math]", "leanops:auto", "leanops:reference"} <= providers
     for r in data["rows"]:
         assert r["causal"] is True and r["H"] == 2 and r["D"] == 16
         assert r["flops"] == 4 * 1 * 2 * r["Sq"] * r["Sk"] * 16 / 2  # halved: causal
@@ -160,7 +161,8 @@ def test_bench_attention_passes_and_int8_on_cpu(tmp_path, capsys, no_rapl):
     forward = 4 * 1 * 2 * 40 * 40 * 16
     want = {"attention": (1.0, 4), "attention backward": (2.5, 8), "attention fwd+bwd": (3.5, 10)}
     assert {(r["op"], r["provider"]) for r in rows} == {
-        (op, p) for op in want for p in ("torch:sdpa", "leanops:reference", "leanops:reference int8")}
+        (op, p) for op in want
+        for p in ("torch:sdpa", "leanops:auto", "leanops:reference", "leanops:reference int8")}
     for r in rows:
         factor, tensors = want[r["op"]]
         assert r["flops"] == factor * forward and r["min_bytes"] == 4 * 2 * 16 * 40 * tensors

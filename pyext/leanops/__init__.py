@@ -23,7 +23,7 @@ import in the package against this list, which is its only copy):
                                        leanops._C sits here too; dispatch loads it)
     quant, sparsity, calibration       formats, algorithms and configs; N:M masks and the 2:4
                                        format; calibration hooks
-    _env, _version                     leaf helpers
+    _env, _version, _layout            leaf helpers
 """
 
 import sys

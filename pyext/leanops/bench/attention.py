@@ -68,12 +68,16 @@ def _leanops_attention(causal: bool, int8: bool = False) -> Callable:
     return fn
 
 
-def providers_for(causal: bool, backends: list[str]) -> list[tuple[str, str, str | None, Callable, bool]]:
-    """(provider key, provider name, leanops backend, forward fn(q, k, v), is_baseline), baseline
-    first."""
+def providers_for(causal: bool, backends: list[str], auto: bool = False
+                  ) -> list[tuple[str, str, str | None, Callable, bool]]:
+    """(provider key, provider name, leanops backend, forward fn(q, k, v), is_baseline),
+    baseline first; auto adds leanops with no backend forced ("leanops:auto": on CPU tensors the
+    CPU path, which no backend name forces)."""
     table = [("sdpa", "torch:sdpa", None, _sdpa(causal), True)]
     table += [(f"sdpa-{name}", f"torch:sdpa[{name}]", None, _sdpa_forced(b, causal), False)
               for name, b in SDPA_BACKENDS.items()]
+    if auto:
+        table.append(("leanops", "leanops:auto", None, _leanops_attention(causal), False))
     table += [("leanops", f"leanops:{b}", b, _leanops_attention(causal), False) for b in backends]
     table += [("leanops-int8", f"leanops:{b} int8", b, _leanops_attention(causal, True), False)
               for b in backends]
@@ -136,7 +140,8 @@ def attention_cases(seqlens=(1024, 4096, 16384), batch: int = 1, heads: int = 32
             return tuple(torch.randn(shape, device=device, dtype=dtype) for _ in range(3))
 
         scores = 4 * batch * heads * s * s
-        for key, name, backend, forward, baseline in providers_for(causal, backends):
+        for key, name, backend, forward, baseline in providers_for(causal, backends,
+                                                                   auto=device.type == "cpu"):
             if key not in providers and not baseline:
                 continue
             skip = None

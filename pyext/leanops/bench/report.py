@@ -65,6 +65,13 @@ def write_csv(path: str, rows: list[dict], env: dict) -> None:
     def cell(v):
         return "" if v is None or (isinstance(v, float) and not math.isfinite(v)) else v
 
+    def why_empty(metric, value, reason):
+        if isinstance(value, float) and not math.isfinite(value):  # CSV, like JSON, has no inf
+            if metric.endswith("sqnr_db") and value > 0:
+                return "infinite: the output equals the reference exactly"
+            return f"not finite ({value})"
+        return cell(reason) if value is None else ""
+
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(CSV_HEADER)
@@ -80,7 +87,7 @@ def write_csv(path: str, rows: list[dict], env: dict) -> None:
                             row["dtype"], row["shape"], metric, unit, cell(value), cell(low), cell(high),
                             spread if quantiles and low is not None else "",
                             cell(row.get(method)) if method else "",
-                            cell(row.get(reason)) if reason and value is None else "",
+                            why_empty(metric, value, row.get(reason) if reason else None),
                             device, env.get("driver") or "", versions, env.get("timestamp")])
 
 

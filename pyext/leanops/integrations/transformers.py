@@ -13,7 +13,8 @@ None when the mask is purely causal), so a model builds exactly the masks it bui
 transformers is not a leanops dependency: without it, registration returns False.
 
 What the attention function does with the call transformers makes:
-- query [B, Hq, Sq, D], key/value [B, Hkv, Sk, D]: GQA runs natively (no repeat_kv);
+- query [B, Hq, Sq, D], key [B, Hkv, Sk, D], value [B, Hkv, Sk, Dv]: GQA runs natively (no
+  repeat_kv); Dv may differ from D (DeepSeek-V3's multi-head latent attention, 192/128);
 - mask None: causal kernel when the module is causal and Sq > 1 (as the SDPA integration, with
   keys past Sq cropped when Sk > Sq: that only happens for a prefill into an empty static cache,
   where SDPA's top-left causal alignment is what makes those keys invisible); a 4-D mask runs
@@ -21,7 +22,7 @@ What the attention function does with the call transformers makes:
 - scaling and softcap (Gemma 2's attn_logit_softcapping) go to the kernel;
 - dropout > 0 in training, position_bias (T5-style), or output_attentions fall back to
   transformers' SDPA implementation with a one-time warning.
-Returns (attn_output [B, Sq, Hq, D], None) like every transformers attention function.
+Returns (attn_output [B, Sq, Hq, Dv], None) like every transformers attention function.
 """
 
 from __future__ import annotations

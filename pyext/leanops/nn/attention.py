@@ -3,7 +3,8 @@
 A subclass, so the constructor, the parameters (in_proj_weight or q/k/v_proj_weight,
 in_proj_bias, out_proj, bias_k/bias_v), the state_dict and isinstance checks are exactly
 torch's; only forward changes. The projections run as in torch; the attention itself runs
-`leanops.attention` (Triton flash-attention kernels on GPUs, the fp32 reference on CPU), with
+`leanops.attention` (Triton flash-attention kernels on GPUs, PyTorch's CPU flash-attention
+kernels on CPU: see leanops.ops.attention), with
 `attn_mask` / `key_padding_mask` merged into one additive bias and `is_causal` (with Sq == Sk and no
 padding mask) turned into the kernel's causal mode, as torch does with the hint.
 

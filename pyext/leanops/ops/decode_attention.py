@@ -1,13 +1,16 @@
 """leanops::attention_decode: attention of a few new tokens against a (paged) KV cache, split
 across programs along the cache (split-KV) for inference. Scores, masks and numerics are those of
 leanops.ops.attention (the new tokens are the last Sq positions of each sequence); the kernel is
-leanops.triton.attention_decode.
+leanops.triton.attention_decode. On CPU tensors (no backend forced) each sequence runs the CPU
+path of leanops.ops.attention against a view of its cache (a gathered copy of its pages when
+paged): memory stays O(one sequence's context), never [B, H, Sq, S_max].
 """
 
 from __future__ import annotations
 
 import torch
 
+from leanops._layout import empty_like_layout
 from leanops.dispatch import OpBackends
 from leanops.ops._autograd import register_inference_only
 from leanops.ops._checks import FLOAT_DTYPES, check_same_device, check_tensor
@@ -15,11 +18,15 @@ from leanops.ops._library import register
 from leanops.ops.attention import (
     INT32,
     _check_head_dim,
+    _check_kv_heads,
     _check_scalars,
+    _cpu_attention,
     _softcap_value,
-    default_scale,
     normalize_window,
+    out_shape,
     reference_attention,
+    resolve_scale,
+    use_cpu_path,
 )
 
 
@@ -31,18 +38,16 @@ def _check_decode(q, k_cache, v_cache, cache_seqlens, block_table, scale, wl, wr
         if t.dtype != q.dtype:
             raise ValueError(f"{op}: {name} must have q's dtype {q.dtype}, got {t.dtype}")
     b, hq, sq, d = q.shape
-    _check_head_dim(op, d)
-    if tuple(v_cache.shape) != tuple(k_cache.shape):
+    _check_head_dim(op, "q", d)
+    _check_head_dim(op, "v_cache", v_cache.shape[3])
+    if tuple(v_cache.shape[:3]) != tuple(k_cache.shape[:3]):
         raise ValueError(
-            f"{op}: v_cache must have k_cache's shape {tuple(k_cache.shape)}, got {tuple(v_cache.shape)}"
+            f"{op}: v_cache must have k_cache's shape but for the head dim, "
+            f"{tuple(k_cache.shape[:3])}, got {tuple(v_cache.shape)}"
         )
-    hkv = k_cache.shape[1]
     if k_cache.shape[3] != d:
         raise ValueError(f"{op}: k_cache must have q's head dim {d}, got shape {tuple(k_cache.shape)}")
-    if hkv == 0 or hq % hkv != 0:
-        raise ValueError(
-            f"{op}: the number of heads of q ({hq}) must be a multiple of that of k_cache ({hkv})"
-        )
+    _check_kv_heads(op, hq, k_cache.shape[1])
     if block_table is None:
         if k_cache.shape[0] != b:
             raise ValueError(
@@ -66,7 +71,8 @@ def _check_decode(q, k_cache, v_cache, cache_seqlens, block_table, scale, wl, wr
 
 
 def gather_cache(k_cache, v_cache, cache_seqlens, block_table, b):
-    """Sequence b of a (paged) cache as dense [1, Hkv, len, D] k and v (reference and tests)."""
+    """Sequence b of a (paged) cache as dense [1, Hkv, len, D] k and v: views of a dense cache, a
+    copy of the sequence's pages (the reference, the CPU path and tests)."""
     if block_table is None:
         n = k_cache.shape[2] if cache_seqlens is None else int(cache_seqlens[b])
         return k_cache[b : b + 1, :, :n], v_cache[b : b + 1, :, :n]
@@ -80,14 +86,30 @@ def gather_cache(k_cache, v_cache, cache_seqlens, block_table, b):
     return gather(k_cache), gather(v_cache)
 
 
-def _attention_decode_reference(q, k_cache, v_cache, cache_seqlens, block_table, scale, wl, wr,
-                                softcap):
-    out = torch.empty_like(q)
+def _decode_with(attend, q, k_cache, v_cache, cache_seqlens, block_table, scale, wl, wr, softcap):
+    """attention_decode's output from attend(q, k, v, None, scale, wl, wr, softcap) -> (o, lse)
+    on each sequence and its part of the cache."""
+    out = empty_like_layout(q, out_shape(q, v_cache))
     for b in range(q.shape[0]):
         k, v = gather_cache(k_cache, v_cache, cache_seqlens, block_table, b)
-        o, _ = reference_attention(q[b : b + 1], k, v, None, scale, wl, wr, softcap)
+        o, _ = attend(q[b : b + 1], k, v, None, scale, wl, wr, softcap)
         out[b] = o[0]
     return out
+
+
+def _attention_decode_reference(q, k_cache, v_cache, cache_seqlens, block_table, scale, wl, wr,
+                                softcap):
+    return _decode_with(reference_attention, q, k_cache, v_cache, cache_seqlens, block_table,
+                        scale, wl, wr, softcap)
+
+
+def _attention_decode_cpu(q, k_cache, v_cache, cache_seqlens, block_table, scale, wl, wr, softcap):
+    if cache_seqlens is None and block_table is None:  # one dense cache: the batch in one call
+        out = empty_like_layout(q, out_shape(q, v_cache))
+        out.copy_(_cpu_attention(q, k_cache, v_cache, None, scale, wl, wr, softcap)[0])
+        return out
+    return _decode_with(_cpu_attention, q, k_cache, v_cache, cache_seqlens, block_table, scale,
+                        wl, wr, softcap)
 
 
 _decode_backends = OpBackends(
@@ -98,11 +120,13 @@ _decode_backends = OpBackends(
 
 
 def _attention_decode_impl(q, k_cache, v_cache, cache_seqlens, block_table, scale, wl, wr, softcap):
-    _check_decode(q, k_cache, v_cache, cache_seqlens, block_table, scale, wl, wr, softcap)
+    args = (q, k_cache, v_cache, cache_seqlens, block_table, scale, wl, wr, softcap)
+    _check_decode(*args)
     if q.numel() == 0 or k_cache.numel() == 0:
-        return _attention_decode_reference(q, k_cache, v_cache, cache_seqlens, block_table, scale,
-                                           wl, wr, softcap)
-    return _decode_backends(q, k_cache, v_cache, cache_seqlens, block_table, scale, wl, wr, softcap)
+        return _attention_decode_reference(*args)
+    if use_cpu_path(q):
+        return _attention_decode_cpu(*args)
+    return _decode_backends(*args)
 
 
 register(
@@ -116,7 +140,7 @@ register(
 @torch.library.register_fake("leanops::attention_decode")
 def _attention_decode_fake(q, k_cache, v_cache, cache_seqlens, block_table, scale, wl, wr, softcap):
     _check_decode(q, k_cache, v_cache, cache_seqlens, block_table, scale, wl, wr, softcap)
-    return torch.empty_like(q)
+    return empty_like_layout(q, out_shape(q, v_cache))
 
 
 register_inference_only("attention_decode")
@@ -133,34 +157,40 @@ def attention_decode(
     window: tuple[int, int] | None = None,
     softcap: float | None = None,
 ) -> torch.Tensor:
-    """Attention of a few new tokens against a KV cache, for inference (no backward: asking for
-    gradients raises). The cache is split across programs (split-KV, then a reduction) and the
-    q heads that share a kv head are packed into one program.
+    """Attention of a few new tokens against a KV cache, split across programs along the cache
+    (split-KV, then a reduction) with the q heads that share a kv head packed into one program:
+    for inference (no backward: requesting gradients raises).
 
-    Arguments:
-        q: [B, Hq, Sq, D] float16, bfloat16 or float32, Sq typically 1-16: the new tokens, which
-            are the last Sq positions of each sequence (bottom-right alignment).
-        k_cache, v_cache: q's dtype, any strides. Dense: [B, Hkv, S_max, D]. Paged:
-            [num_pages, Hkv, page_size, D] (flash-attention / vLLM's [num_pages, page_size,
-            Hkv, D] is `.transpose(1, 2)` of it, no copy).
-        cache_seqlens: None (dense: every sequence is S_max long) or int32 [B], the valid
-            length of each sequence including the new tokens; required when paged.
-        block_table: None (dense) or int32 [B, max_pages]: the page ids of each sequence, in
-            order (any page size).
-        causal: default True here (the new tokens attend to the cache and to each other
-            causally).
-        scale, window, softcap: as in `leanops.attention`.
+    Args:
+        q: [B, Hq, Sq, D] the new tokens (Sq typically 1-16), float16, bfloat16 or float32;
+            D 1 to 256. They are the last Sq positions of each sequence (bottom-right causal
+            alignment).
+        k_cache: dense [B, Hkv, S_max, D] or paged [num_pages, Hkv, page_size, D], q's dtype,
+            any strides (flash-attention / vLLM's [num_pages, page_size, Hkv, D] is
+            `.transpose(1, 2)` of the paged one, no copy); Hq a multiple of Hkv.
+        v_cache: k_cache's shape but for the head dim Dv (1 to 256, may differ from D).
+        cache_seqlens: int32 [B], the valid length of each sequence; default None = S_max
+            (dense); required with a block_table.
+        block_table: None (dense cache, default) or int32 [B, max_pages]: the page ids of each
+            sequence, in order.
+        causal: True (default): bottom-right causal among the new tokens; False: none.
+        scale: a finite float; default None = 1/sqrt(D).
+        window: None (default) or (left, right) as in `leanops.attention`.
+        softcap: None (default) or > 0, as in `leanops.attention`.
 
-    Returns: [B, Hq, Sq, D] in q's dtype.
+    Returns:
+        out [B, Hq, Sq, Dv] in q's dtype and layout.
 
-    Raises: ValueError naming the argument for a wrong shape, dtype or device. Values are not
-    checked (that would synchronise with the GPU): cache_seqlens[b] must be at most S_max
-    (dense) or what the pages of block_table[b] hold, and page ids must be valid.
+    Raises:
+        ValueError: a shape, dtype, device or argument outside the above, naming it.
+        NotImplementedError: an input requires grad.
+
+    Values are not checked (that would synchronise with the GPU): cache_seqlens[b] must be at
+    most S_max (dense) or the pages block_table[b] holds, and page ids must be valid.
     """
     wl, wr = normalize_window(causal, window)
-    if scale is None:
-        scale = default_scale(q.shape[-1])
+    scale = resolve_scale("leanops.attention_decode", scale, q)
     return torch.ops.leanops.attention_decode.default(
-        q, k_cache, v_cache, cache_seqlens, block_table, float(scale), wl, wr,
+        q, k_cache, v_cache, cache_seqlens, block_table, scale, wl, wr,
         _softcap_value(softcap),
     )

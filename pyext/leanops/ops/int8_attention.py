@@ -41,20 +41,27 @@ from __future__ import annotations
 
 import torch
 
+from leanops._layout import empty_like_layout
 from leanops.dispatch import OpBackends
 from leanops.ops._library import register
 from leanops.ops.attention import (
     _ARGS,
     _empty_problem,
     _lse_shape,
+    _mask_to_bias,
     _safe_lse,
     _seq,
+    _softcap_value,
     _varlen_slices,
     check_attention_bwd,
     check_attention_fwd,
-    public_call_args,
+    normalize_window,
+    out_shape,
     reference_attention,
     reference_scores,
+    resolve_scale,
+    sdpa_inputs,
+    sdpa_output,
 )
 from leanops.quant import int8 as int8_format
 
@@ -86,7 +93,7 @@ def reference_attention_int8(q, k, v, bias, cu_q, cu_k, scale, wl, wr, softcap, 
     qd, kd, _ = _dequantized_qk(q, k, smooth_k, cu_q, cu_k)
     if cu_q is None:
         return reference_attention(qd, kd, v, bias, scale, wl, wr, softcap, dtype)
-    out = torch.zeros(q.shape, dtype=dtype, device=q.device)
+    out = torch.zeros(out_shape(q, v), dtype=dtype, device=q.device)
     lse = torch.empty(_lse_shape(q, True), dtype=dtype, device=q.device)
     for rq, rk in _varlen_slices(cu_q, cu_k):
         o, l_ = reference_attention(_seq(qd, rq), _seq(kd, rk), _seq(v, rk), None, scale, wl, wr,
@@ -99,7 +106,7 @@ def reference_attention_int8(q, k, v, bias, cu_q, cu_k, scale, wl, wr, softcap, 
 def _attention_int8_reference(q, k, v, bias, cu_q, cu_k, max_q, max_k, scale, wl, wr, softcap,
                               smooth_k):
     o, lse = reference_attention_int8(q, k, v, bias, cu_q, cu_k, scale, wl, wr, softcap, smooth_k)
-    out = torch.empty_like(q)  # q's layout and dtype
+    out = empty_like_layout(q, out_shape(q, v))  # q's layout and dtype
     out.copy_(o)
     return out, lse.float().contiguous()
 
@@ -133,9 +140,9 @@ def _bwd_math(grad_out, grad_out_d, qd, kd, balance, v, out, lse, bias, scale, w
     dq = (fq(ds) @ kf) * scale / bal
     dk = (fq(ds.transpose(-1, -2)) @ qd.to(f)) * scale * bal
     if group > 1:
-        b, hq, sk, d = dk.shape
-        dk = dk.view(b, hq // group, group, sk, d).sum(2)
-        dv = dv.view(b, hq // group, group, sk, d).sum(2)
+        b, hq, sk = dk.shape[:3]
+        dk = dk.view(b, hq // group, group, sk, dk.shape[-1]).sum(2)
+        dv = dv.view(b, hq // group, group, sk, dv.shape[-1]).sum(2)
     return dq, dk, dv
 
 
@@ -230,7 +237,7 @@ def _attention_int8_fake(q, k, v, bias, cu_q, cu_k, max_q, max_k, scale, wl, wr,
                          smooth_k):
     check_attention_fwd(q, k, v, bias, cu_q, cu_k, max_q, max_k, scale, wl, wr, softcap, op=OP)
     lse = q.new_empty(_lse_shape(q, cu_q is not None), dtype=torch.float32)
-    return torch.empty_like(q), lse
+    return empty_like_layout(q, out_shape(q, v)), lse
 
 
 @torch.library.register_fake("leanops::attention_int8_bwd")
@@ -290,28 +297,36 @@ def attention_int8(
     per channel by powers of two (leanops.quant.int8.quantize_qk): an approximation of
     `leanops.attention`, whose gradient error is measured in bench/NOTES.md ("int8 attention").
 
-    Arguments:
-        q: [B, Hq, Sq, D] float16, bfloat16 or float32 (P V runs in it), any strides; D 1 to 256.
-        k, v: [B, Hkv, Sk, D], q's dtype and device (GQA/MQA as in `leanops.attention`).
-        attn_mask: None, or bool (True = may attend) or float (added to the scores), broadcastable
-            to [B, Hq, Sq, Sk]; it gets no gradient (raises if it requires one).
-        causal, scale, window, softcap: as in `leanops.attention` (causal bottom-right aligned,
-            window ends inclusive, default scale 1 / sqrt(D)).
-        smooth_k: subtract K's mean over the sequence before quantising (default True): exact
-            for the softmax, and it keeps a shared offset of the keys out of the int8 grid.
+    Args:
+        q, k, v: as in `leanops.attention` (its layouts, GQA/MQA and Dv != D), float16, bfloat16
+            or float32 (P V runs in it).
+        attn_mask: None (default), or bool (True = may attend) or additive float, broadcastable
+            to [*, Hq, Sq, Sk]; not differentiable (requires_grad raises).
+        causal, scale, window, softcap: as in `leanops.attention` (defaults False, None =
+            1/sqrt(D), None, None; causal bottom-right aligned).
+        smooth_k: True (default): subtract K's mean over the sequence before quantising it
+            (softmax-invariant; keeps a shared key offset out of the int8 grid); False: don't.
 
-    Returns: [B, Hq, Sq, D] in q's dtype and layout. A query row that sees no key gets 0 and
-    zero gradients.
+    Returns:
+        out [*, Hq, Sq, Dv] in q's dtype (q's layout for 4-D inputs). A row that sees no key
+        gets 0 and zero gradients.
 
-    Raises: ValueError naming the argument for a wrong shape, dtype, device, head dim, window or
-    softcap (the same checks as `leanops.attention`); NotImplementedError if attn_mask requires
-    grad. On CUDA tensors the Triton kernels run (sm_80+); on CPU tensors the PyTorch reference,
-    which computes the kernels' int8 numerics (same codes and scales).
+    Raises:
+        ValueError: a shape, dtype, device, window, scale or softcap outside the above, naming
+            the argument (the checks of `leanops.attention`).
+        TypeError: an argument that is not a Tensor where one is required.
+        NotImplementedError: attn_mask requires grad.
+
+    Backends: Triton kernels on CUDA tensors (sm_80+); on CPU tensors the PyTorch reference,
+    which computes the kernels' int8 numerics (the same codes and scales).
     """
-    bias, scale, wl, wr, cap = public_call_args(q, k, attn_mask, causal, scale, window, softcap)
-    out, _ = torch.ops.leanops.attention_int8.default(q, k, v, bias, None, None, 0, 0, scale, wl,
-                                                      wr, cap, bool(smooth_k))
-    return out
+    q, k, v, batch, dims = sdpa_inputs(OP, q, k, v)
+    wl, wr = normalize_window(causal, window)
+    bias = _mask_to_bias(attn_mask, q, k, batch)
+    out, _ = torch.ops.leanops.attention_int8.default(
+        q, k, v, bias, None, None, 0, 0, resolve_scale(OP, scale, q), wl, wr,
+        _softcap_value(softcap), bool(smooth_k))
+    return sdpa_output(out, batch, dims)
 
 
 def attention_int8_varlen(
@@ -329,27 +344,27 @@ def attention_int8_varlen(
     smooth_k: bool = True,
 ) -> torch.Tensor:
     """`attention_int8` over a batch of variable-length sequences packed along the first dim,
-    without padding (flash-attention's varlen layout, as `leanops.attention_varlen`); K's mean,
-    the balance and the block scales are per sequence. Differentiable in q, k and v.
+    without padding (as `leanops.attention_varlen`); K's mean, the balance and the block scales
+    are per sequence. Differentiable in q, k and v.
 
-    Arguments:
-        q: [Tq, Hq, D] float16, bfloat16 or float32: the B sequences' queries, one after another.
-        k, v: [Tk, Hkv, D], q's dtype and device (GQA/MQA as in `leanops.attention`).
-        cu_seqlens_q, cu_seqlens_k: int32 [B + 1], starting at 0 and non-decreasing: sequence b
-            is rows cu_seqlens_q[b] .. cu_seqlens_q[b + 1] - 1 of q and cu_seqlens_k[b] ..
-            cu_seqlens_k[b + 1] - 1 of k and v. Values are not checked (that would synchronise
-            with the GPU).
-        max_seqlen_q, max_seqlen_k: the longest query / key sequence. They size the launch grid:
-            a value smaller than the truth leaves rows unwritten.
-        causal, scale, window, softcap: as in `leanops.attention`, applied per sequence.
+    Args:
+        q, k, v: [Tq, Hq, D], [Tk, Hkv, D], [Tk, Hkv, Dv] as in `leanops.attention_varlen`,
+            float16, bfloat16 or float32.
+        cu_seqlens_q, cu_seqlens_k: int32 [B + 1], starting at 0: sequence b is rows
+            cu_seqlens_q[b] to cu_seqlens_q[b + 1] of q (cu_seqlens_k: of k and v).
+        max_seqlen_q, max_seqlen_k: ints >= 0, the longest sequences (size the launch grid; a
+            smaller value than the truth leaves rows unwritten).
+        causal, scale, window, softcap: as in `leanops.attention`, per sequence.
         smooth_k: as in `attention_int8` (default True).
 
-    Returns: [Tq, Hq, D] in q's dtype.
+    Returns:
+        out [Tq, Hq, Dv] in q's dtype.
 
-    Raises: ValueError naming the argument for a wrong shape, dtype or device.
+    Raises:
+        ValueError: a shape, dtype or argument outside the above, naming it.
     """
-    _, scale, wl, wr, cap = public_call_args(q, k, None, causal, scale, window, softcap)
+    wl, wr = normalize_window(causal, window)
     out, _ = torch.ops.leanops.attention_int8.default(
-        q, k, v, None, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), scale,
-        wl, wr, cap, bool(smooth_k))
+        q, k, v, None, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
+        resolve_scale(OP, scale, q), wl, wr, _softcap_value(softcap), bool(smooth_k))
     return out

@@ -17,6 +17,7 @@ import functools
 import torch
 import triton
 
+from leanops._layout import empty_like_layout
 from leanops.quant import int8 as int8_format
 from leanops.quant.int8 import QK_BLOCK
 from leanops.triton import _common as common
@@ -38,8 +39,11 @@ from leanops.triton._common import seq_bucket
 #     to rank. sm_80 (mma.sync keeps more operands in registers) has not been swept;
 #   - BLOCK_M no taller than the (bucketed) query length, except the 16-row minimum of tl.dot.
 # Backward dK/dV: two [BLOCK_N, BLOCK_D] fp32 accumulators plus K and V held as operands; dQ:
-# one [BLOCK_M, BLOCK_D] accumulator plus Q and dO. The tuned config is cached per (BLOCK_D,
-# query/key length buckets, mask switches, dtype), on disk where Triton supports it.
+# one [BLOCK_M, BLOCK_D] accumulator plus Q and dO. With a value head dim Dv != D (BLOCK_DV !=
+# BLOCK_D) every tile of V, O, dO and dV counts with BLOCK_DV and the rest with BLOCK_D: the same
+# rules, which reduce to the fitted ones when the two are equal (Dv = D has not been through
+# ptxas separately). The tuned config is cached per (BLOCK_D, BLOCK_DV, query/key length
+# buckets, mask switches, dtype), on disk where Triton supports it.
 
 def _cfg(num_warps, num_stages, **kw):
     return common.config(num_warps=num_warps, num_stages=num_stages, **kw)
@@ -75,28 +79,31 @@ INTERPRETER_DQ_INT8 = _cfg(4, 1, BLOCK_M=32, BLOCK_N=QK_BLOCK)
 _CONFIGS = {"fwd": FWD_CONFIGS, "dkdv": DKDV_CONFIGS, "dq": DQ_CONFIGS}
 
 
-def _smem(cfg, kind, block_d, elem):
+def _smem(cfg, kind, block_d, elem, block_dv=None):
     kw = cfg.kwargs
     bm, bn, st = kw["BLOCK_M"], kw["BLOCK_N"], cfg.num_stages
+    dk, dv = block_d, block_d if block_dv is None else block_dv
     if kind == "fwd":  # Q once, K and V per stage
-        return elem * block_d * (bm + st * 2 * bn)
+        return elem * (bm * dk + st * bn * (dk + dv))
     if kind == "dkdv":  # K, V once; Q and dO per stage
-        return elem * block_d * (2 * bn + st * 2 * bm)
-    return elem * block_d * (2 * bm + st * 2 * bn)  # dq: Q, dO once; K, V per stage
+        return elem * (bn + st * bm) * (dk + dv)
+    return elem * (bm + st * bn) * (dk + dv)  # dq: Q, dO once; K, V per stage
 
 
-def _regs_ok(kind, bm, bn, bd, w, stages) -> bool:
+def _regs_ok(kind, bm, bn, bd, w, stages, bdv=None) -> bool:
     """Register budget per thread (fp32 = 1 register, 16-bit = 1/2), fitted to ptxas on sm_90
-    (see the comment above)."""
+    (see the comment above); bd the Q/K head dim's block, bdv the V/O one's (default bd)."""
     threads = 32 * w
+    bdv = bd if bdv is None else bdv
+    kv = bn * (bd + bdv) / 2  # the streamed K and V tiles, as one of the mean width
     if kind == "fwd":  # O accumulator <= 128 per thread; the streamed K/V tile <= 64
-        return bm * bd <= 128 * threads and bn * bd <= 64 * threads
-    if kind == "dq":  # dQ accumulator, Q and dO in registers
-        return 2 * bm * bd <= 128 * threads and bn * bd <= 64 * threads
+        return bm * bdv <= 128 * threads and kv <= 64 * threads
+    if kind == "dq":  # dQ accumulator and Q (1.5 bm bd), dO (bm bdv / 2) in registers
+        return bm * (3 * bd + bdv) / 2 <= 128 * threads and kv <= 64 * threads
     # dK, dV accumulators (fp32), K and V as MMA operands (16-bit), the Q / dO tile, and the
     # [BLOCK_N, BLOCK_M] fp32 tiles S^T, dP^T, dS^T alive together; a third pipeline stage
     # needs headroom (its address and barrier registers)
-    est = (2 * bn * bd + bn * bd + bm * bd + 3 * bn * bm) / threads
+    est = (bn * (bd + bdv) + kv + bm * (bd + bdv) / 2 + 3 * bn * bm) / threads
     return est <= (232 if stages <= 2 else 128)
 
 
@@ -112,12 +119,12 @@ def _hard_ok(cfg, kind, args) -> bool:
 def _soft_ok(cfg, kind, args) -> bool:
     kw = cfg.kwargs
     bm, bn, w = kw["BLOCK_M"], kw["BLOCK_N"], cfg.num_warps
-    bd = args["BLOCK_D"]
-    if not _regs_ok(kind, bm, bn, bd, w, cfg.num_stages):
+    bd, bdv = args["BLOCK_D"], args["BLOCK_DV"]
+    if not _regs_ok(kind, bm, bn, bd, w, cfg.num_stages, bdv):
         return False
     _, smem = common.device_limits(args["V"].device)
     # V's element size: Q and K may be int8 codes, V and dO never are (a conservative count)
-    if _smem(cfg, kind, bd, args["V"].element_size()) > smem:
+    if _smem(cfg, kind, bd, args["V"].element_size(), bdv) > smem:
         return False
     sq, sk = args["SQ_BUCKET"], args["SK_BUCKET"]
     if bm > max(16, sq) or bn > max(16, sk):
@@ -133,22 +140,23 @@ def _soft_ok(cfg, kind, args) -> bool:
 
 
 @functools.lru_cache(maxsize=4096)
-def _kept(kind, block_d, elem, sq, sk, device, has_bias=False, qk_int8=False):
+def _kept(kind, block_d, elem, sq, sk, device, has_bias=False, block_dv=None, qk_int8=False):
     configs = _CONFIGS[kind]
+    block_dv = block_d if block_dv is None else block_dv
     fake = torch.empty(0, dtype={1: torch.int8, 2: torch.float16, 4: torch.float32}[elem],
                        device=device)
-    args = {"BLOCK_D": block_d, "V": fake, "SQ_BUCKET": sq, "SK_BUCKET": sk,
-            "HAS_BIAS": has_bias, "QK_INT8": qk_int8}
+    args = {"BLOCK_D": block_d, "BLOCK_DV": block_dv, "V": fake, "SQ_BUCKET": sq,
+            "SK_BUCKET": sk, "HAS_BIAS": has_bias, "QK_INT8": qk_int8}
     valid = [i for i, c in enumerate(configs) if _hard_ok(c, kind, args)]
     kept = [i for i in valid if _soft_ok(configs[i], kind, args)]
     if not kept:  # an unusually small GPU: the valid config with the least shared memory
-        kept = [min(valid, key=lambda i: _smem(configs[i], kind, block_d, elem))]
+        kept = [min(valid, key=lambda i: _smem(configs[i], kind, block_d, elem, block_dv))]
     return frozenset(kept)
 
 
-def _kept_for_call(kind, args):
+def _kept_for(kind, args):
     return _kept(kind, args["BLOCK_D"], args["V"].element_size(), args["SQ_BUCKET"],
-                 args["SK_BUCKET"], args["V"].device, bool(args["HAS_BIAS"]),
+                 args["SK_BUCKET"], args["V"].device, bool(args["HAS_BIAS"]), args["BLOCK_DV"],
                  bool(args.get("QK_INT8", False)))
 
 
@@ -158,12 +166,12 @@ def _keep_for(kind):
     def keep(cfg, args):
         if args.get("_hard_only"):
             return _hard_ok(cfg, kind, args)
-        return configs.index(cfg) in _kept_for_call(kind, args)
+        return configs.index(cfg) in _kept_for(kind, args)
 
     return keep
 
 
-_KEY = ["BLOCK_D", "SQ_BUCKET", "SK_BUCKET", "IS_VARLEN", "HAS_BIAS", "HAS_SOFTCAP",
+_KEY = ["BLOCK_D", "BLOCK_DV", "SQ_BUCKET", "SK_BUCKET", "IS_VARLEN", "HAS_BIAS", "HAS_SOFTCAP",
         "WINDOW_LEFT", "WINDOW_RIGHT"]
 _fwd_tuned = common.autotune(FWD_CONFIGS, key=[*_KEY, "QK_INT8"],
                              keep=_keep_for("fwd"))(K.fwd_kernel)
@@ -181,7 +189,7 @@ _INTERPRETER_INT8 = {"fwd": INTERPRETER_FWD, "dkdv": INTERPRETER_DKDV_INT8, "dq"
 
 def _default(kind, args):
     configs = _CONFIGS[kind]
-    kept = _kept_for_call(kind, args)
+    kept = _kept_for(kind, args)
     tm, tn = _TARGETS[kind]
     return common.closest_config([configs[i] for i in sorted(kept)],
                                  {"BLOCK_M": tm, "BLOCK_N": tn}, stages=2)
@@ -247,14 +255,20 @@ def _scale_layout(scale, varlen):
     return scale.stride(0), scale.stride(1)
 
 
-def _common_meta(q, d, sq, sk, varlen, bias, softcap, wl, wr, qk_int8=False):
-    # int8 dots reduce over at least 32 (mma's k32): a head dim <= 16 runs in a 32-wide tile
-    block_d = max(32 if qk_int8 else 16, common.next_power_of_2(d))
+def _block(d):
+    return max(16, common.next_power_of_2(d))
+
+
+def _common_meta(q, d, dv, sq, sk, varlen, bias, softcap, wl, wr, qk_int8=False):
+    # int8 dots reduce over at least 32 (mma's k32): Q K^T's head dim <= 16 runs in a 32-wide
+    # tile (the int8 backward's other dots reduce over its 64-wide tiles)
+    block_d, block_dv = max(32, _block(d)) if qk_int8 else _block(d), _block(dv)
     return dict(
         SQ_BUCKET=seq_bucket(sq), SK_BUCKET=seq_bucket(sk), IS_VARLEN=varlen,
         HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap > 0, WINDOW_LEFT=wl >= 0,
-        WINDOW_RIGHT=wr >= 0, EVEN_D=block_d == d, DOT_PRECISION=common.dot_precision(q.dtype),
-        QK_INT8=qk_int8, QK_BLOCK=QK_BLOCK, BLOCK_D=block_d,
+        WINDOW_RIGHT=wr >= 0, EVEN_D=block_d == d, EVEN_DV=block_dv == dv,
+        DOT_PRECISION=common.dot_precision(q.dtype), QK_INT8=qk_int8, QK_BLOCK=QK_BLOCK,
+        BLOCK_D=block_d, BLOCK_DV=block_dv,
     )
 
 
@@ -262,9 +276,10 @@ def _fwd(q, k, v, bias, cu_q, cu_k, max_q, max_k, scale, wl, wr, softcap, cfg=No
          int8=None):
     """Forward launcher. path: None (choose), "flash" or "decode" (tests force one). int8:
     None, or the leanops.quant.int8.QKCodes of q and k for the int8 Q K^T variant."""
+    out = empty_like_layout(q, (*q.shape[:-1], v.shape[-1]))  # the op's layout: from q as given
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     varlen, batch, hq, hkv, sq, sk, d = _problem(q, k, cu_q, max_q, max_k)
-    out = torch.empty_like(q)
+    dv = v.shape[-1]
     lse = torch.empty((hq, q.shape[0]) if varlen else (batch, hq, sq), dtype=torch.float32,
                       device=q.device)
     if path is None:
@@ -282,7 +297,7 @@ def _fwd(q, k, v, bias, cu_q, cu_k, max_q, max_k, scale, wl, wr, softcap, cfg=No
     else:
         q_in, k_in, qs, ks = q, k, dummy, dummy
         scale_strides = (0, 0, 0, 0)
-    meta = _common_meta(q, d, sq, sk, varlen, bias, softcap, wl, wr, int8 is not None)
+    meta = _common_meta(q, d, dv, sq, sk, varlen, bias, softcap, wl, wr, int8 is not None)
     cu_q_, cu_k_ = (cu_q, cu_k) if varlen else (dummy, dummy)
     def grid(m):
         return (triton.cdiv(sq, m["BLOCK_M"]), batch * hq)
@@ -301,7 +316,7 @@ def _fwd(q, k, v, bias, cu_q, cu_k, max_q, max_k, scale, wl, wr, softcap, cfg=No
                    strict=True)),
         **dict(zip(("stride_qsb", "stride_qsh", "stride_ksb", "stride_ksh"), scale_strides,
                    strict=True)),
-        H=hq, GROUP=group, seqlen_q=sq, seqlen_k=sk, head_dim=d, **meta,
+        H=hq, GROUP=group, seqlen_q=sq, seqlen_k=sk, head_dim=d, head_dim_v=dv, **meta,
     )
     with common.device_guard(q):
         _launch("fwd", K.fwd_kernel, _fwd_tuned, grid, args, cfg)
@@ -319,10 +334,11 @@ def _bwd(grad_out, q, k, v, out, lse, bias, cu_q, cu_k, max_q, max_k, scale, wl,
     for attention_int8's backward."""
     q, k, v, out, grad_out = (_last_dim_contiguous(t) for t in (q, k, v, out, grad_out))
     varlen, batch, hq, hkv, sq, sk, d = _problem(q, k, cu_q, max_q, max_k)
+    d_v = v.shape[-1]
     group = hq // hkv
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     delta = torch.empty_like(lse)
-    meta = _common_meta(q, d, sq, sk, varlen, bias, softcap, wl, wr, int8 is not None)
+    meta = _common_meta(q, d, d_v, sq, sk, varlen, bias, softcap, wl, wr, int8 is not None)
     dummy = lse
     cu_q_, cu_k_ = (cu_q, cu_k) if varlen else (dummy, dummy)
     lse_strides = _lse_layout(lse, varlen)
@@ -357,15 +373,15 @@ def _bwd(grad_out, q, k, v, out, lse, bias, cu_q, cu_k, max_q, max_k, scale, wl,
         **dict(zip(("stride_lb", "stride_lh", "stride_ls"), lse_strides, strict=True)),
         **dict(zip(("stride_bb", "stride_bh", "stride_bm", "stride_bn"), _bias_layout(bias),
                    strict=True)),
-        **int8_args, GROUP=group, seqlen_q=sq, seqlen_k=sk, head_dim=d, **meta,
+        **int8_args, GROUP=group, seqlen_q=sq, seqlen_k=sk, head_dim=d, head_dim_v=d_v, **meta,
     )
-    block_d = meta["BLOCK_D"]
     with common.device_guard(q):
         pre_m = 64
         K.bwd_preprocess_kernel[(triton.cdiv(sq, pre_m), batch * hq)](
             out, grad_out, delta, cu_q_, cu_k_,
             *_layout(out, varlen), *_layout(grad_out, varlen), *lse_strides,
-            hq, sq, sk, d, IS_VARLEN=varlen, BLOCK_M=pre_m, BLOCK_D=block_d, num_warps=4,
+            hq, sq, sk, d_v, IS_VARLEN=varlen, BLOCK_M=pre_m, BLOCK_D=meta["BLOCK_DV"],
+            num_warps=4,
         )
         dkdv_args = dict(
             shared, DK=dk, DV=dv, H_KV=hkv, DOCodes=do_codes, DOScale=do_scale,
@@ -421,7 +437,7 @@ def quantize_blocks(x, cu=None, max_len=0, mean=None, mul=None):
             *_layout(codes, varlen), *_scale_layout(scale, varlen),
             h, h // stats.shape[1] if stats is not None else 1, s, d,
             HAS_MEAN=mean is not None, HAS_MUL=mul is not None, IS_VARLEN=varlen,
-            QK_BLOCK=QK_BLOCK, BLOCK_D=max(16, common.next_power_of_2(d)), num_warps=4,
+            QK_BLOCK=QK_BLOCK, BLOCK_D=_block(d), num_warps=4,
         )
     return codes, scale
 

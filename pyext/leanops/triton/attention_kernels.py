@@ -29,6 +29,8 @@ flash-attention's atomic dQ is recomputing Q K^T and dO V^T once more (7 matmuls
 GQA: q head h reads kv head h // GROUP. Varlen: `IS_VARLEN` reads each sequence's start and
 length from cu_seqlens and the batch stride is 0. Head dims that are not powers of two (80, 96,
 112, ...) run with BLOCK_D = next power of two and masked loads (`EVEN_D` drops the masks).
+The value head dim Dv may differ from the query/key one D (DeepSeek's 192/128): V, O, dO and dV
+tiles are [*, BLOCK_DV] with their own `head_dim_v` and `EVEN_DV`; Q, K, dQ and dK keep D.
 All offsets that scale with batch, head or sequence are int64.
 
 int8 (`attention_int8`, leanops.ops.int8_attention has the definition): the same kernels with
@@ -254,8 +256,8 @@ def _fwd_inner(
     stride_bm, stride_bn, sm_scale, softcap, window_left, window_right,
     MASKED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, QK_INT8: tl.constexpr,
-    QK_BLOCK: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    QK_BLOCK: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # K and V tiles come through block pointers: only a scalar offset is carried around the
     # loop. A loop-carried [BLOCK_D, BLOCK_N] tensor of 64-bit pointers (pointer increments)
@@ -264,15 +266,18 @@ def _fwd_inner(
     v_block = tl.advance(v_block, (start, 0))
     for n0 in range(start, end, BLOCK_N):
         cols = n0 + offs_n
-        if MASKED:  # ragged K end (and D) zero-filled; scores masked below
+        if MASKED:  # ragged K end (and D, Dv) zero-filled; scores masked below
             k = tl.load(k_block, boundary_check=(0, 1), padding_option="zero")
             v = tl.load(v_block, boundary_check=(0, 1), padding_option="zero")
-        elif EVEN_D:
-            k = tl.load(k_block)
-            v = tl.load(v_block)
         else:
-            k = tl.load(k_block, boundary_check=(0,), padding_option="zero")
-            v = tl.load(v_block, boundary_check=(1,), padding_option="zero")
+            if EVEN_D:
+                k = tl.load(k_block)
+            else:
+                k = tl.load(k_block, boundary_check=(0,), padding_option="zero")
+            if EVEN_DV:
+                v = tl.load(v_block)
+            else:
+                v = tl.load(v_block, boundary_check=(1,), padding_option="zero")
         if QK_INT8:
             k_scale = tl.load(ks_base + cols // QK_BLOCK, mask=cols < k_len, other=0.0)
             qk = tl.dot(q, k, out_dtype=tl.int32).to(tl.float32)
@@ -306,12 +311,13 @@ def fwd_kernel(
     stride_lb, stride_lh, stride_ls,
     stride_bb, stride_bh, stride_bm, stride_bn,
     stride_qsb, stride_qsh, stride_ksb, stride_ksh,
-    H, GROUP, seqlen_q, seqlen_k, head_dim,
+    H, GROUP, seqlen_q, seqlen_k, head_dim, head_dim_v,
     SQ_BUCKET, SK_BUCKET,
     IS_VARLEN: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, QK_INT8: tl.constexpr,
-    QK_BLOCK: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    QK_BLOCK: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # Query blocks in reverse order: with a causal mask the last blocks see the most keys, and
     # starting them first shortens the tail of the launch.
@@ -344,20 +350,20 @@ def fwd_kernel(
         q_scale, ks_base = _qk_scales(QScale, KScale, b, b64, h64, hk64, stride_qsb, stride_qsh,
                                       stride_ksb, stride_ksh, q_start, k_start, rows, row_ok,
                                       IS_VARLEN, QK_BLOCK)
-    # K read as the [BLOCK_D, BLOCK_N] operand of Q K^T, V as [BLOCK_N, BLOCK_D]
+    # K read as the [BLOCK_D, BLOCK_N] operand of Q K^T, V as [BLOCK_N, BLOCK_DV]
     k_block = tl.make_block_ptr(K + b64 * stride_kb + hk64 * stride_kh + k_start64 * stride_ks,
                                 shape=(head_dim, k_len), strides=(1, stride_ks), offsets=(0, 0),
                                 block_shape=(BLOCK_D, BLOCK_N), order=(0, 1))
     v_block = tl.make_block_ptr(V + b64 * stride_vb + hk64 * stride_vh + k_start64 * stride_vs,
-                                shape=(k_len, head_dim), strides=(stride_vs, 1), offsets=(0, 0),
-                                block_shape=(BLOCK_N, BLOCK_D), order=(1, 0))
+                                shape=(k_len, head_dim_v), strides=(stride_vs, 1), offsets=(0, 0),
+                                block_shape=(BLOCK_N, BLOCK_DV), order=(1, 0))
     bias_base = Bias
     if HAS_BIAS:
         bias_base = Bias + b64 * stride_bb + h64 * stride_bh
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     diag = k_len - q_len
     lo, full_lo, full_hi, hi = _key_ranges(m0, q_len, k_len, window_left, window_right,
                                            BLOCK_M, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT)
@@ -366,24 +372,24 @@ def fwd_kernel(
         acc, l_i, m_i, q, q_scale, k_block, v_block, bias_base, ks_base, rows, offs_n, lo,
         full_lo, q_len, k_len, diag, stride_bm, stride_bn, sm_scale, softcap, window_left,
         window_right, True, HAS_BIAS, HAS_SOFTCAP, WINDOW_LEFT, WINDOW_RIGHT, QK_INT8,
-        QK_BLOCK, EVEN_D, DOT_PRECISION, BLOCK_N)
+        QK_BLOCK, EVEN_D, EVEN_DV, DOT_PRECISION, BLOCK_N)
     # interior: every row sees every key of these tiles (no mask)
     acc, l_i, m_i = _fwd_inner(
         acc, l_i, m_i, q, q_scale, k_block, v_block, bias_base, ks_base, rows, offs_n, full_lo,
         full_hi, q_len, k_len, diag, stride_bm, stride_bn, sm_scale, softcap, window_left,
         window_right, False, HAS_BIAS, HAS_SOFTCAP, WINDOW_LEFT, WINDOW_RIGHT, QK_INT8,
-        QK_BLOCK, EVEN_D, DOT_PRECISION, BLOCK_N)
+        QK_BLOCK, EVEN_D, EVEN_DV, DOT_PRECISION, BLOCK_N)
     # causal diagonal / right window edge / ragged end of K (masked)
     acc, l_i, m_i = _fwd_inner(
         acc, l_i, m_i, q, q_scale, k_block, v_block, bias_base, ks_base, rows, offs_n, full_hi,
         hi, q_len, k_len, diag, stride_bm, stride_bn, sm_scale, softcap, window_left,
         window_right, True, HAS_BIAS, HAS_SOFTCAP, WINDOW_LEFT, WINDOW_RIGHT, QK_INT8,
-        QK_BLOCK, EVEN_D, DOT_PRECISION, BLOCK_N)
+        QK_BLOCK, EVEN_D, EVEN_DV, DOT_PRECISION, BLOCK_N)
 
     out, lse = finalize(acc, l_i, m_i)
     o_block = tl.make_block_ptr(Out + b64 * stride_ob + h64 * stride_oh + q_start64 * stride_os,
-                                shape=(q_len, head_dim), strides=(stride_os, 1),
-                                offsets=(m0, 0), block_shape=(BLOCK_M, BLOCK_D), order=(1, 0))
+                                shape=(q_len, head_dim_v), strides=(stride_os, 1),
+                                offsets=(m0, 0), block_shape=(BLOCK_M, BLOCK_DV), order=(1, 0))
     tl.store(o_block, out.to(Out.dtype.element_ty), boundary_check=(0, 1))
     l_ptrs = Lse + b64 * stride_lb + h64 * stride_lh + (q_start64 + rows.to(tl.int64)) * stride_ls
     tl.store(l_ptrs, lse, mask=row_ok)
@@ -401,7 +407,8 @@ def bwd_preprocess_kernel(
     H, seqlen_q, seqlen_k, head_dim,
     IS_VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    # delta_i = sum_d dO[i, d] * O[i, d] (= rowsum(P * dP), the softmax backward's row term)
+    # delta_i = sum_d dO[i, d] * O[i, d] (= rowsum(P * dP), the softmax backward's row term);
+    # head_dim / BLOCK_D here are the value head dim's (O and dO are [S, Dv])
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -427,13 +434,13 @@ def bwd_preprocess_kernel(
 @triton.jit
 def _bwd_dkdv_inner(
     dk, dv, k, v, k_scale, q_base, do_base, lse_base, delta_base, bias_base, qs_base, doc_base,
-    dos_base, cols, offs_m, offs_d, start, end, q_len, k_len, diag, head_dim,
-    stride_qs, stride_dos, stride_ls, stride_bm, stride_bn,
+    dos_base, cols, offs_m, offs_d, offs_dv, start, end, q_len, k_len, diag, head_dim,
+    head_dim_v, stride_qs, stride_dos, stride_ls, stride_bm, stride_bn,
     sm_scale, softcap, window_left, window_right,
     MASKED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, EVEN_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, QK_INT8: tl.constexpr, QK_BLOCK: tl.constexpr,
-    BLOCK_M: tl.constexpr,
+    EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr, QK_INT8: tl.constexpr,
+    QK_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     # Works on transposed tiles (S^T [BLOCK_N, BLOCK_M]) so that dV += P^T dO and dK += dS^T Q
     # are plain dots with no register transpose of P or dS.
@@ -441,6 +448,7 @@ def _bwd_dkdv_inner(
     # tile is exactly one QK_BLOCK-row block (BLOCK_M == QK_BLOCK, enforced by the launcher), so
     # Q's and dO's block scales are scalars here, and the rows of P^T and dS^T quantise over it.
     d_ok = offs_d < head_dim
+    dv_ok = offs_dv < head_dim_v
     for m0 in range(start, end, BLOCK_M):
         rows = m0 + offs_m
         r64 = rows.to(tl.int64)
@@ -448,19 +456,21 @@ def _bwd_dkdv_inner(
             row_ok = rows < q_len
             qT = tl.load(q_base + r64[None, :] * stride_qs + offs_d[:, None],
                          mask=row_ok[None, :] & d_ok[:, None], other=0.0)
-            do = tl.load(do_base + r64[:, None] * stride_dos + offs_d[None, :],
-                         mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            do = tl.load(do_base + r64[:, None] * stride_dos + offs_dv[None, :],
+                         mask=row_ok[:, None] & dv_ok[None, :], other=0.0)
             lse = tl.load(lse_base + r64 * stride_ls, mask=row_ok, other=0.0)
             delta = tl.load(delta_base + r64 * stride_ls, mask=row_ok, other=0.0)
         else:
             if EVEN_D:
                 qT = tl.load(q_base + r64[None, :] * stride_qs + offs_d[:, None])
-                do = tl.load(do_base + r64[:, None] * stride_dos + offs_d[None, :])
             else:
                 qT = tl.load(q_base + r64[None, :] * stride_qs + offs_d[:, None],
                              mask=d_ok[:, None], other=0.0)
-                do = tl.load(do_base + r64[:, None] * stride_dos + offs_d[None, :],
-                             mask=d_ok[None, :], other=0.0)
+            if EVEN_DV:
+                do = tl.load(do_base + r64[:, None] * stride_dos + offs_dv[None, :])
+            else:
+                do = tl.load(do_base + r64[:, None] * stride_dos + offs_dv[None, :],
+                             mask=dv_ok[None, :], other=0.0)
             lse = tl.load(lse_base + r64 * stride_ls)
             delta = tl.load(delta_base + r64 * stride_ls)
         if QK_INT8:
@@ -480,8 +490,8 @@ def _bwd_dkdv_inner(
         lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
         pT = tl.math.exp2(sT - lse2[None, :])
         if QK_INT8:  # dV += P^T dO in int8 (dO's codes: same layout as dO)
-            doc = tl.load(doc_base + r64[:, None] * stride_dos + offs_d[None, :],
-                          mask=(rows < q_len)[:, None] & d_ok[None, :], other=0)
+            doc = tl.load(doc_base + r64[:, None] * stride_dos + offs_dv[None, :],
+                          mask=(rows < q_len)[:, None] & dv_ok[None, :], other=0)
             pc, ps = _row_tile_codes(pT)
             dv += (tl.dot(pc, doc, out_dtype=tl.int32).to(tl.float32)
                    * (ps[:, None] * tl.load(dos_base + m0 // QK_BLOCK)))
@@ -513,12 +523,13 @@ def bwd_dkdv_kernel(
     stride_lb, stride_lh, stride_ls,
     stride_bb, stride_bh, stride_bm, stride_bn,
     stride_qsb, stride_qsh, stride_ksb, stride_ksh, stride_bab, stride_bah,
-    H_KV, GROUP, seqlen_q, seqlen_k, head_dim,
+    H_KV, GROUP, seqlen_q, seqlen_k, head_dim, head_dim_v,
     SQ_BUCKET, SK_BUCKET,
     IS_VARLEN: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, EVEN_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, QK_INT8: tl.constexpr, QK_BLOCK: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr, QK_INT8: tl.constexpr,
+    QK_BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # QK_INT8 (attention_int8): Q and K are int8 codes with their block scales (QScale, KScale;
     # dO's codes DOCodes / DOScale share DO's and QScale's layouts) and dK is rescaled by the
@@ -537,13 +548,15 @@ def bwd_dkdv_kernel(
     k_start64 = tl.cast(k_start, tl.int64)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
     cols = n0 + tl.arange(0, BLOCK_N)
     c64 = k_start64 + cols.to(tl.int64)
-    kv_mask = (cols < k_len)[:, None] & (offs_d < head_dim)[None, :]
+    k_mask = (cols < k_len)[:, None] & (offs_d < head_dim)[None, :]
+    v_mask = (cols < k_len)[:, None] & (offs_dv < head_dim_v)[None, :]
     k = tl.load(K + b64 * stride_kb + hk64 * stride_kh + c64[:, None] * stride_ks + offs_d[None, :],
-                mask=kv_mask, other=0.0)
-    v = tl.load(V + b64 * stride_vb + hk64 * stride_vh + c64[:, None] * stride_vs + offs_d[None, :],
-                mask=kv_mask, other=0.0)
+                mask=k_mask, other=0.0)
+    v = tl.load(V + b64 * stride_vb + hk64 * stride_vh + c64[:, None] * stride_vs
+                + offs_dv[None, :], mask=v_mask, other=0.0)
     k_scale = cols  # placeholder when not QK_INT8 (never read)
     q_slot = q_start64 * 0
     if QK_INT8:
@@ -552,7 +565,7 @@ def bwd_dkdv_kernel(
                           mask=cols < k_len, other=0.0)
         q_slot = _block_slot(q_start, b, IS_VARLEN, QK_BLOCK)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     diag = k_len - q_len
     lo, full_lo, full_hi, hi = _query_ranges(n0, q_len, k_len, window_left, window_right,
                                              BLOCK_M, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT)
@@ -572,63 +585,68 @@ def bwd_dkdv_kernel(
             bias_base = Bias + b64 * stride_bb + h64 * stride_bh
         dk, dv = _bwd_dkdv_inner(
             dk, dv, k, v, k_scale, q_base, do_base, lse_base, delta_base, bias_base, qs_base,
-            doc_base, dos_base, cols, offs_m, offs_d, lo, full_lo, q_len, k_len, diag, head_dim,
-            stride_qs, stride_dos, stride_ls, stride_bm, stride_bn, sm_scale, softcap,
-            window_left, window_right, True, HAS_BIAS, HAS_SOFTCAP, WINDOW_LEFT, WINDOW_RIGHT,
-            EVEN_D, DOT_PRECISION, QK_INT8, QK_BLOCK, BLOCK_M)
+            doc_base, dos_base, cols, offs_m, offs_d, offs_dv, lo, full_lo, q_len, k_len, diag,
+            head_dim, head_dim_v, stride_qs, stride_dos, stride_ls, stride_bm, stride_bn,
+            sm_scale, softcap, window_left, window_right, True, HAS_BIAS, HAS_SOFTCAP,
+            WINDOW_LEFT, WINDOW_RIGHT, EVEN_D, EVEN_DV, DOT_PRECISION, QK_INT8, QK_BLOCK, BLOCK_M)
         dk, dv = _bwd_dkdv_inner(
             dk, dv, k, v, k_scale, q_base, do_base, lse_base, delta_base, bias_base, qs_base,
-            doc_base, dos_base, cols, offs_m, offs_d, full_lo, full_hi, q_len, k_len, diag,
-            head_dim, stride_qs, stride_dos, stride_ls, stride_bm, stride_bn, sm_scale, softcap,
-            window_left, window_right, False, HAS_BIAS, HAS_SOFTCAP, WINDOW_LEFT, WINDOW_RIGHT,
-            EVEN_D, DOT_PRECISION, QK_INT8, QK_BLOCK, BLOCK_M)
+            doc_base, dos_base, cols, offs_m, offs_d, offs_dv, full_lo, full_hi, q_len, k_len, diag,
+            head_dim, head_dim_v, stride_qs, stride_dos, stride_ls, stride_bm, stride_bn,
+            sm_scale, softcap, window_left, window_right, False, HAS_BIAS, HAS_SOFTCAP,
+            WINDOW_LEFT, WINDOW_RIGHT, EVEN_D, EVEN_DV, DOT_PRECISION, QK_INT8, QK_BLOCK, BLOCK_M)
         dk, dv = _bwd_dkdv_inner(
             dk, dv, k, v, k_scale, q_base, do_base, lse_base, delta_base, bias_base, qs_base,
-            doc_base, dos_base, cols, offs_m, offs_d, full_hi, hi, q_len, k_len, diag, head_dim,
-            stride_qs, stride_dos, stride_ls, stride_bm, stride_bn, sm_scale, softcap,
-            window_left, window_right, True, HAS_BIAS, HAS_SOFTCAP, WINDOW_LEFT, WINDOW_RIGHT,
-            EVEN_D, DOT_PRECISION, QK_INT8, QK_BLOCK, BLOCK_M)
+            doc_base, dos_base, cols, offs_m, offs_d, offs_dv, full_hi, hi, q_len, k_len, diag,
+            head_dim, head_dim_v, stride_qs, stride_dos, stride_ls, stride_bm, stride_bn,
+            sm_scale, softcap, window_left, window_right, True, HAS_BIAS, HAS_SOFTCAP,
+            WINDOW_LEFT, WINDOW_RIGHT, EVEN_D, EVEN_DV, DOT_PRECISION, QK_INT8, QK_BLOCK, BLOCK_M)
     dk = dk * sm_scale
     if QK_INT8:  # dK of the balanced k * b is b times dK of k's codes (b a power of two: exact)
         dk = dk * tl.load(Balance + b64 * stride_bab + hk64 * stride_bah + offs_d,
                           mask=offs_d < head_dim, other=1.0)[None, :]
     tl.store(DK + b64 * stride_dkb + hk64 * stride_dkh + c64[:, None] * stride_dks + offs_d[None, :],
-             dk.to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + b64 * stride_dvb + hk64 * stride_dvh + c64[:, None] * stride_dvs + offs_d[None, :],
-             dv.to(DV.dtype.element_ty), mask=kv_mask)
+             dk.to(DK.dtype.element_ty), mask=k_mask)
+    tl.store(DV + b64 * stride_dvb + hk64 * stride_dvh + c64[:, None] * stride_dvs
+             + offs_dv[None, :], dv.to(DV.dtype.element_ty), mask=v_mask)
 
 
 @triton.jit
 def _bwd_dq_inner(
     dq, q, q_scale, do, lse2, delta, k_base, v_base, bias_base, ks_base,
-    rows, offs_n, offs_d, start, end, q_len, k_len, diag, head_dim,
+    rows, offs_n, offs_d, offs_dv, start, end, q_len, k_len, diag, head_dim, head_dim_v,
     stride_ks, stride_vs, stride_bm, stride_bn,
     sm_scale, softcap, window_left, window_right,
     MASKED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, EVEN_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, QK_INT8: tl.constexpr, QK_BLOCK: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr, QK_INT8: tl.constexpr,
+    QK_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # QK_INT8: q and the K tiles are int8 codes (q_scale: one scale per query row); the key
     # tile is exactly one QK_BLOCK-row block of K (BLOCK_N == QK_BLOCK, enforced by the
     # launcher), so K's block scale is a scalar here and the rows of dS quantise over it.
     d_ok = offs_d < head_dim
+    dv_ok = offs_dv < head_dim_v
     for n0 in range(start, end, BLOCK_N):
         cols = n0 + offs_n
         c64 = cols.to(tl.int64)
         if MASKED:
-            mask = (cols < k_len)[None, :] & d_ok[:, None]
-            kT = tl.load(k_base + c64[None, :] * stride_ks + offs_d[:, None], mask=mask, other=0.0)
-            vT = tl.load(v_base + c64[None, :] * stride_vs + offs_d[:, None], mask=mask, other=0.0)
+            col_ok = (cols < k_len)[None, :]
+            kT = tl.load(k_base + c64[None, :] * stride_ks + offs_d[:, None],
+                         mask=col_ok & d_ok[:, None], other=0.0)
+            vT = tl.load(v_base + c64[None, :] * stride_vs + offs_dv[:, None],
+                         mask=col_ok & dv_ok[:, None], other=0.0)
         else:
             if EVEN_D:
                 kT = tl.load(k_base + c64[None, :] * stride_ks + offs_d[:, None])
-                vT = tl.load(v_base + c64[None, :] * stride_vs + offs_d[:, None])
             else:
                 kT = tl.load(k_base + c64[None, :] * stride_ks + offs_d[:, None],
                              mask=d_ok[:, None], other=0.0)
-                vT = tl.load(v_base + c64[None, :] * stride_vs + offs_d[:, None],
-                             mask=d_ok[:, None], other=0.0)
+            if EVEN_DV:
+                vT = tl.load(v_base + c64[None, :] * stride_vs + offs_dv[:, None])
+            else:
+                vT = tl.load(v_base + c64[None, :] * stride_vs + offs_dv[:, None],
+                             mask=dv_ok[:, None], other=0.0)
         if QK_INT8:
             k_scale = tl.load(ks_base + n0 // QK_BLOCK)
             qk = tl.dot(q, kT, out_dtype=tl.int32).to(tl.float32) * q_scale[:, None] * k_scale
@@ -668,12 +686,13 @@ def bwd_dq_kernel(
     stride_lb, stride_lh, stride_ls,
     stride_bb, stride_bh, stride_bm, stride_bn,
     stride_qsb, stride_qsh, stride_ksb, stride_ksh, stride_bab, stride_bah,
-    H, GROUP, seqlen_q, seqlen_k, head_dim,
+    H, GROUP, seqlen_q, seqlen_k, head_dim, head_dim_v,
     SQ_BUCKET, SK_BUCKET,
     IS_VARLEN: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, EVEN_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, QK_INT8: tl.constexpr, QK_BLOCK: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr, QK_INT8: tl.constexpr,
+    QK_BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -692,6 +711,7 @@ def bwd_dq_kernel(
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
     rows = m0 + offs_m
     r64 = q_start64 + rows.to(tl.int64)
     row_ok = rows < q_len
@@ -699,7 +719,8 @@ def bwd_dq_kernel(
     q = tl.load(Q + b64 * stride_qb + h64 * stride_qh + r64[:, None] * stride_qs + offs_d[None, :],
                 mask=mask, other=0.0)
     do = tl.load(DO + b64 * stride_dob + h64 * stride_doh + r64[:, None] * stride_dos
-                 + offs_d[None, :], mask=mask, other=0.0)
+                 + offs_dv[None, :], mask=row_ok[:, None] & (offs_dv < head_dim_v)[None, :],
+                 other=0.0)
     lse = tl.load(Lse + b64 * stride_lb + h64 * stride_lh + r64 * stride_ls, mask=row_ok, other=0.0)
     delta = tl.load(Delta + b64 * stride_lb + h64 * stride_lh + r64 * stride_ls, mask=row_ok,
                     other=0.0)
@@ -721,19 +742,22 @@ def bwd_dq_kernel(
                                            BLOCK_M, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT)
     dq = _bwd_dq_inner(
         dq, q, q_scale, do, lse2, delta, k_base, v_base, bias_base, ks_base, rows, offs_n,
-        offs_d, lo, full_lo, q_len, k_len, diag, head_dim, stride_ks, stride_vs, stride_bm,
-        stride_bn, sm_scale, softcap, window_left, window_right, True, HAS_BIAS, HAS_SOFTCAP,
-        WINDOW_LEFT, WINDOW_RIGHT, EVEN_D, DOT_PRECISION, QK_INT8, QK_BLOCK, BLOCK_N)
+        offs_d, offs_dv, lo, full_lo, q_len, k_len, diag, head_dim, head_dim_v, stride_ks, stride_vs,
+        stride_bm, stride_bn, sm_scale, softcap, window_left, window_right, True, HAS_BIAS,
+        HAS_SOFTCAP, WINDOW_LEFT, WINDOW_RIGHT, EVEN_D, EVEN_DV, DOT_PRECISION, QK_INT8, QK_BLOCK,
+        BLOCK_N)
     dq = _bwd_dq_inner(
         dq, q, q_scale, do, lse2, delta, k_base, v_base, bias_base, ks_base, rows, offs_n,
-        offs_d, full_lo, full_hi, q_len, k_len, diag, head_dim, stride_ks, stride_vs, stride_bm,
-        stride_bn, sm_scale, softcap, window_left, window_right, False, HAS_BIAS, HAS_SOFTCAP,
-        WINDOW_LEFT, WINDOW_RIGHT, EVEN_D, DOT_PRECISION, QK_INT8, QK_BLOCK, BLOCK_N)
+        offs_d, offs_dv, full_lo, full_hi, q_len, k_len, diag, head_dim, head_dim_v, stride_ks, stride_vs,
+        stride_bm, stride_bn, sm_scale, softcap, window_left, window_right, False, HAS_BIAS,
+        HAS_SOFTCAP, WINDOW_LEFT, WINDOW_RIGHT, EVEN_D, EVEN_DV, DOT_PRECISION, QK_INT8, QK_BLOCK,
+        BLOCK_N)
     dq = _bwd_dq_inner(
         dq, q, q_scale, do, lse2, delta, k_base, v_base, bias_base, ks_base, rows, offs_n,
-        offs_d, full_hi, hi, q_len, k_len, diag, head_dim, stride_ks, stride_vs, stride_bm,
-        stride_bn, sm_scale, softcap, window_left, window_right, True, HAS_BIAS, HAS_SOFTCAP,
-        WINDOW_LEFT, WINDOW_RIGHT, EVEN_D, DOT_PRECISION, QK_INT8, QK_BLOCK, BLOCK_N)
+        offs_d, offs_dv, full_hi, hi, q_len, k_len, diag, head_dim, head_dim_v, stride_ks, stride_vs,
+        stride_bm, stride_bn, sm_scale, softcap, window_left, window_right, True, HAS_BIAS,
+        HAS_SOFTCAP, WINDOW_LEFT, WINDOW_RIGHT, EVEN_D, EVEN_DV, DOT_PRECISION, QK_INT8, QK_BLOCK,
+        BLOCK_N)
     dq = dq * sm_scale
     if QK_INT8:  # dQ of the balanced q / b is dQ of q's codes over b (a power of two: exact)
         dq = dq / tl.load(Balance + b64 * stride_bab + hk64 * stride_bah + offs_d,

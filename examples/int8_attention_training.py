@@ -17,9 +17,11 @@ them; their content depends on the Python version, printed with the results), by
 (vocabulary 256); the last 5% of the bytes (the last files in name order) are held out.
 Model: leanops.models.TinyLlama, 2 blocks 128 wide, 2 heads of head dim 64, causal, RoPE,
 PyTorch's default initialisation. The attention inputs are cast to bf16 for both runs (what a
-bf16 model hands the kernels); on a CPU both ops run their PyTorch reference, which for
-attention_int8 computes exactly the int8 numerics of the Triton kernels (same codes and scales;
-leanops.ops.int8_attention), so a CPU run is a valid parity check of what a GPU trains with.
+bf16 model hands the kernels). On a CPU, leanops.attention runs its CPU path (PyTorch's CPU
+flash kernels: the definition's math, P rounded to bf16 as in the Triton kernels) and
+attention_int8 its PyTorch reference, which computes exactly the int8 numerics of the Triton
+kernels (same codes and scales; leanops.ops.int8_attention), so a CPU run is a valid parity
+check of what a GPU trains with.
 """
 
 from __future__ import annotations

@@ -5,10 +5,10 @@ bytes with leanops.attention and with leanops.attention_int8, same initial weigh
 
 Two checks, with tolerances measured over 8 seeds of this exact configuration (bench/NOTES.md,
 "int8 attention", training parity):
-- held-out loss: int8 / 16-bit - 1 was at most SPREAD = 6.6e-5 in magnitude; the test allows
-  10 x SPREAD (the 300-step run: +3.5e-4 = 0.035%, the issue's bound is 2%);
+- held-out loss: int8 / 16-bit - 1 was at most SPREAD = 6.0e-5 in magnitude; the test allows
+  10 x SPREAD (the 300-step run: +2.9e-4 = 0.029% (seed 0), the issue's bound is 2%);
 - what attention learnt: the update of every q_proj / k_proj weight (trained - initial) of the
-  int8 run differs from the 16-bit run's by 0.84-1.12% (relative norm); the test allows 3%.
+  int8 run differs from the 16-bit run's by 0.85-1.12% (relative norm); the test allows 3%.
   A broken int8 backward that drops the gradients of q and k (what training through an
   inference-only int8 attention does, SageAttention issue 90) is trained alongside as the
   control: 100% there. (Its held-out loss alone does not tell at 30 steps: -0.04% to +0.76%.)
@@ -21,7 +21,7 @@ import leanops
 import torch
 
 EXAMPLE = pathlib.Path(__file__).resolve().parents[1] / "examples" / "int8_attention_training.py"
-SPREAD = 6.6e-5
+SPREAD = 6.0e-5
 UPDATE_BOUND = 0.03
 
 

@@ -9,7 +9,9 @@
 # them in CI): default (load, CUDA C++ kernel tests, Triton tests, first speed ratios, a few
 # energy rows, compute-sanitizer), configs (every-config and >2^31-element tests, the autotuner),
 # suite (the CPU suite with a GPU visible), sweep / sweep13b (full matmul and attention sweeps),
-# tune (bench/tune_gemm.py), energy (energy on every row), models (demo and examples).
+# tune (bench/tune_gemm.py), energy (energy on every row), int8_attention (issue 13: int8 vs
+# 16-bit attention and SDPA, forward / backward / both, with energy; an attention block's
+# training step), models (demo and examples).
 #
 # Every step runs under a timeout and is skipped with a note when the tier's time left is
 # short; output goes to $OUT/console.log as it is printed, $OUT/status.json is rewritten after

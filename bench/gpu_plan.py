@@ -101,7 +101,9 @@ COMPILES_PER_TEST = {
     "tests/test_attention_cuda.py::test_masks_forward_and_backward": 4,
     "tests/test_attention_cuda.py::test_varlen_backward": 4,
     "tests/test_attention_cuda.py::test_decode_with_window_and_softcap": 2,
-    "tests/test_attention_cuda.py::test_sanitize_small": 4,
+    # int8 attention: quantiser (Q, K), forward; backward: quantiser (dO), preprocess, dK/dV, dQ
+    "tests/test_attention_cuda.py::test_sanitize_small": 7,
+    "tests/test_attention_cuda.py::test_int8_backward_matches_the_definition": 7,
     "tests/test_sparse_cuda.py::test_sparse24_mm_llama": 2,
     "tests/test_sparse_cuda.py::test_sparse24_int4_mm_llama": 2,
     "tests/test_sparse_cuda.py::test_sparse24_mm_odd_shapes_fp32_mixed_dtypes_and_strides": 4,
@@ -121,6 +123,8 @@ COMPILES_PER_TEST = {
     "tests/test_triton_cuda.py::test_every_config_is_correct": 160,  # 4 families x <= 40
     "tests/test_sparse_cuda.py::test_every_config_is_correct": 80,  # 2 families x <= 40
     "tests/test_attention_cuda.py::test_every_kept_config_is_correct": 62,
+    # the int8 backward's kept configs at D = 128 (1 dK/dV + 6 dQ today) + the default pair + 5
+    "tests/test_attention_cuda.py::test_int8_backward_every_kept_config_is_correct": 20,
     "tests/test_triton_cuda.py::test_offsets_past_2_31_elements": 2,
     "tests/test_attention_cuda.py::test_int64_offsets": 2,
     "tests/test_triton_cuda.py::test_autotuned_path": 120,  # 3 families x <= 40
@@ -335,6 +339,25 @@ TIERS: dict[str, tuple[Step, ...]] = {
             _bench("model", "--energy", "--energy-trials", "2", "--out", "{out}/energy_model.json"),
             outputs=("energy_model.json",), note="the built-in models, prefill and decode",
         ),
+    ),
+    "int8_attention": (
+        ENV_STEP,
+        LOAD_STEP,
+        *(Step(
+            f"int8_attention_d{d}_{c}", 90,
+            _bench("attention", "--seqlen", "1024,4096,16384", "--head-dim", str(d), f"--{c}",
+                   "--passes", "fwd,bwd,train", "--providers", "sdpa,sdpa-flash,leanops,leanops-int8",
+                   "--energy", "--energy-trials", "1", "--out", f"{{out}}/int8_attention_d{d}_{c}.json"),
+            min_s=40, env=NO_AUTOTUNE, outputs=(f"int8_attention_d{d}_{c}.json",),
+            note=f"issue 13: int8 and 16-bit leanops attention vs SDPA (auto, flash), forward, "
+                 f"backward and both, S = 1k-16k, D = {d}, {c}, energy on every row (36 rows); one "
+                 "default Triton config per shape (autotuning every kernel would not fit)",
+        ) for d, c in ((128, "causal"), (128, "no-causal"), (64, "causal"), (64, "no-causal"))),
+        Step("int8_attention_block", 60,
+             ("{py}", "examples/int8_attention_training.py", "--bench", "--embed", "2048", "--heads",
+              "16", "--seq", "4096", "--json", "{out}/int8_attention_block.json"),
+             min_s=30, outputs=("int8_attention_block.json",),
+             note="issue 13: a causal attention block's training step, int8 vs 16-bit vs torch MHA"),
     ),
     "models": (
         ENV_STEP,

@@ -240,7 +240,7 @@ def _bad_calls():
         (lambda: leanops.attention_decode(q, k, v, None, torch.zeros(2, 3, dtype=torch.int32)), r"cache_seqlens is required with a block_table"),
         (lambda: leanops.attention_decode(q, k, v, torch.ones(2, dtype=torch.int32), torch.zeros(3, 3, dtype=torch.int32)), r"block_table must be \[B, max_pages\] with q's batch 2"),
         (lambda: leanops.attention_decode(q, k, v[:, :, :5]), r"v_cache must have k_cache's shape but for the head dim"),
-        (lambda: leanops.attention_int8(q, k, v), r"attention_int8: q must have dtype float16, bfloat16"),
+        (lambda: leanops.attention_int8(q.double(), k.double(), v.double()), r"attention_int8: q must have dtype float16, bfloat16, float32; got torch.float64"),
         # issue 15: a head dim of 0 is named in every entry point, before the default scale
         # 1/sqrt(D) divides by it (it was a ZeroDivisionError)
         (lambda: leanops.attention(q0, k0, v0), r"attention: q has head dim 0, which is not supported; leanops attention supports head dims 1 to 256"),
@@ -306,6 +306,15 @@ def _bwd_args(dv=None):
     return (torch.randn_like(out), q, k, v, out, lse, None, None, None, 0, 0, 0.25, -1, 0, 0.0)
 
 
+def _int8_bwd_args(dv=None):
+    q, k, v = _qkv(sq=5, sk=70, dtype=torch.float16, dv=dv)
+    with leanops.use_backend("reference"):
+        out, lse = torch.ops.leanops.attention_int8(q, k, v, None, None, None, 0, 0, 0.25, -1, 0,
+                                                    0.0, True)
+    return (torch.randn_like(out), q, k, v, out, lse, None, None, None, 0, 0, 0.25, -1, 0, 0.0,
+            True)
+
+
 def _decode_args(dv=16):
     q = torch.randn(2, 4, 2, 16, dtype=torch.float16)
     k = torch.randn(5, 2, 4, 16, dtype=torch.float16)
@@ -335,8 +344,13 @@ OPCHECK_CASES = {
     "bwd_dv": ("attention_bwd", lambda: _bwd_args(dv=8)),
     "decode": ("attention_decode", _decode_args),
     "decode_dv": ("attention_decode", lambda: _decode_args(dv=24)),
-    "int8": ("attention_int8", lambda: (*_qkv(sq=5, sk=70, dtype=torch.float16), 0.25, -1, 0, 0.0, True)),
-    "int8_dv": ("attention_int8", lambda: (*_qkv(sq=5, sk=70, dtype=torch.float16, dv=8), 0.25, -1, 0, 0.0, True)),
+    "int8": ("attention_int8", lambda: (*_qkv(sq=5, sk=70, dtype=torch.float16), None, None, None, 0, 0, 0.25, -1, 0, 0.0, True)),
+    "int8_dv": ("attention_int8", lambda: (*_qkv(sq=5, sk=70, dtype=torch.float16, dv=8), None, None, None, 0, 0, 0.25, -1, 0, 0.0, True)),
+    "int8_grad": ("attention_int8", lambda: (*_fwd_args(True, dtype=torch.float16, wl=2, cap=3.0), True)),
+    "int8_dv_bias_grad": ("attention_int8", lambda: (*_fwd_args(True, bias=True, dv=24, wr=-1), False)),
+    "int8_varlen_grad": ("attention_int8", lambda: (*_varlen_args(True), True)),
+    "int8_bwd": ("attention_int8_bwd", _int8_bwd_args),
+    "int8_bwd_dv": ("attention_int8_bwd", lambda: _int8_bwd_args(dv=8)),
 }
 
 
@@ -355,23 +369,27 @@ def test_opcheck(case, backend, request):
 
 
 class _TinyBlock(nn.Module):
-    def __init__(self):
+    def __init__(self, op):
         super().__init__()
+        self.op = op
         self.qkv = nn.Linear(32, 96)
         self.out = nn.Linear(32, 32)
 
     def forward(self, x):
         b, s, _ = x.shape
         q, k, v = self.qkv(x).view(b, s, 3, 2, 16).unbind(2)
-        o = leanops.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                              causal=True, window=(4, 0))
+        o = self.op(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True,
+                    window=(4, 0))
         return self.out(o.transpose(1, 2).reshape(b, s, 32))
 
 
-def test_torch_compile_fullgraph_forward_and_backward():
+@pytest.mark.parametrize("op", ["attention", "attention_int8"])
+def test_torch_compile_fullgraph_forward_and_backward(op):
+    """Forward and backward of a block traced in one graph (fullgraph: a graph break raises);
+    attention_int8's registered autograd (attention_int8_bwd) included."""
     torch._dynamo.reset()
-    block = _TinyBlock()
-    x = torch.randn(2, 11, 32, requires_grad=True)
+    block = _TinyBlock(getattr(leanops, op))
+    x = torch.randn(2, 70 if op == "attention_int8" else 11, 32, requires_grad=True)
     eager = block(x)
     g_eager = torch.autograd.grad(eager.sum(), (x, block.qkv.weight))
     compiled = torch.compile(block, backend="aot_eager", fullgraph=True)

@@ -189,6 +189,64 @@ def test_int8_error_against_fp32(dtype):
     assert sqnr(got) >= 33.0
 
 
+def run_int8(q, k, v, cu=None, max_len=0, causal=False, window=None):
+    """attention_int8 forward and backward on the Triton kernels (poisoned memory) against its
+    definition in fp64 (int8 operands quantised from the same inputs; leanops.ops.int8_attention),
+    the 2x rule against PyTorch evaluating the same definition in q's dtype (as
+    tests/test_attention_int8.py does in the interpreter)."""
+    from leanops.ops import int8_attention as I
+
+    do = torch.randn_like(q)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    with leanops.use_backend("triton"), poisoned_memory():
+        if cu is None:
+            out = leanops.attention_int8(*leaves, causal=causal, window=window)
+        else:
+            out = leanops.attention_int8_varlen(*leaves, cu, cu, max_len, max_len, causal=causal,
+                                                window=window)
+        got = (out, *torch.autograd.grad(out, leaves, do))
+    torch.cuda.synchronize()
+    wl, wr = A.normalize_window(causal, window)
+    scale = q.shape[-1] ** -0.5
+    refs = []
+    for f in (torch.float64, q.dtype):
+        o, lse = I.reference_attention_int8(q, k, v, None, cu, cu, scale, wl, wr, 0.0, True, f)
+        refs.append((o, *I.reference_attention_int8_bwd(do, q, k, v, o, lse, None, cu, cu, scale,
+                                                        wl, wr, 0.0, True, f)))
+    for name, g, r, rb in zip(("out", "dq", "dk", "dv"), got, *refs, strict=True):
+        assert_2x(g, r, rb, q.dtype, f"int8 {name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("causal,window,hq,hkv,d", [(True, None, 8, 2, 128), (False, (64, 32), 4, 4, 64),
+                                                   (True, None, 4, 1, 80)])
+def test_int8_backward_matches_the_definition(no_autotune, dtype, causal, window, hq, hkv, d):
+    """attention_int8's forward and backward in bf16/fp16 on realistic lengths (run_int8)."""
+    q = torch.randn(2, hq, 1000, d, device=DEV, dtype=dtype)
+    k, v = (torch.randn(2, hkv, 1037, d, device=DEV, dtype=dtype) for _ in range(2))
+    run_int8(q, k, v, causal=causal, window=window)
+
+
+@pytest.mark.slow
+def test_int8_backward_every_kept_config_is_correct():
+    """Every int8 backward config the keep() rules admit (the reduced axis' tile pinned to the
+    format's 64) gives the default config's gradients (up to accumulation order)."""
+    from leanops.triton import attention as T
+
+    q, k, v, do = (torch.randn(1, 4, 777, 128, device=DEV, dtype=torch.bfloat16) for _ in range(4))
+    out, lse = torch.ops.leanops.attention_int8(q, k, v, None, None, None, 0, 0, 128**-0.5, -1, 0,
+                                                0.0, True)
+    args = (do, q, k, v, out, lse, None, None, None, 0, 0, 128**-0.5, -1, 0, 0.0, True)
+    want = T.attention_int8_bwd(*args)
+    meta = dict(BLOCK_D=128, BLOCK_DV=128, V=v, SQ_BUCKET=1024, SK_BUCKET=1024, HAS_BIAS=False, QK_INT8=True)
+    for kind, kw in (("dkdv", "cfg_dkdv"), ("dq", "cfg_dq")):
+        for i in sorted(T._kept_for(kind, meta)):
+            with poisoned_memory():
+                got = T.attention_int8_bwd(*args, **{kw: T._CONFIGS[kind][i]})
+            for g, w in zip(got, want, strict=True):
+                torch.testing.assert_close(g, w, rtol=0, atol=2e-2 * w.abs().max().item())
+
+
 @pytest.mark.slow
 def test_int64_offsets():
     """More than 2**31 elements per tensor: offsets computed in int32 would wrap."""
@@ -328,7 +386,8 @@ def test_decode_with_window_and_softcap(no_autotune, paged):
 
 
 @pytest.mark.sanitize
-@pytest.mark.parametrize("case", ["fwd-bwd", "varlen", "decode-paged", "bias", "int8"])
+@pytest.mark.parametrize("case", ["fwd-bwd", "varlen", "decode-paged", "bias", "int8", "int8-bwd",
+                                  "int8-varlen"])
 def test_sanitize_small(no_autotune, case):
     """Ragged small shapes through every kernel: compute-sanitizer looks for out-of-bounds and
     uninitialised accesses at the edges; the results are held to the same rules as above."""
@@ -365,7 +424,7 @@ def test_sanitize_small(no_autotune, case):
     elif case == "bias":
         q, k, v = _qkv(2, 2, 2, 29, 29, 32)
         run_general(q, k, v, attn_mask=torch.rand(2, 1, 29, 29, device=DEV) > 0.5)
-    else:
+    elif case == "int8":
         q, k, v = _qkv(1, 2, 2, 77, 77, 64)
         with torch.no_grad(), poisoned_memory():
             got = leanops.attention_int8(q, k, v, causal=True)
@@ -373,4 +432,10 @@ def test_sanitize_small(no_autotune, case):
                                        0.0, dtype=torch.float64)
         sqnr = 20 * torch.log10(o64.norm() / (o64 - got.double()).norm())
         assert torch.isfinite(got).all() and sqnr > 33.0, f"int8 attention SQNR {sqnr:.1f} dB"
+    elif case == "int8-bwd":
+        run_int8(*_qkv(1, 4, 2, 77, 53, 64), causal=True)
+    else:  # int8-varlen
+        cu = torch.tensor([0, 5, 5, 140], device=DEV, dtype=torch.int32)
+        run_int8(*(torch.randn(140, 4, 80, device=DEV, dtype=t) for _ in range(3)), cu=cu,
+                 max_len=135, causal=True, window=(70, 0))
     torch.cuda.synchronize()

@@ -150,6 +150,28 @@ def test_bench_attention_on_cpu(tmp_path, capsys, no_rapl):
     assert "RuntimeError" in reasons["torch:sdpa[efficient]"]
 
 
+def test_bench_attention_passes_and_int8_on_cpu(tmp_path, capsys, no_rapl):
+    """--passes adds the backward alone and forward + backward, each compared with SDPA's
+    choice for the same pass; leanops-int8 rows are held to the int8 rate."""
+    out = tmp_path / "a.json"
+    assert cli.main(["bench", "attention", "--seqlen", "40", "--heads", "2", "--head-dim", "16",
+                     "--no-causal", "--passes", "fwd,bwd,train", "--providers", "leanops,leanops-int8",
+                     "--progress", "plain", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    forward = 4 * 1 * 2 * 40 * 40 * 16
+    want = {"attention": (1.0, 4), "attention backward": (2.5, 8), "attention fwd+bwd": (3.5, 10)}
+    assert {(r["op"], r["provider"]) for r in rows} == {
+        (op, p) for op in want
+        for p in ("torch:sdpa", "leanops:auto", "leanops:reference", "leanops:reference int8")}
+    for r in rows:
+        factor, tensors = want[r["op"]]
+        assert r["flops"] == factor * forward and r["min_bytes"] == 4 * 2 * 16 * 40 * tensors
+        assert r["roofline_rate"] is None  # fp32 on a CPU: no measured ceiling
+        assert r["speedup_vs_dense"] is not None  # compared with SDPA's row of the same pass
+    with pytest.raises(SystemExit, match="unknown passes"):
+        cli.main(["bench", "attention", "--passes", "fwd,sideways"])
+
+
 def test_bench_model_on_cpu(tmp_path, capsys, no_rapl):
     out, table = tmp_path / "m.json", tmp_path / "m.csv"
     assert cli.main(["bench", "model", *CPU, "--model", "mini-encoder", "--preset", "test", "--tokens", "16",

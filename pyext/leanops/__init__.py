@@ -42,7 +42,7 @@ from leanops.nn import (
 )
 from leanops.ops.attention import attention, attention_varlen
 from leanops.ops.decode_attention import attention_decode
-from leanops.ops.int8_attention import attention_int8
+from leanops.ops.int8_attention import attention_int8, attention_int8_varlen
 from leanops.quant.config import (
     Int4WeightOnlyConfig,
     Int8DynamicConfig,
@@ -71,6 +71,7 @@ __all__ = [
     "attention",
     "attention_decode",
     "attention_int8",
+    "attention_int8_varlen",
     "attention_varlen",
     "backends",
     "integrations",

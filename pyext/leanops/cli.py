@@ -174,9 +174,10 @@ def _attention_cases(args, device, dtype, sizes, backends):
 
     providers = _names(args.providers) if getattr(args, "providers", None) else PROVIDERS
     causal = args.causal if getattr(args, "causal", None) is not None else sizes["attention"].get("causal", False)
+    passes = _names(args.passes) if getattr(args, "passes", None) else ("fwd",)
     return attention_cases(_pick(args, "attention", "seqlen", sizes), _pick(args, "attention", "batch", sizes),
                            _pick(args, "attention", "heads", sizes), _pick(args, "attention", "head_dim", sizes),
-                           causal, dtype, device, providers, backends)
+                           causal, dtype, device, providers, backends, passes)
 
 
 def _model_cases(args, device, dtype, sizes, progress):
@@ -378,7 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head-dim", type=_positive, help="head dimension (default 128)")
     p.add_argument("--causal", action=argparse.BooleanOptionalAction, default=None, help="causal mask (default: off)")
     p.add_argument("--providers", help="comma-separated subset: sdpa, sdpa-flash, sdpa-efficient, sdpa-cudnn, "
-                                       "sdpa-math, leanops (default: all)")
+                                       "sdpa-math, leanops, leanops-int8 (default: all)")
+    p.add_argument("--passes", help="comma-separated subset of fwd, bwd (the backward alone), train "
+                                    "(forward + backward) (default: fwd)")
 
     p = suites.add_parser("model", help="built-in models: dense vs int8 / int4 / 2:4 / fused attention")
     _add_common(p, suppress=True)

@@ -13,7 +13,7 @@ from leanops.ops.fake_quant import (
 )
 from leanops.ops.int4 import int4_weight_mm
 from leanops.ops.int8 import int8_dynamic_linear, int8_mm, int8_weight_mm, quantize_per_token_int8
-from leanops.ops.int8_attention import attention_int8
+from leanops.ops.int8_attention import attention_int8, attention_int8_varlen
 from leanops.ops.int8_training import int8_training_linear
 from leanops.ops.sparse24 import sparse24_int4_mm, sparse24_mm
 
@@ -21,6 +21,7 @@ __all__ = [
     "attention_decode",
     "attention_fwd",
     "attention_int8",
+    "attention_int8_varlen",
     "attention_varlen",
     "fake_quantize_int4",
     "fake_quantize_int8_per_channel",

@@ -8,13 +8,13 @@ PyTorch reference that is the definition and the tests' ground truth, and a Trit
   attention_bwd(grad_out, q, k, v, out, lse, <same arguments>) -> (dq, dk, dv)
   attention_decode(q, k_cache, v_cache, cache_seqlens, block_table,
                    scale, window_left, window_right, softcap) -> out          (inference only)
-  attention_int8(q, k, v, scale, window_left, window_right, softcap, smooth_k) -> out
-                                                                              (inference only)
+  attention_int8(q, k, v, <attention_fwd's arguments>, smooth_k) -> (out, lse)
+  attention_int8_bwd(grad_out, q, k, v, out, lse, <same>, smooth_k) -> (dq, dk, dv)
 
-This module is the home of the definitions all four share (layouts, scores, masks, the argument
+This module is the home of the definitions they all share (layouts, scores, masks, the argument
 checks, the reference and the CPU path) and of attention_fwd / attention_bwd with the public
 `attention` and `attention_varlen`; leanops.ops.decode_attention and leanops.ops.int8_attention
-hold the other two ops and their public functions.
+hold the other ops and their public functions.
 
 attention_fwd has a registered autograd whose backward is attention_bwd (another op), so
 torch.compile traces forward and backward without a graph break.
@@ -229,8 +229,8 @@ def _check_cu(op, cu_q, cu_k):
         )
 
 
-def check_attention_fwd(q, k, v, bias, cu_q, cu_k, max_q, max_k, scale, wl, wr, softcap):
-    op = "leanops.attention_fwd"
+def check_attention_fwd(q, k, v, bias, cu_q, cu_k, max_q, max_k, scale, wl, wr, softcap,
+                        op="leanops.attention_fwd"):
     varlen = cu_q is not None or cu_k is not None
     if varlen and (cu_q is None or cu_k is None):
         raise ValueError(f"{op}: cu_seqlens_q and cu_seqlens_k must be given together")
@@ -256,9 +256,8 @@ def _lse_shape(q, varlen):
 
 
 def check_attention_bwd(grad_out, q, k, v, out, lse, bias, cu_q, cu_k, max_q, max_k, scale, wl,
-                        wr, softcap):
-    check_attention_fwd(q, k, v, bias, cu_q, cu_k, max_q, max_k, scale, wl, wr, softcap)
-    op = "leanops.attention_bwd"
+                        wr, softcap, op="leanops.attention_bwd"):
+    check_attention_fwd(q, k, v, bias, cu_q, cu_k, max_q, max_k, scale, wl, wr, softcap, op=op)
     check_tensor(op, "grad_out", grad_out, dtypes=(q.dtype,), shape=out_shape(q, v))
     check_tensor(op, "out", out, dtypes=(q.dtype,), shape=out_shape(q, v))
     check_tensor(op, "lse", lse, dtypes=(torch.float32,), shape=_lse_shape(q, cu_q is not None))

@@ -4,8 +4,10 @@ keep() rules that filter them per call, and the functions the ops call.
   attention_fwd / attention_bwd   leanops::attention_fwd / attention_bwd (flash forward, or the
                                   split-KV decode kernel of leanops.triton.attention_decode for
                                   a few queries; FA2 backward)
-  attention_int8                  leanops::attention_int8: Q and K quantised by
-                                  quantize_blocks_kernel, then the forward with an int8 Q K^T
+  attention_int8 / _bwd           leanops::attention_int8 / attention_int8_bwd: Q and K (and,
+                                  for the backward, dO) quantised by quantize_blocks_kernel,
+                                  then the same kernels with QK_INT8 (int8 Q K^T; int8 dV, dQ,
+                                  dK in the backward)
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 import triton
 
 from leanops._layout import empty_like_layout
+from leanops.quant import int8 as int8_format
 from leanops.quant.int8 import QK_BLOCK
 from leanops.triton import _common as common
 from leanops.triton import attention_decode
@@ -66,10 +69,13 @@ DQ_CONFIGS = [
 ]
 
 # Interpreter: small, unequal tiles so odd lengths cover several ragged tiles and every
-# masked/unmasked range (BLOCK_M != BLOCK_N catches code that assumes square tiles).
+# masked/unmasked range (BLOCK_M != BLOCK_N catches code that assumes square tiles). The int8
+# backward's tile along the reduced axis is the format's QK_BLOCK (see _hard_ok).
 INTERPRETER_FWD = _cfg(4, 1, BLOCK_M=32, BLOCK_N=16)
 INTERPRETER_DKDV = _cfg(4, 1, BLOCK_M=16, BLOCK_N=32)
 INTERPRETER_DQ = _cfg(4, 1, BLOCK_M=32, BLOCK_N=16)
+INTERPRETER_DKDV_INT8 = _cfg(4, 1, BLOCK_M=QK_BLOCK, BLOCK_N=32)
+INTERPRETER_DQ_INT8 = _cfg(4, 1, BLOCK_M=32, BLOCK_N=QK_BLOCK)
 _CONFIGS = {"fwd": FWD_CONFIGS, "dkdv": DKDV_CONFIGS, "dq": DQ_CONFIGS}
 
 
@@ -101,14 +107,24 @@ def _regs_ok(kind, bm, bn, bd, w, stages, bdv=None) -> bool:
     return est <= (232 if stages <= 2 else 128)
 
 
+def _hard_ok(cfg, kind, args) -> bool:
+    """Correctness, not speed: the int8 backward quantises P and dS per row over one tile of the
+    reduced axis (queries for dK/dV, keys for dQ), which must be the format's QK_BLOCK rows
+    (leanops.quant.int8.fake_quantize_row_tiles) and aligned with Q's, K's and dO's blocks."""
+    if not args.get("QK_INT8") or kind == "fwd":
+        return True
+    return cfg.kwargs["BLOCK_M" if kind == "dkdv" else "BLOCK_N"] == QK_BLOCK
+
+
 def _soft_ok(cfg, kind, args) -> bool:
     kw = cfg.kwargs
     bm, bn, w = kw["BLOCK_M"], kw["BLOCK_N"], cfg.num_warps
     bd, bdv = args["BLOCK_D"], args["BLOCK_DV"]
     if not _regs_ok(kind, bm, bn, bd, w, cfg.num_stages, bdv):
         return False
-    _, smem = common.device_limits(args["Q"].device)
-    if _smem(cfg, kind, bd, args["Q"].element_size(), bdv) > smem:
+    _, smem = common.device_limits(args["V"].device)
+    # V's element size: Q and K may be int8 codes, V and dO never are (a conservative count)
+    if _smem(cfg, kind, bd, args["V"].element_size(), bdv) > smem:
         return False
     sq, sk = args["SQ_BUCKET"], args["SK_BUCKET"]
     if bm > max(16, sq) or bn > max(16, sk):
@@ -124,23 +140,24 @@ def _soft_ok(cfg, kind, args) -> bool:
 
 
 @functools.lru_cache(maxsize=4096)
-def _kept(kind, block_d, elem, sq, sk, device, has_bias=False, block_dv=None):
+def _kept(kind, block_d, elem, sq, sk, device, has_bias=False, block_dv=None, qk_int8=False):
     configs = _CONFIGS[kind]
     block_dv = block_d if block_dv is None else block_dv
     fake = torch.empty(0, dtype={1: torch.int8, 2: torch.float16, 4: torch.float32}[elem],
                        device=device)
-    args = {"BLOCK_D": block_d, "BLOCK_DV": block_dv, "Q": fake, "SQ_BUCKET": sq,
-            "SK_BUCKET": sk, "HAS_BIAS": has_bias}
-    kept = [i for i, c in enumerate(configs) if _soft_ok(c, kind, args)]
-    if not kept:  # an unusually small GPU: the config with the least shared memory
-        kept = [min(range(len(configs)),
-                    key=lambda i: _smem(configs[i], kind, block_d, elem, block_dv))]
+    args = {"BLOCK_D": block_d, "BLOCK_DV": block_dv, "V": fake, "SQ_BUCKET": sq,
+            "SK_BUCKET": sk, "HAS_BIAS": has_bias, "QK_INT8": qk_int8}
+    valid = [i for i, c in enumerate(configs) if _hard_ok(c, kind, args)]
+    kept = [i for i in valid if _soft_ok(configs[i], kind, args)]
+    if not kept:  # an unusually small GPU: the valid config with the least shared memory
+        kept = [min(valid, key=lambda i: _smem(configs[i], kind, block_d, elem, block_dv))]
     return frozenset(kept)
 
 
 def _kept_for(kind, args):
-    return _kept(kind, args["BLOCK_D"], args["Q"].element_size(), args["SQ_BUCKET"],
-                 args["SK_BUCKET"], args["Q"].device, bool(args["HAS_BIAS"]), args["BLOCK_DV"])
+    return _kept(kind, args["BLOCK_D"], args["V"].element_size(), args["SQ_BUCKET"],
+                 args["SK_BUCKET"], args["V"].device, bool(args["HAS_BIAS"]), args["BLOCK_DV"],
+                 bool(args.get("QK_INT8", False)))
 
 
 def _keep_for(kind):
@@ -148,7 +165,7 @@ def _keep_for(kind):
 
     def keep(cfg, args):
         if args.get("_hard_only"):
-            return True
+            return _hard_ok(cfg, kind, args)
         return configs.index(cfg) in _kept_for(kind, args)
 
     return keep
@@ -158,13 +175,16 @@ _KEY = ["BLOCK_D", "BLOCK_DV", "SQ_BUCKET", "SK_BUCKET", "IS_VARLEN", "HAS_BIAS"
         "WINDOW_LEFT", "WINDOW_RIGHT"]
 _fwd_tuned = common.autotune(FWD_CONFIGS, key=[*_KEY, "QK_INT8"],
                              keep=_keep_for("fwd"))(K.fwd_kernel)
-_dkdv_tuned = common.autotune(DKDV_CONFIGS, key=_KEY, keep=_keep_for("dkdv"))(K.bwd_dkdv_kernel)
-_dq_tuned = common.autotune(DQ_CONFIGS, key=_KEY, keep=_keep_for("dq"))(K.bwd_dq_kernel)
+_dkdv_tuned = common.autotune(DKDV_CONFIGS, key=[*_KEY, "QK_INT8"],
+                              keep=_keep_for("dkdv"))(K.bwd_dkdv_kernel)
+_dq_tuned = common.autotune(DQ_CONFIGS, key=[*_KEY, "QK_INT8"],
+                            keep=_keep_for("dq"))(K.bwd_dq_kernel)
 
 # Without autotuning (LEANOPS_TRITON_AUTOTUNE=0): the kept config closest to a middle-of-the-road
 # tile (fwd 128 x 64, dK/dV 64 keys x 32 queries, dQ 64 x 32), 2 stages.
 _TARGETS = {"fwd": (128, 64), "dkdv": (32, 64), "dq": (64, 32)}
 _INTERPRETER = {"fwd": INTERPRETER_FWD, "dkdv": INTERPRETER_DKDV, "dq": INTERPRETER_DQ}
+_INTERPRETER_INT8 = {"fwd": INTERPRETER_FWD, "dkdv": INTERPRETER_DKDV_INT8, "dq": INTERPRETER_DQ_INT8}
 
 
 def _default(kind, args):
@@ -178,7 +198,8 @@ def _default(kind, args):
 def _launch(kind, raw, tuned, grid, args: dict, cfg=None):
     """Run kernel `raw` (or its autotuned twin) with the named arguments `args`, with the config
     of leanops.triton._common.launch_config's rule."""
-    cfg = common.launch_config(cfg, _INTERPRETER[kind], lambda: _default(kind, args))
+    interpreter_cfg = (_INTERPRETER_INT8 if args.get("QK_INT8") else _INTERPRETER)[kind]
+    cfg = common.launch_config(cfg, interpreter_cfg, lambda: _default(kind, args))
     # Fp contraction stays on here (unlike _common.LAUNCH_OPTIONS): these kernels are judged by
     # error bounds, not bit-exactness, and the softmax update s * c - m is one FMA per score.
     if cfg is not None:
@@ -227,24 +248,34 @@ def _problem(q, k, cu_q, max_q, max_k):
     return varlen, batch, hq, hkv, sq, sk, d
 
 
+def _scale_layout(scale, varlen):
+    """(stride_b, stride_h) of block scales: dense [B, H, nb] or varlen [H, slots]."""
+    if varlen:
+        return 0, scale.stride(0)
+    return scale.stride(0), scale.stride(1)
+
+
 def _block(d):
     return max(16, common.next_power_of_2(d))
 
 
-def _common_meta(q, d, dv, sq, sk, varlen, bias, softcap, wl, wr):
-    block_d, block_dv = _block(d), _block(dv)
+def _common_meta(q, d, dv, sq, sk, varlen, bias, softcap, wl, wr, qk_int8=False):
+    # int8 dots reduce over at least 32 (mma's k32): Q K^T's head dim <= 16 runs in a 32-wide
+    # tile (the int8 backward's other dots reduce over its 64-wide tiles)
+    block_d, block_dv = max(32, _block(d)) if qk_int8 else _block(d), _block(dv)
     return dict(
         SQ_BUCKET=seq_bucket(sq), SK_BUCKET=seq_bucket(sk), IS_VARLEN=varlen,
         HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap > 0, WINDOW_LEFT=wl >= 0,
         WINDOW_RIGHT=wr >= 0, EVEN_D=block_d == d, EVEN_DV=block_dv == dv,
-        DOT_PRECISION=common.dot_precision(q.dtype), BLOCK_D=block_d, BLOCK_DV=block_dv,
+        DOT_PRECISION=common.dot_precision(q.dtype), QK_INT8=qk_int8, QK_BLOCK=QK_BLOCK,
+        BLOCK_D=block_d, BLOCK_DV=block_dv,
     )
 
 
 def _fwd(q, k, v, bias, cu_q, cu_k, max_q, max_k, scale, wl, wr, softcap, cfg=None, path=None,
          int8=None):
     """Forward launcher. path: None (choose), "flash" or "decode" (tests force one). int8:
-    None or (q_codes, q_scale, k_codes, k_scale, QK_BLOCK) for the int8 Q K^T variant."""
+    None, or the leanops.quant.int8.QKCodes of q and k for the int8 Q K^T variant."""
     out = empty_like_layout(q, (*q.shape[:-1], v.shape[-1]))  # the op's layout: from q as given
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     varlen, batch, hq, hkv, sq, sk, d = _problem(q, k, cu_q, max_q, max_k)
@@ -259,17 +290,14 @@ def _fwd(q, k, v, bias, cu_q, cu_k, max_q, max_k, scale, wl, wr, softcap, cfg=No
         return out, lse
 
     group = hq // hkv
-    if int8 is not None:
-        qc, qs, kc, ks, qk_block = int8
-        q_in, k_in = qc, kc
-        scale_strides = (qs.stride(0), qs.stride(1), ks.stride(0), ks.stride(1))
-    else:
-        q_in, k_in, qs, ks, qk_block = q, k, lse, lse, 1
-        scale_strides = (0, 0, 0, 0)
-    meta = _common_meta(q, d, dv, sq, sk, varlen, bias, softcap, wl, wr)
-    if int8 is not None:
-        meta["DOT_PRECISION"] = "tf32"  # unused by the int8 dot
     dummy = lse
+    if int8 is not None:
+        q_in, k_in, qs, ks = int8.q_codes, int8.k_codes, int8.q_scale, int8.k_scale
+        scale_strides = (*_scale_layout(qs, varlen), *_scale_layout(ks, varlen))
+    else:
+        q_in, k_in, qs, ks = q, k, dummy, dummy
+        scale_strides = (0, 0, 0, 0)
+    meta = _common_meta(q, d, dv, sq, sk, varlen, bias, softcap, wl, wr, int8 is not None)
     cu_q_, cu_k_ = (cu_q, cu_k) if varlen else (dummy, dummy)
     def grid(m):
         return (triton.cdiv(sq, m["BLOCK_M"]), batch * hq)
@@ -288,8 +316,7 @@ def _fwd(q, k, v, bias, cu_q, cu_k, max_q, max_k, scale, wl, wr, softcap, cfg=No
                    strict=True)),
         **dict(zip(("stride_qsb", "stride_qsh", "stride_ksb", "stride_ksh"), scale_strides,
                    strict=True)),
-        H=hq, GROUP=group, seqlen_q=sq, seqlen_k=sk, head_dim=d, head_dim_v=dv,
-        QK_INT8=int8 is not None, QK_BLOCK=qk_block, **meta,
+        H=hq, GROUP=group, seqlen_q=sq, seqlen_k=sk, head_dim=d, head_dim_v=dv, **meta,
     )
     with common.device_guard(q):
         _launch("fwd", K.fwd_kernel, _fwd_tuned, grid, args, cfg)
@@ -302,31 +329,51 @@ def attention_fwd(q, k, v, bias, cu_q, cu_k, max_q, max_k, scale, wl, wr, softca
 
 
 def _bwd(grad_out, q, k, v, out, lse, bias, cu_q, cu_k, max_q, max_k, scale, wl, wr, softcap,
-         cfg_dkdv=None, cfg_dq=None):
+         cfg_dkdv=None, cfg_dq=None, int8=None):
+    """Backward launcher. int8: None, or (QKCodes of q and k, dO's codes, dO's block scales)
+    for attention_int8's backward."""
     q, k, v, out, grad_out = (_last_dim_contiguous(t) for t in (q, k, v, out, grad_out))
     varlen, batch, hq, hkv, sq, sk, d = _problem(q, k, cu_q, max_q, max_k)
     d_v = v.shape[-1]
     group = hq // hkv
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     delta = torch.empty_like(lse)
-    meta = _common_meta(q, d, d_v, sq, sk, varlen, bias, softcap, wl, wr)
+    meta = _common_meta(q, d, d_v, sq, sk, varlen, bias, softcap, wl, wr, int8 is not None)
     dummy = lse
     cu_q_, cu_k_ = (cu_q, cu_k) if varlen else (dummy, dummy)
     lse_strides = _lse_layout(lse, varlen)
+    q_in, k_in = q, k
+    int8_args = dict(QScale=dummy, KScale=dummy, Balance=dummy, stride_qsb=0, stride_qsh=0,
+                     stride_ksb=0, stride_ksh=0, stride_bab=0, stride_bah=0)
+    do_codes, do_scale = grad_out, dummy
+    if int8 is not None:
+        codes, do_codes, do_scale = int8
+        # dO's codes and scales are read with dO's and Q's scales' strides
+        assert do_codes.stride() == grad_out.stride()
+        assert do_scale.stride() == codes.q_scale.stride()
+        q_in, k_in = codes.q_codes, codes.k_codes
+        int8_args = dict(
+            QScale=codes.q_scale, KScale=codes.k_scale, Balance=codes.balance,
+            **dict(zip(("stride_qsb", "stride_qsh"), _scale_layout(codes.q_scale, varlen),
+                       strict=True)),
+            **dict(zip(("stride_ksb", "stride_ksh"), _scale_layout(codes.k_scale, varlen),
+                       strict=True)),
+            stride_bab=codes.balance.stride(0), stride_bah=codes.balance.stride(1),
+        )
     shared = dict(
-        Q=q, K=k, V=v, Bias=bias if bias is not None else dummy, DO=grad_out, Lse=lse,
+        Q=q_in, K=k_in, V=v, Bias=bias if bias is not None else dummy, DO=grad_out, Lse=lse,
         Delta=delta, CuQ=cu_q_, CuK=cu_k_,
         sm_scale=float(scale), softcap=float(softcap) if softcap > 0 else 1.0,
         window_left=max(wl, 0), window_right=max(wr, 0),
-        **dict(zip(("stride_qb", "stride_qh", "stride_qs"), _layout(q, varlen), strict=True)),
-        **dict(zip(("stride_kb", "stride_kh", "stride_ks"), _layout(k, varlen), strict=True)),
+        **dict(zip(("stride_qb", "stride_qh", "stride_qs"), _layout(q_in, varlen), strict=True)),
+        **dict(zip(("stride_kb", "stride_kh", "stride_ks"), _layout(k_in, varlen), strict=True)),
         **dict(zip(("stride_vb", "stride_vh", "stride_vs"), _layout(v, varlen), strict=True)),
         **dict(zip(("stride_dob", "stride_doh", "stride_dos"), _layout(grad_out, varlen),
                    strict=True)),
         **dict(zip(("stride_lb", "stride_lh", "stride_ls"), lse_strides, strict=True)),
         **dict(zip(("stride_bb", "stride_bh", "stride_bm", "stride_bn"), _bias_layout(bias),
                    strict=True)),
-        GROUP=group, seqlen_q=sq, seqlen_k=sk, head_dim=d, head_dim_v=d_v, **meta,
+        **int8_args, GROUP=group, seqlen_q=sq, seqlen_k=sk, head_dim=d, head_dim_v=d_v, **meta,
     )
     with common.device_guard(q):
         pre_m = 64
@@ -337,7 +384,7 @@ def _bwd(grad_out, q, k, v, out, lse, bias, cu_q, cu_k, max_q, max_k, scale, wl,
             num_warps=4,
         )
         dkdv_args = dict(
-            shared, DK=dk, DV=dv, H_KV=hkv,
+            shared, DK=dk, DV=dv, H_KV=hkv, DOCodes=do_codes, DOScale=do_scale,
             **dict(zip(("stride_dkb", "stride_dkh", "stride_dks"), _layout(dk, varlen), strict=True)),
             **dict(zip(("stride_dvb", "stride_dvh", "stride_dvs"), _layout(dv, varlen), strict=True)),
         )
@@ -358,38 +405,69 @@ def attention_bwd(grad_out, q, k, v, out, lse, bias, cu_q, cu_k, max_q, max_k, s
     return _bwd(grad_out, q, k, v, out, lse, bias, cu_q, cu_k, max_q, max_k, scale, wl, wr, softcap)
 
 
-def quantize_qk(q, k, smooth_k: bool, qk_block: int):
-    """The Triton twin of leanops.quant.int8.quantize_qk (same codes and scales, bit for
-    bit)."""
-    def run(x, mean):
-        b, h, s, d = x.shape
-        nb = triton.cdiv(s, qk_block)
-        codes = torch.empty((b, h, s, d), dtype=torch.int8, device=x.device)
-        scale = torch.empty((b, h, nb), dtype=torch.float32, device=x.device)
-        if s == 0:
-            return codes, scale
-        m = mean if mean is not None else scale
-        K.quantize_blocks_kernel[(nb, b * h)](
-            x, m, codes, scale, x.stride(0), x.stride(1), x.stride(2),
-            m.stride(0), m.stride(1) if m.dim() > 1 else 0,
-            codes.stride(0), codes.stride(1), codes.stride(2), scale.stride(0), scale.stride(1),
-            h, s, d, HAS_MEAN=mean is not None, QK_BLOCK=qk_block,
-            BLOCK_D=_block(d), num_warps=4,
-        )
+# ---------------------------------------------------------------------------------------------
+# int8
+
+
+def quantize_blocks(x, cu=None, max_len=0, mean=None, mul=None):
+    """The Triton twin of leanops.quant.int8's block quantisation (bit for bit): int8 codes of
+    dense x [B, H, S, D] or varlen x [T, H, D] (cu_seqlens `cu`, longest sequence `max_len`) per
+    QK_BLOCK rows, after x -> (x - mean) * mul with the [B, Hkv, D] statistics of each head's kv
+    head. Returns (codes with x's shape and strides, scales [B, H, nb] or [H, slots])."""
+    varlen = cu is not None
+    x = _last_dim_contiguous(x)
+    codes = torch.empty_like(x, dtype=torch.int8)  # x's strides (the backward relies on it)
+    if varlen:
+        batch, h, d, s = cu.shape[0] - 1, x.shape[1], x.shape[2], int(max_len)
+        # slots no block uses (between sequences) hold 0, as the reference's
+        scale = torch.zeros((h, int8_format.num_slots(x.shape[0], batch)), dtype=torch.float32,
+                            device=x.device)
+    else:
+        batch, h, s, d = x.shape
+        scale = torch.empty((batch, h, triton.cdiv(s, QK_BLOCK)), dtype=torch.float32,
+                            device=x.device)
+    if x.numel() == 0:
         return codes, scale
+    stats = mean if mean is not None else mul
+    with common.device_guard(x):
+        K.quantize_blocks_kernel[(triton.cdiv(s, QK_BLOCK), batch * h)](
+            x, mean if mean is not None else scale, mul if mul is not None else scale, codes,
+            scale, cu if varlen else scale,
+            *_layout(x, varlen), *((stats.stride(0), stats.stride(1)) if stats is not None else (0, 0)),
+            *_layout(codes, varlen), *_scale_layout(scale, varlen),
+            h, h // stats.shape[1] if stats is not None else 1, s, d,
+            HAS_MEAN=mean is not None, HAS_MUL=mul is not None, IS_VARLEN=varlen,
+            QK_BLOCK=QK_BLOCK, BLOCK_D=_block(d), num_warps=4,
+        )
+    return codes, scale
 
-    q = _last_dim_contiguous(q)
-    k = _last_dim_contiguous(k)
-    mean = k.float().mean(dim=2) if smooth_k else None  # [B, Hkv, D] fp32, as the reference
-    qc, qs = run(q, None)
-    kc, ks = run(k, mean.contiguous() if mean is not None else None)
-    return qc, qs, kc, ks
+
+def quantize_qk(q, k, smooth_k, cu_q=None, cu_k=None, max_q=0, max_k=0):
+    """The Triton twin of leanops.quant.int8.quantize_qk: the same QKCodes, bit for bit (the
+    smoothing statistics are the format's own function, leanops.quant.int8.qk_stats)."""
+    mean, balance = int8_format.qk_stats(q, k, smooth_k, cu_q, cu_k)
+    qc, qs = quantize_blocks(q, cu_q, max_q, mul=(1.0 / balance).contiguous())
+    kc, ks = quantize_blocks(k, cu_k, max_k, mean=mean, mul=balance)
+    return int8_format.QKCodes(qc, qs, kc, ks, mean, balance)
 
 
-def attention_int8(q, k, v, scale, wl, wr, softcap, smooth_k, cfg=None):
+def attention_int8(q, k, v, bias, cu_q, cu_k, max_q, max_k, scale, wl, wr, softcap, smooth_k,
+                   cfg=None):
     """Triton kernels of leanops::attention_int8: quantise Q and K (per QK_BLOCK rows, K
-    smoothed by its mean), then the forward kernel with an int8 Q K^T."""
-    qc, qs, kc, ks = quantize_qk(q, k, smooth_k, QK_BLOCK)
-    out, _ = _fwd(q, k, v, None, None, None, 0, 0, scale, wl, wr, softcap, cfg=cfg, path="flash",
-                  int8=(qc, qs, kc, ks, QK_BLOCK))
-    return out
+    smoothed by its mean, both balanced per channel), then the forward kernel with an int8
+    Q K^T."""
+    codes = quantize_qk(q, k, smooth_k, cu_q, cu_k, max_q, max_k)
+    return _fwd(q, k, v, bias, cu_q, cu_k, max_q, max_k, scale, wl, wr, softcap, cfg=cfg,
+                path="flash", int8=codes)
+
+
+def attention_int8_bwd(grad_out, q, k, v, out, lse, bias, cu_q, cu_k, max_q, max_k, scale, wl,
+                       wr, softcap, smooth_k, cfg_dkdv=None, cfg_dq=None):
+    """Triton kernels of leanops::attention_int8_bwd: Q and K quantised again exactly as in the
+    forward (cheaper than keeping the codes alive between forward and backward), dO per
+    QK_BLOCK rows, then the backward kernels with QK_INT8."""
+    codes = quantize_qk(q, k, smooth_k, cu_q, cu_k, max_q, max_k)
+    grad_out = _last_dim_contiguous(grad_out)
+    do_codes, do_scale = quantize_blocks(grad_out, cu_q, max_q)
+    return _bwd(grad_out, q, k, v, out, lse, bias, cu_q, cu_k, max_q, max_k, scale, wl, wr,
+                softcap, cfg_dkdv, cfg_dq, int8=(codes, do_codes, do_scale))

@@ -33,9 +33,14 @@ The value head dim Dv may differ from the query/key one D (DeepSeek's 192/128): 
 tiles are [*, BLOCK_DV] with their own `head_dim_v` and `EVEN_DV`; Q, K, dQ and dK keep D.
 All offsets that scale with batch, head or sequence are int64.
 
-int8 Q K^T (SageAttention-style, `attention_int8`): the same forward kernel with QK_INT8: Q and K
-arrive as int8 codes with one fp32 scale per QK_BLOCK rows (`quantize_blocks_kernel`), the
-product accumulates in int32 and is scaled once per score; P V stays 16-bit.
+int8 (`attention_int8`, leanops.ops.int8_attention has the definition): the same kernels with
+QK_INT8. Q and K arrive as int8 codes with one fp32 scale per QK_BLOCK rows of each sequence
+(`quantize_blocks_kernel`; slots per sequence for varlen, `_block_slot`); Q K^T accumulates in
+int32 and is scaled once per score; P V stays in V's dtype. The backward recomputes S from the
+same codes, keeps dP = dO V^T in 16 bits, and runs dV = P^T dO, dK = dS^T Q and dQ = dS K as
+int8 dots: P and dS are quantised per row over their QK_BLOCK-wide tile of the reduced axis
+(`_row_tile_codes`), dO arrives as codes per QK_BLOCK rows, and dQ / dK are rescaled by the
+per-channel balance of the Q/K format at the end.
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ import warnings
 import triton
 import triton.language as tl
 
-from leanops.triton.quantize import _codes, _scale_of
+from leanops.triton.quantize import FLT_MIN, QMAX, RNE_MAGIC, _codes, _scale_of
 
 # Block pointers are deliberate: they exist in every Triton we support (3.6 on GPUs) and keep
 # the streamed K/V addresses out of the loop-carried registers (see _fwd_inner). Triton >= 3.8
@@ -147,6 +152,41 @@ def _seq_bounds(CuQ, CuK, b, seqlen_q, seqlen_k, IS_VARLEN: tl.constexpr):
         k_start = seqlen_k * 0
         k_len = seqlen_k + 0
     return q_start, q_len, k_start, k_len
+
+
+@triton.jit
+def _block_slot(start, b, IS_VARLEN: tl.constexpr, QK_BLOCK: tl.constexpr):
+    """Scale slot of the first QK_BLOCK-row block of sequence b (leanops.quant.int8.block_slot):
+    0 in a dense batch entry (its scales have their own batch stride), start // QK_BLOCK + b in
+    a varlen batch. int64."""
+    if IS_VARLEN:
+        return tl.cast(start // QK_BLOCK + b, tl.int64)
+    return tl.cast(start * 0, tl.int64)
+
+
+@triton.jit
+def _qk_scales(QScale, KScale, b, b64, h64, hk64, stride_qsb, stride_qsh, stride_ksb, stride_ksh,
+               q_start, k_start, rows, row_ok, IS_VARLEN: tl.constexpr, QK_BLOCK: tl.constexpr):
+    """int8 Q K^T's scales for the query rows `rows` of sequence b, q head h64: Q's, one per row
+    (its block's), and the base of kv head hk64's K block scales (indexed by key // QK_BLOCK)."""
+    q_scale = tl.load(QScale + b64 * stride_qsb + h64 * stride_qsh
+                      + _block_slot(q_start, b, IS_VARLEN, QK_BLOCK) + rows // QK_BLOCK,
+                      mask=row_ok, other=0.0)
+    ks_base = (KScale + b64 * stride_ksb + hk64 * stride_ksh
+               + _block_slot(k_start, b, IS_VARLEN, QK_BLOCK))
+    return q_scale, ks_base
+
+
+@triton.jit
+def _row_tile_codes(x):
+    """int8 codes and fp32 scales [rows] of a tile x [rows, QK_BLOCK] of P or dS, one scale per
+    row (leanops.quant.int8.fake_quantize_row_tiles). The scale is the reference's (IEEE
+    division); codes multiply by its reciprocal instead of dividing: two tiles per step of the
+    backward's inner loops, and P and dS already differ from the reference by fp32 rounding, so
+    bit-exactness is not on offer here anyway."""
+    scale = tl.maximum(tl.math.div_rn(tl.max(tl.abs(x), 1), QMAX), FLT_MIN)
+    r = (x * (1.0 / scale)[:, None] + RNE_MAGIC) - RNE_MAGIC
+    return tl.minimum(tl.maximum(r, -QMAX), QMAX).to(tl.int8), scale
 
 
 @triton.jit
@@ -307,9 +347,9 @@ def fwd_kernel(
     q_scale = row_ok  # placeholder when not QK_INT8 (never read)
     ks_base = KScale
     if QK_INT8:
-        q_scale = tl.load(QScale + b64 * stride_qsb + h64 * stride_qsh + rows // QK_BLOCK,
-                          mask=row_ok, other=0.0)
-        ks_base = KScale + b64 * stride_ksb + hk64 * stride_ksh
+        q_scale, ks_base = _qk_scales(QScale, KScale, b, b64, h64, hk64, stride_qsb, stride_qsh,
+                                      stride_ksb, stride_ksh, q_start, k_start, rows, row_ok,
+                                      IS_VARLEN, QK_BLOCK)
     # K read as the [BLOCK_D, BLOCK_N] operand of Q K^T, V as [BLOCK_N, BLOCK_DV]
     k_block = tl.make_block_ptr(K + b64 * stride_kb + hk64 * stride_kh + k_start64 * stride_ks,
                                 shape=(head_dim, k_len), strides=(1, stride_ks), offsets=(0, 0),
@@ -393,16 +433,20 @@ def bwd_preprocess_kernel(
 
 @triton.jit
 def _bwd_dkdv_inner(
-    dk, dv, k, v, q_base, do_base, lse_base, delta_base, bias_base,
-    cols, offs_m, offs_d, offs_dv, start, end, q_len, k_len, diag, head_dim, head_dim_v,
-    stride_qs, stride_dos, stride_ls, stride_bm, stride_bn,
+    dk, dv, k, v, k_scale, q_base, do_base, lse_base, delta_base, bias_base, qs_base, doc_base,
+    dos_base, cols, offs_m, offs_d, offs_dv, start, end, q_len, k_len, diag, head_dim,
+    head_dim_v, stride_qs, stride_dos, stride_ls, stride_bm, stride_bn,
     sm_scale, softcap, window_left, window_right,
     MASKED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, EVEN_D: tl.constexpr,
-    EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+    EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr, QK_INT8: tl.constexpr,
+    QK_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     # Works on transposed tiles (S^T [BLOCK_N, BLOCK_M]) so that dV += P^T dO and dK += dS^T Q
     # are plain dots with no register transpose of P or dS.
+    # QK_INT8: q_base holds Q's int8 codes, k is K's (k_scale: one scale per key); the query
+    # tile is exactly one QK_BLOCK-row block (BLOCK_M == QK_BLOCK, enforced by the launcher), so
+    # Q's and dO's block scales are scalars here, and the rows of P^T and dS^T quantise over it.
     d_ok = offs_d < head_dim
     dv_ok = offs_dv < head_dim_v
     for m0 in range(start, end, BLOCK_M):
@@ -429,7 +473,11 @@ def _bwd_dkdv_inner(
                              mask=dv_ok[None, :], other=0.0)
             lse = tl.load(lse_base + r64 * stride_ls)
             delta = tl.load(delta_base + r64 * stride_ls)
-        qkT = tl.dot(k, qT, input_precision=DOT_PRECISION)
+        if QK_INT8:
+            q_scale = tl.load(qs_base + m0 // QK_BLOCK)
+            qkT = tl.dot(k, qT, out_dtype=tl.int32).to(tl.float32) * q_scale * k_scale[:, None]
+        else:
+            qkT = tl.dot(k, qT, input_precision=DOT_PRECISION)
         bias = qkT
         if HAS_BIAS:
             b_ptrs = bias_base + r64[None, :] * stride_bm + cols.to(tl.int64)[:, None] * stride_bn
@@ -441,18 +489,30 @@ def _bwd_dkdv_inner(
         # lse = -inf only for rows that saw no key; all their scores are -inf too: use 0.
         lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
         pT = tl.math.exp2(sT - lse2[None, :])
-        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        if QK_INT8:  # dV += P^T dO in int8 (dO's codes: same layout as dO)
+            doc = tl.load(doc_base + r64[:, None] * stride_dos + offs_dv[None, :],
+                          mask=(rows < q_len)[:, None] & dv_ok[None, :], other=0)
+            pc, ps = _row_tile_codes(pT)
+            dv += (tl.dot(pc, doc, out_dtype=tl.int32).to(tl.float32)
+                   * (ps[:, None] * tl.load(dos_base + m0 // QK_BLOCK)))
+        else:
+            dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         dsT = pT * (dpT - delta[None, :])
         if HAS_SOFTCAP:
             dsT = dsT * (1.0 - tT * tT)
-        dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=DOT_PRECISION)
+        if QK_INT8:  # dK += dS^T Q in int8
+            dc, dsc = _row_tile_codes(dsT)
+            dk += (tl.dot(dc, tl.trans(qT), out_dtype=tl.int32).to(tl.float32)
+                   * (dsc[:, None] * q_scale))
+        else:
+            dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=DOT_PRECISION)
     return dk, dv
 
 
 @triton.jit
 def bwd_dkdv_kernel(
-    Q, K, V, Bias, DO, Lse, Delta, DK, DV, CuQ, CuK,
+    Q, K, V, Bias, DO, Lse, Delta, DK, DV, CuQ, CuK, QScale, KScale, DOCodes, DOScale, Balance,
     sm_scale, softcap, window_left, window_right,
     stride_qb, stride_qh, stride_qs,
     stride_kb, stride_kh, stride_ks,
@@ -462,13 +522,18 @@ def bwd_dkdv_kernel(
     stride_dvb, stride_dvh, stride_dvs,
     stride_lb, stride_lh, stride_ls,
     stride_bb, stride_bh, stride_bm, stride_bn,
+    stride_qsb, stride_qsh, stride_ksb, stride_ksh, stride_bab, stride_bah,
     H_KV, GROUP, seqlen_q, seqlen_k, head_dim, head_dim_v,
     SQ_BUCKET, SK_BUCKET,
     IS_VARLEN: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, EVEN_D: tl.constexpr,
-    EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr, QK_INT8: tl.constexpr,
+    QK_BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    # QK_INT8 (attention_int8): Q and K are int8 codes with their block scales (QScale, KScale;
+    # dO's codes DOCodes / DOScale share DO's and QScale's layouts) and dK is rescaled by the
+    # per-channel Balance at the end; see leanops.ops.int8_attention for which products are int8.
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H_KV
@@ -492,6 +557,13 @@ def bwd_dkdv_kernel(
                 mask=k_mask, other=0.0)
     v = tl.load(V + b64 * stride_vb + hk64 * stride_vh + c64[:, None] * stride_vs
                 + offs_dv[None, :], mask=v_mask, other=0.0)
+    k_scale = cols  # placeholder when not QK_INT8 (never read)
+    q_slot = q_start64 * 0
+    if QK_INT8:
+        k_scale = tl.load(KScale + b64 * stride_ksb + hk64 * stride_ksh
+                          + _block_slot(k_start, b, IS_VARLEN, QK_BLOCK) + cols // QK_BLOCK,
+                          mask=cols < k_len, other=0.0)
+        q_slot = _block_slot(q_start, b, IS_VARLEN, QK_BLOCK)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     diag = k_len - q_len
@@ -503,30 +575,36 @@ def bwd_dkdv_kernel(
         h64 = hk64 * GROUP + g
         q_base = Q + b64 * stride_qb + h64 * stride_qh + q_start64 * stride_qs
         do_base = DO + b64 * stride_dob + h64 * stride_doh + q_start64 * stride_dos
+        doc_base = DOCodes + b64 * stride_dob + h64 * stride_doh + q_start64 * stride_dos
         lse_base = Lse + b64 * stride_lb + h64 * stride_lh + q_start64 * stride_ls
         delta_base = Delta + b64 * stride_lb + h64 * stride_lh + q_start64 * stride_ls
+        qs_base = QScale + b64 * stride_qsb + h64 * stride_qsh + q_slot
+        dos_base = DOScale + b64 * stride_qsb + h64 * stride_qsh + q_slot
         bias_base = Bias
         if HAS_BIAS:
             bias_base = Bias + b64 * stride_bb + h64 * stride_bh
         dk, dv = _bwd_dkdv_inner(
-            dk, dv, k, v, q_base, do_base, lse_base, delta_base, bias_base, cols, offs_m, offs_d,
-            offs_dv, lo, full_lo, q_len, k_len, diag, head_dim, head_dim_v, stride_qs, stride_dos,
-            stride_ls, stride_bm, stride_bn, sm_scale, softcap, window_left, window_right, True,
-            HAS_BIAS, HAS_SOFTCAP, WINDOW_LEFT, WINDOW_RIGHT, EVEN_D, EVEN_DV, DOT_PRECISION,
-            BLOCK_M)
+            dk, dv, k, v, k_scale, q_base, do_base, lse_base, delta_base, bias_base, qs_base,
+            doc_base, dos_base, cols, offs_m, offs_d, offs_dv, lo, full_lo, q_len, k_len, diag,
+            head_dim, head_dim_v, stride_qs, stride_dos, stride_ls, stride_bm, stride_bn,
+            sm_scale, softcap, window_left, window_right, True, HAS_BIAS, HAS_SOFTCAP,
+            WINDOW_LEFT, WINDOW_RIGHT, EVEN_D, EVEN_DV, DOT_PRECISION, QK_INT8, QK_BLOCK, BLOCK_M)
         dk, dv = _bwd_dkdv_inner(
-            dk, dv, k, v, q_base, do_base, lse_base, delta_base, bias_base, cols, offs_m, offs_d,
-            offs_dv, full_lo, full_hi, q_len, k_len, diag, head_dim, head_dim_v, stride_qs,
-            stride_dos, stride_ls, stride_bm, stride_bn, sm_scale, softcap, window_left,
-            window_right, False, HAS_BIAS, HAS_SOFTCAP, WINDOW_LEFT, WINDOW_RIGHT, EVEN_D, EVEN_DV,
-            DOT_PRECISION, BLOCK_M)
+            dk, dv, k, v, k_scale, q_base, do_base, lse_base, delta_base, bias_base, qs_base,
+            doc_base, dos_base, cols, offs_m, offs_d, offs_dv, full_lo, full_hi, q_len, k_len, diag,
+            head_dim, head_dim_v, stride_qs, stride_dos, stride_ls, stride_bm, stride_bn,
+            sm_scale, softcap, window_left, window_right, False, HAS_BIAS, HAS_SOFTCAP,
+            WINDOW_LEFT, WINDOW_RIGHT, EVEN_D, EVEN_DV, DOT_PRECISION, QK_INT8, QK_BLOCK, BLOCK_M)
         dk, dv = _bwd_dkdv_inner(
-            dk, dv, k, v, q_base, do_base, lse_base, delta_base, bias_base, cols, offs_m, offs_d,
-            offs_dv, full_hi, hi, q_len, k_len, diag, head_dim, head_dim_v, stride_qs, stride_dos,
-            stride_ls, stride_bm, stride_bn, sm_scale, softcap, window_left, window_right, True,
-            HAS_BIAS, HAS_SOFTCAP, WINDOW_LEFT, WINDOW_RIGHT, EVEN_D, EVEN_DV, DOT_PRECISION,
-            BLOCK_M)
+            dk, dv, k, v, k_scale, q_base, do_base, lse_base, delta_base, bias_base, qs_base,
+            doc_base, dos_base, cols, offs_m, offs_d, offs_dv, full_hi, hi, q_len, k_len, diag,
+            head_dim, head_dim_v, stride_qs, stride_dos, stride_ls, stride_bm, stride_bn,
+            sm_scale, softcap, window_left, window_right, True, HAS_BIAS, HAS_SOFTCAP,
+            WINDOW_LEFT, WINDOW_RIGHT, EVEN_D, EVEN_DV, DOT_PRECISION, QK_INT8, QK_BLOCK, BLOCK_M)
     dk = dk * sm_scale
+    if QK_INT8:  # dK of the balanced k * b is b times dK of k's codes (b a power of two: exact)
+        dk = dk * tl.load(Balance + b64 * stride_bab + hk64 * stride_bah + offs_d,
+                          mask=offs_d < head_dim, other=1.0)[None, :]
     tl.store(DK + b64 * stride_dkb + hk64 * stride_dkh + c64[:, None] * stride_dks + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=k_mask)
     tl.store(DV + b64 * stride_dvb + hk64 * stride_dvh + c64[:, None] * stride_dvs
@@ -535,14 +613,18 @@ def bwd_dkdv_kernel(
 
 @triton.jit
 def _bwd_dq_inner(
-    dq, q, do, lse2, delta, k_base, v_base, bias_base,
+    dq, q, q_scale, do, lse2, delta, k_base, v_base, bias_base, ks_base,
     rows, offs_n, offs_d, offs_dv, start, end, q_len, k_len, diag, head_dim, head_dim_v,
     stride_ks, stride_vs, stride_bm, stride_bn,
     sm_scale, softcap, window_left, window_right,
     MASKED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, EVEN_D: tl.constexpr,
-    EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+    EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr, QK_INT8: tl.constexpr,
+    QK_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    # QK_INT8: q and the K tiles are int8 codes (q_scale: one scale per query row); the key
+    # tile is exactly one QK_BLOCK-row block of K (BLOCK_N == QK_BLOCK, enforced by the
+    # launcher), so K's block scale is a scalar here and the rows of dS quantise over it.
     d_ok = offs_d < head_dim
     dv_ok = offs_dv < head_dim_v
     for n0 in range(start, end, BLOCK_N):
@@ -565,7 +647,11 @@ def _bwd_dq_inner(
             else:
                 vT = tl.load(v_base + c64[None, :] * stride_vs + offs_dv[:, None],
                              mask=dv_ok[:, None], other=0.0)
-        qk = tl.dot(q, kT, input_precision=DOT_PRECISION)
+        if QK_INT8:
+            k_scale = tl.load(ks_base + n0 // QK_BLOCK)
+            qk = tl.dot(q, kT, out_dtype=tl.int32).to(tl.float32) * q_scale[:, None] * k_scale
+        else:
+            qk = tl.dot(q, kT, input_precision=DOT_PRECISION)
         bias = qk
         if HAS_BIAS:
             b_ptrs = bias_base + rows.to(tl.int64)[:, None] * stride_bm + c64[None, :] * stride_bn
@@ -579,13 +665,18 @@ def _bwd_dq_inner(
         ds = p * (dp - delta[:, None])
         if HAS_SOFTCAP:
             ds = ds * (1.0 - t * t)
-        dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=DOT_PRECISION)
+        if QK_INT8:  # dQ += dS K in int8
+            dc, dsc = _row_tile_codes(ds)
+            dq += (tl.dot(dc, tl.trans(kT), out_dtype=tl.int32).to(tl.float32)
+                   * (dsc[:, None] * k_scale))
+        else:
+            dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=DOT_PRECISION)
     return dq
 
 
 @triton.jit
 def bwd_dq_kernel(
-    Q, K, V, Bias, DO, Lse, Delta, DQ, CuQ, CuK,
+    Q, K, V, Bias, DO, Lse, Delta, DQ, CuQ, CuK, QScale, KScale, Balance,
     sm_scale, softcap, window_left, window_right,
     stride_qb, stride_qh, stride_qs,
     stride_kb, stride_kh, stride_ks,
@@ -594,12 +685,14 @@ def bwd_dq_kernel(
     stride_dqb, stride_dqh, stride_dqs,
     stride_lb, stride_lh, stride_ls,
     stride_bb, stride_bh, stride_bm, stride_bn,
+    stride_qsb, stride_qsh, stride_ksb, stride_ksh, stride_bab, stride_bah,
     H, GROUP, seqlen_q, seqlen_k, head_dim, head_dim_v,
     SQ_BUCKET, SK_BUCKET,
     IS_VARLEN: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, EVEN_D: tl.constexpr,
-    EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr, QK_INT8: tl.constexpr,
+    QK_BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -634,6 +727,12 @@ def bwd_dq_kernel(
     lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
     k_base = K + b64 * stride_kb + hk64 * stride_kh + k_start64 * stride_ks
     v_base = V + b64 * stride_vb + hk64 * stride_vh + k_start64 * stride_vs
+    q_scale = lse  # placeholder when not QK_INT8 (never read)
+    ks_base = KScale
+    if QK_INT8:
+        q_scale, ks_base = _qk_scales(QScale, KScale, b, b64, h64, hk64, stride_qsb, stride_qsh,
+                                      stride_ksb, stride_ksh, q_start, k_start, rows, row_ok,
+                                      IS_VARLEN, QK_BLOCK)
     bias_base = Bias
     if HAS_BIAS:
         bias_base = Bias + b64 * stride_bb + h64 * stride_bh
@@ -642,55 +741,74 @@ def bwd_dq_kernel(
     lo, full_lo, full_hi, hi = _key_ranges(m0, q_len, k_len, window_left, window_right,
                                            BLOCK_M, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT)
     dq = _bwd_dq_inner(
-        dq, q, do, lse2, delta, k_base, v_base, bias_base, rows, offs_n, offs_d, offs_dv, lo,
-        full_lo, q_len, k_len, diag, head_dim, head_dim_v, stride_ks, stride_vs, stride_bm,
-        stride_bn, sm_scale, softcap, window_left, window_right, True, HAS_BIAS, HAS_SOFTCAP,
-        WINDOW_LEFT, WINDOW_RIGHT, EVEN_D, EVEN_DV, DOT_PRECISION, BLOCK_N)
+        dq, q, q_scale, do, lse2, delta, k_base, v_base, bias_base, ks_base, rows, offs_n,
+        offs_d, offs_dv, lo, full_lo, q_len, k_len, diag, head_dim, head_dim_v, stride_ks, stride_vs,
+        stride_bm, stride_bn, sm_scale, softcap, window_left, window_right, True, HAS_BIAS,
+        HAS_SOFTCAP, WINDOW_LEFT, WINDOW_RIGHT, EVEN_D, EVEN_DV, DOT_PRECISION, QK_INT8, QK_BLOCK,
+        BLOCK_N)
     dq = _bwd_dq_inner(
-        dq, q, do, lse2, delta, k_base, v_base, bias_base, rows, offs_n, offs_d, offs_dv, full_lo,
-        full_hi, q_len, k_len, diag, head_dim, head_dim_v, stride_ks, stride_vs, stride_bm,
-        stride_bn, sm_scale, softcap, window_left, window_right, False, HAS_BIAS, HAS_SOFTCAP,
-        WINDOW_LEFT, WINDOW_RIGHT, EVEN_D, EVEN_DV, DOT_PRECISION, BLOCK_N)
+        dq, q, q_scale, do, lse2, delta, k_base, v_base, bias_base, ks_base, rows, offs_n,
+        offs_d, offs_dv, full_lo, full_hi, q_len, k_len, diag, head_dim, head_dim_v, stride_ks, stride_vs,
+        stride_bm, stride_bn, sm_scale, softcap, window_left, window_right, False, HAS_BIAS,
+        HAS_SOFTCAP, WINDOW_LEFT, WINDOW_RIGHT, EVEN_D, EVEN_DV, DOT_PRECISION, QK_INT8, QK_BLOCK,
+        BLOCK_N)
     dq = _bwd_dq_inner(
-        dq, q, do, lse2, delta, k_base, v_base, bias_base, rows, offs_n, offs_d, offs_dv, full_hi,
-        hi, q_len, k_len, diag, head_dim, head_dim_v, stride_ks, stride_vs, stride_bm, stride_bn,
-        sm_scale, softcap, window_left, window_right, True, HAS_BIAS, HAS_SOFTCAP, WINDOW_LEFT,
-        WINDOW_RIGHT, EVEN_D, EVEN_DV, DOT_PRECISION, BLOCK_N)
+        dq, q, q_scale, do, lse2, delta, k_base, v_base, bias_base, ks_base, rows, offs_n,
+        offs_d, offs_dv, full_hi, hi, q_len, k_len, diag, head_dim, head_dim_v, stride_ks, stride_vs,
+        stride_bm, stride_bn, sm_scale, softcap, window_left, window_right, True, HAS_BIAS,
+        HAS_SOFTCAP, WINDOW_LEFT, WINDOW_RIGHT, EVEN_D, EVEN_DV, DOT_PRECISION, QK_INT8, QK_BLOCK,
+        BLOCK_N)
     dq = dq * sm_scale
+    if QK_INT8:  # dQ of the balanced q / b is dQ of q's codes over b (a power of two: exact)
+        dq = dq / tl.load(Balance + b64 * stride_bab + hk64 * stride_bah + offs_d,
+                          mask=offs_d < head_dim, other=1.0)[None, :]
     tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + r64[:, None] * stride_dqs + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------
-# int8 Q / K quantisation (the format of leanops.quant.int8.quantize_qk, bit-exact)
+# int8 blocks of Q, K and dO (the format of leanops.quant.int8.quantize_qk / quantize_blocks,
+# bit-exact)
 
 
 @triton.jit
 def quantize_blocks_kernel(
-    X, Mean, Codes, Scale,
+    X, Mean, Mul, Codes, Scale, CuSeq,
     stride_xb, stride_xh, stride_xs, stride_mb, stride_mh,
     stride_cb, stride_ch, stride_cs, stride_sb, stride_sh,
-    H, S, head_dim,
-    HAS_MEAN: tl.constexpr, QK_BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
+    H, GROUP, S, head_dim,
+    HAS_MEAN: tl.constexpr, HAS_MUL: tl.constexpr, IS_VARLEN: tl.constexpr,
+    QK_BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    # One program per QK_BLOCK rows of one (batch, head): amax over the whole block, one scale.
+    # One program per QK_BLOCK rows of one (sequence, head): x becomes (x - Mean) * Mul (the
+    # statistics of the head's kv head h // GROUP, [B, Hkv, D]), then amax over the whole block,
+    # one scale, stored in the block's slot (leanops.quant.int8.block_slot for varlen).
     blk = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b64 = (pid_bh // H).to(tl.int64)
-    h64 = (pid_bh % H).to(tl.int64)
+    b = pid_bh // H
+    h = pid_bh % H
+    start, length, _, _ = _seq_bounds(CuSeq, CuSeq, b, S, S, IS_VARLEN)
+    if blk * QK_BLOCK >= length:
+        return
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    stat = b64 * stride_mb + (h // GROUP).to(tl.int64) * stride_mh + tl.arange(0, BLOCK_D)
     rows = blk * QK_BLOCK + tl.arange(0, QK_BLOCK)
+    r64 = tl.cast(start, tl.int64) + rows.to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
-    mask = (rows < S)[:, None] & (offs_d < head_dim)[None, :]
-    x = tl.load(X + b64 * stride_xb + h64 * stride_xh + rows.to(tl.int64)[:, None] * stride_xs
+    d_ok = offs_d < head_dim
+    mask = (rows < length)[:, None] & d_ok[None, :]
+    x = tl.load(X + b64 * stride_xb + h64 * stride_xh + r64[:, None] * stride_xs
                 + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_MEAN:
-        mean = tl.load(Mean + b64 * stride_mb + h64 * stride_mh + offs_d, mask=offs_d < head_dim,
-                       other=0.0)
-        x = tl.where(mask, x - mean[None, :], 0.0)
+        x = tl.where(mask, x - tl.load(Mean + stat, mask=d_ok, other=0.0)[None, :], 0.0)
+    if HAS_MUL:  # powers of two: exact
+        x = x * tl.load(Mul + stat, mask=d_ok, other=1.0)[None, :]
     amax = tl.max(tl.max(tl.abs(x), 1), 0)
     n_bad = amax * 0  # inputs are finite attention activations; no NaN row handling here
     scale = _scale_of(amax, n_bad)
     codes = _codes(x, scale, n_bad)
-    tl.store(Codes + b64 * stride_cb + h64 * stride_ch + rows.to(tl.int64)[:, None] * stride_cs
+    tl.store(Codes + b64 * stride_cb + h64 * stride_ch + r64[:, None] * stride_cs
              + offs_d[None, :], codes, mask=mask)
-    tl.store(Scale + b64 * stride_sb + h64 * stride_sh + blk, scale)
+    tl.store(Scale + b64 * stride_sb + h64 * stride_sh + _block_slot(start, b, IS_VARLEN, QK_BLOCK)
+             + blk, scale)

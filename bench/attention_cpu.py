@@ -24,10 +24,9 @@ import subprocess
 import sys
 import time
 
+import leanops
 import torch
 import torch.nn.functional as F
-
-import leanops
 
 # "fwd" / "fwd+bwd": causal self-attention of q, k, v [B, H, S, D]; "decode": one new token
 # against a dense KV cache of length S (32 query heads, 8 kv heads, D = 128)

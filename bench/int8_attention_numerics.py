@@ -32,7 +32,6 @@ import math
 import time
 
 import torch
-
 from leanops.ops import int8_attention as I
 from leanops.quant import int8 as F
 

@@ -182,10 +182,9 @@ def plot(result, path):
 def bench_block(embed=2048, heads=16, seq=4096, batch=2, energy=True):
     """Median ms (and J) of forward + backward of a causal self-attention block in bf16:
     torch.nn.MultiheadAttention (SDPA) vs leanops.nn.MultiheadAttention, 16-bit and int8."""
-    from torch import nn
-
     from leanops.bench.energy import energy_fields
     from leanops.bench.timing import time_fn
+    from torch import nn
 
     device = torch.device("cuda")
     torch.manual_seed(0)

@@ -246,7 +246,6 @@ def test_int8_backward_configs_pin_the_reduced_tile():
     """Every config the int8 backward may run (kept, the default without autotuning, the
     interpreter's, the autotuner's hard-only fallback) has the format's 64 along the reduced
     axis: queries for dK/dV, keys for dQ."""
-    cpu = torch.device("cpu")
     for kind, key in (("dkdv", "BLOCK_M"), ("dq", "BLOCK_N")):
         assert T._INTERPRETER_INT8[kind].kwargs[key] == F.QK_BLOCK
         for bd in (32, 64, 128, 256):

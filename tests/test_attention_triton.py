@@ -21,7 +21,6 @@ import leanops
 import pytest
 import torch
 from attention_checks import paged_cache, run_decode, run_dense, run_varlen
-from helpers import poisoned_memory
 from leanops.ops import attention as A
 
 triton = pytest.importorskip("triton")

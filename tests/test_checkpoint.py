@@ -384,8 +384,8 @@ def test_load_round_trip_and_a_second_load_into_the_quantised_model(saved):
 def test_format_validators_accept_what_the_quantisers_write_and_name_what_is_wrong():
     from leanops.quant.int4 import check_int4, quantize_int4
     from leanops.quant.int8 import check_int8_per_channel, quantize_int8_per_channel
-    from leanops.sparsity import sparse24 as F24
     from leanops.sparsity import nm_mask
+    from leanops.sparsity import sparse24 as F24
 
     w = torch.randn(8, 128)
     packed, scales, zeros = quantize_int4(w, 32, symmetric=False)

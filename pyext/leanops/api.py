@@ -22,7 +22,6 @@ from leanops.nn.quantized import Int4WeightOnlyLinear, Int8Linear, Int8WeightOnl
 from leanops.nn.sparse import SparseLinear
 from leanops.nn.swap import FilterFn, format_unsupported, replace_module, select_linears
 from leanops.nn.training import Int8TrainingLinear
-from leanops.quant import int4 as int4_format
 from leanops.quant.common import ValueChecks
 from leanops.quant.config import (
     Int4WeightOnlyConfig,

@@ -4,6 +4,9 @@ The packed layout is documented in leanops.quant.int4. Numerics every backend fo
 reference below is the definition): the dense weight W = (q - z) * s is formed in the scales'
 dtype (one rounding), converted to x's dtype, and multiplied with fp32 accumulation; then
 out = (acc + bias) rounded once to x's dtype.
+
+CPU kernels (the "cpu" backend, kernels/cpu/) dequantise exactly as the reference (a 16-entry
+table per group holds the rounded values) and differ only in the order of the fp32 sum.
 """
 
 from __future__ import annotations
@@ -67,6 +70,7 @@ _int4_weight_mm_backends = OpBackends(
     reference=_int4_weight_mm_reference,
     triton="leanops.triton.int4_weight_mm:int4_weight_mm",
     cuda_supports=_int4_weight_mm_cuda_supports,
+    cpu=True,
 )
 
 
@@ -112,5 +116,9 @@ def int4_weight_mm(
     x [M, K] float16/bfloat16/float32 (any strides); w_packed uint8 [N, K/2], scales [N, K/g],
     zeros uint8 [N, K/g] or None (symmetric): the layout of leanops.quant.int4. group_size is a
     multiple of 32 dividing K. Differentiable w.r.t. x and bias (the weight is frozen).
+
+    On a CPU the dense weight is formed exactly as the reference forms it; only the order of
+    the fp32 sum differs (blocked 16-lane sums for M <= 4, BLAS on dequantised tiles above):
+    an fp32 rounding difference, about K * 2^-24 * sum |x * W| at worst.
     """
     return torch.ops.leanops.int4_weight_mm.default(x, w_packed, scales, zeros, group_size, bias)

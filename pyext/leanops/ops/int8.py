@@ -7,13 +7,17 @@ Numerics every backend follows (the reference below is the definition):
   int8_weight_mm  acc = x @ w.T with w converted exactly to x's dtype and fp32 accumulation;
                   out = (acc * w_scale[n] + bias[n]) rounded once to x's dtype.
   quantize_per_token_int8   see leanops.quant.int8.quantize_per_token_int8.
+
+CPU kernels (the "cpu" backend, kernels/cpu/): quantize_per_token_int8, int8_mm and
+int8_dynamic_linear are bit-exact with the references (exact integer sums, the same fp32
+epilogue); int8_weight_mm differs from its reference only in the order of its fp32 sum.
 """
 
 from __future__ import annotations
 
 import torch
 
-from leanops.dispatch import OpBackends
+from leanops.dispatch import OpBackends, forced_backend
 from leanops.ops._autograd import register_weight_only_autograd
 from leanops.ops._checks import FLOAT_DTYPES, check_out_dtype, check_same_device, check_tensor
 from leanops.ops._library import register
@@ -45,6 +49,7 @@ _quantize_per_token_backends = OpBackends(
     "quantize_per_token_int8",
     reference=_quantize_per_token_reference,
     triton="leanops.triton.quantize:quantize_per_token_int8",
+    cpu=True,
 )
 
 
@@ -75,6 +80,7 @@ def quantize_per_token_int8(
 
     `smooth` [K], if given, multiplies x per column first (SmoothQuant's 1/s), fused in the same
     pass on GPU. Rows with NaN/Inf get scale NaN. Inference only (int8 outputs carry no gradient).
+    Every backend (CPU kernels included) is bit-exact with the reference.
     """
     return torch.ops.leanops.quantize_per_token_int8.default(x, smooth)
 
@@ -132,6 +138,7 @@ _int8_mm_backends = OpBackends(
     reference=_int8_mm_reference,
     triton="leanops.triton.int8_mm:int8_mm",
     cuda_supports=_int8_mm_cuda_supports,
+    cpu=True,
 )
 
 
@@ -189,6 +196,8 @@ def int8_mm(
 
     a int8 [M, K] (any strides), b int8 [N, K] contiguous, a_scale [M] (per token), b_scale [N]
     (per output channel), bias [N] or None; the output [M, N] has out_dtype (default bfloat16).
+    On a CPU (VNNI u8 x s8 dot products, or portable C++) the result is bit-exact with the
+    reference: exact integer sums for any K, then the same fp32 epilogue.
     """
     return torch.ops.leanops.int8_mm.default(a, b, a_scale, b_scale, bias, out_dtype)
 
@@ -222,6 +231,7 @@ _int8_weight_mm_backends = OpBackends(
     "int8_weight_mm",
     reference=_int8_weight_mm_reference,
     triton="leanops.triton.int8_weight_mm:int8_weight_mm",
+    cpu=True,
 )
 
 
@@ -260,6 +270,11 @@ def int8_weight_mm(
 
     x [M, K] float16/bfloat16/float32 (any strides), w int8 [N, K] contiguous, w_scale [N].
     Differentiable w.r.t. x and bias (the weight is frozen).
+
+    On a CPU the products x * w are formed exactly as the reference forms them (w converted
+    exactly, fp32 accumulation) and only the order of the fp32 sum differs (blocked 16-lane sums
+    for M <= 4, BLAS on dequantised tiles above): an fp32 rounding difference, about
+    K * 2^-24 * sum |x * w| at worst; 16-bit outputs are almost always bit-identical.
     """
     return torch.ops.leanops.int8_weight_mm.default(x, w, w_scale, bias)
 
@@ -280,10 +295,23 @@ def _check_int8_dynamic_linear(x, w, w_scale, smooth=None, bias=None):
         check_same_device("leanops.int8_dynamic_linear", x=x, smooth=smooth)
 
 
-def _int8_dynamic_linear_impl(x, w, w_scale, smooth=None, bias=None):
-    _check_int8_dynamic_linear(x, w, w_scale, smooth, bias)
+def _int8_dynamic_linear_composed(x, w, w_scale, smooth=None, bias=None):
     q, q_scale = torch.ops.leanops.quantize_per_token_int8.default(x, smooth)
     return torch.ops.leanops.int8_mm.default(q, w, q_scale, w_scale, bias, x.dtype)
+
+
+# Only the CPU backend has this layer as one kernel (quantising straight into the GEMM's
+# operand, one op call); everywhere else it is the two ops, each dispatched on its own.
+_int8_dynamic_linear_backends = OpBackends(
+    "int8_dynamic_linear", reference=_int8_dynamic_linear_composed, cpu=True
+)
+
+
+def _int8_dynamic_linear_impl(x, w, w_scale, smooth=None, bias=None):
+    _check_int8_dynamic_linear(x, w, w_scale, smooth, bias)
+    if x.device.type == "cpu" and forced_backend() in (None, "cpu"):
+        return _int8_dynamic_linear_backends(x, w, w_scale, smooth, bias)
+    return _int8_dynamic_linear_composed(x, w, w_scale, smooth, bias)
 
 
 register(
@@ -324,6 +352,6 @@ def int8_dynamic_linear(
     int8_mm with w [N, K] int8 and w_scale [N]; output in x's dtype.
 
     Gradients: x gets the straight-through estimate grad @ (W * smooth) and bias its sum; the
-    int8 weight is frozen.
+    int8 weight is frozen. On a CPU it runs as one fused kernel, bit-exact with the two ops.
     """
     return torch.ops.leanops.int8_dynamic_linear.default(x, w, w_scale, smooth, bias)

@@ -24,6 +24,10 @@ Backends (cuda -> triton -> reference, see leanops.dispatch):
                     `_sparse24_int4_mm_cuda_supports` says why not otherwise and the call goes
                     to Triton (fp32 x, scales in another dtype, K % 64 != 0). "triton": every
                     dtype and K.
+
+On CPU tensors both take the "cpu" backend (kernels/cpu/): the dense weight is formed exactly as
+the references form it (kept values placed by the metadata rule, int4 through a table of the
+rounded values) and only the order of the fp32 sum differs.
 """
 
 from __future__ import annotations
@@ -123,6 +127,7 @@ _sparse24_mm_backends = OpBackends(
     reference=_sparse24_mm_reference,
     triton="leanops.triton.sparse24_mm:sparse24_mm",
     cuda_supports=_sparse24_mm_cuda_supports,
+    cpu=True,
 )
 
 
@@ -161,7 +166,8 @@ def sparse24_mm(
 
     x [M, K] float16/bfloat16/float32 (any strides), K a multiple of 8; values [N, K/2] float
     (contiguous), meta uint8 [N, K/8] (contiguous): the layout of leanops.sparsity.format.
-    Differentiable w.r.t. x and bias (the compressed weight is frozen).
+    Differentiable w.r.t. x and bias (the compressed weight is frozen). On a CPU only the order
+    of the fp32 sum differs from the reference (an fp32 rounding difference).
     """
     return torch.ops.leanops.sparse24_mm.default(x, values, meta, bias)
 
@@ -211,6 +217,7 @@ _sparse24_int4_mm_backends = OpBackends(
     reference=_sparse24_int4_mm_reference,
     triton="leanops.triton.sparse24_mm:sparse24_int4_mm",
     cuda_supports=_sparse24_int4_mm_cuda_supports,
+    cpu=True,
 )
 
 
@@ -262,7 +269,8 @@ def sparse24_int4_mm(
     x [M, K] float16/bfloat16/float32, K a multiple of 8; values uint8 [N, K/4] (int4 codes of
     the K/2 kept values, leanops.quant.int4 packing); meta uint8 [N, K/8]; scales [N, K/g];
     zeros uint8 [N, K/g] or None (symmetric); group_size g a multiple of 64 dividing K, counted
-    in original input columns. Differentiable w.r.t. x and bias.
+    in original input columns. Differentiable w.r.t. x and bias. On a CPU only the order of
+    the fp32 sum differs from the reference (an fp32 rounding difference).
     """
     return torch.ops.leanops.sparse24_int4_mm.default(
         x, values, meta, scales, zeros, group_size, bias

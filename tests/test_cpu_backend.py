@@ -210,7 +210,9 @@ def _call(name, x, weight, bias):
 def test_weight_only_matmuls_meet_the_2x_rule(isa, name, m, dtype):
     _, build, ks = WEIGHT_ONLY[name]
     for k in ks:
-        for n, with_bias in ((1, False), (13, True)):
+        # N = 7: row tails of every kernel; N = 33: enough outputs that the max error is a
+        # stable statistic (with one output, PyTorch's fp32 error is sometimes 0.1 ulp by luck)
+        for n, with_bias in ((7, False), (33, True)):
             weight, dense, scale = build(n, k, dtype)
             x = torch.randn(m, k, dtype=dtype)
             bias = bias_of(n, dtype, with_bias)

@@ -21,8 +21,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/from_blob.h>
-#include <ATen/ops/mm.h>
 #include <torch/library.h>
 
 #include "cpu_kernels.h"
@@ -93,13 +91,13 @@ int64_t grain_rows(int64_t work_per_row) {
 
 // ------------------------------------------------------------------------------ weight-only
 //
-// M <= kGemvMaxRows (decode): the weight is dequantised in registers and multiplied with every
-// row of x in one pass (avx512::weight_gemv), or, without AVX-512, block by block through a
-// stack buffer (generic::weight_gemv); either way each weight byte is read once per call.
-// Larger M (prefill, batches): a tile of rows of the weight is dequantised once into an fp32
-// buffer that stays in L2 and multiplied with all M rows by BLAS (at::mm: MKL or OpenBLAS), so
-// dequantisation costs 1/M of a multiply-add per weight and the GEMM runs at BLAS speed. The
-// tile is sized to 512 KB.
+// With AVX-512: M <= kGemvMaxRows (decode) by avx512::weight_gemv, the weight dequantised in
+// registers and multiplied with every row of x in one pass (each weight byte read once per
+// call); larger M (prefill, batches) by avx512::weight_gemm, rows of the weight dequantised once
+// per block of columns into L1 and reused for up to 64 rows of x by a register-blocked FMA
+// kernel. (MKL's sgemm, tried first on dequantised tiles, reached only 20-35% of the FMA peak
+// on these skinny shapes, and its long fp32 chains were the less accurate.)
+// Elsewhere: blocks of rows dequantised into a 512 KB fp32 buffer, then generic::dense_gemm.
 
 constexpr int64_t kTileBytes = 512 * 1024;
 
@@ -115,17 +113,21 @@ at::Tensor weight_only_mm(const Weight& w, const at::Tensor& x_arg,
   const float* xp = x.data_ptr<float>();
   const int64_t ldx = x.stride(0);
   const Output o{out.data_ptr(), w.x_dtype, n, ptr(col_scale), ptr(bias)};
-  const bool avx512 = kern::active_isa() == Isa::kAvx512;
 
-  if (m <= kern::kGemvMaxRows) {
-    at::parallel_for(0, n, grain_rows(k * m), [&](int64_t n0, int64_t n1) {
-      std::unique_ptr<float[]> acc(new float[m * (n1 - n0)]);
-      if (avx512) {
-        kern::avx512::weight_gemv(w, xp, ldx, m, n0, n1, acc.get(), n1 - n0);
-      } else {
-        kern::generic::weight_gemv(w, xp, ldx, m, n0, n1, acc.get(), n1 - n0);
+  if (kern::active_isa() == Isa::kAvx512) {
+    const bool gemv = m <= kern::kGemvMaxRows;
+    // column ranges of at most 256 outputs per call bound the scratch to M x 256 floats
+    at::parallel_for(0, n, std::max<int64_t>(24, grain_rows(k * m)), [&](int64_t c0, int64_t c1) {
+      std::unique_ptr<float[]> acc(new float[m * std::min<int64_t>(256, c1 - c0)]);
+      for (int64_t n0 = c0; n0 < c1; n0 += 256) {
+        const int64_t n1 = std::min(c1, n0 + 256);
+        if (gemv) {
+          kern::avx512::weight_gemv(w, xp, ldx, m, n0, n1, acc.get(), n1 - n0);
+        } else {
+          kern::avx512::weight_gemm(w, xp, ldx, m, n0, n1, acc.get(), n1 - n0);
+        }
+        kern::generic::store_rows(acc.get(), n1 - n0, 0, m, n0, n1, o);
       }
-      kern::generic::store_rows(acc.get(), n1 - n0, 0, m, n0, n1, o);
     });
     return out;
   }
@@ -137,14 +139,8 @@ at::Tensor weight_only_mm(const Weight& w, const at::Tensor& x_arg,
     std::unique_ptr<float[]> acc(new float[m * tile]);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n0 = t * tile, n1 = std::min(n, n0 + tile), rows = n1 - n0;
-      if (avx512) {
-        kern::avx512::dequantize_rows(w, n0, n1, dense.get());
-      } else {
-        kern::generic::dequantize_rows(w, n0, n1, dense.get());
-      }
-      at::Tensor dense_t = at::from_blob(dense.get(), {rows, k}, at::kFloat);
-      at::Tensor acc_t = at::from_blob(acc.get(), {m, rows}, at::kFloat);
-      at::mm_out(acc_t, x, dense_t.t());
+      kern::generic::dequantize_rows(w, n0, n1, dense.get());
+      kern::generic::dense_gemm(dense.get(), rows, k, xp, ldx, m, acc.get(), rows);
       kern::generic::store_rows(acc.get(), rows, 0, m, n0, n1, o);
     }
   });

@@ -5,7 +5,7 @@
 //
 // Two implementations of every kernel, chosen at run time (active_isa()):
 //   generic   portable C++ written so the compiler vectorises it (x86-64 baseline, aarch64, ...);
-//             on Linux x86-64 its hot loops are also cloned for AVX2+FMA (target_clones)
+//             on Linux x86-64 with GCC its hot loops are also cloned for AVX2 (target_clones)
 //   avx512    hand-written AVX-512 (F, BW, DQ, VL) + VNNI intrinsics (Cascade Lake, Ice Lake,
 //             Sapphire Rapids, Zen 4 and later), compiled with a target pragma into the same
 //             library and only called when cpuid says the CPU has all of them
@@ -18,8 +18,9 @@
 //     round half to even);
 //   - the weight-only paths dequantise exactly as the reference does (int4: (q - z) * s rounded to
 //     the scales' dtype, then to x's dtype; 2:4: the values placed by the metadata rule, rounded
-//     to x's dtype) and accumulate x * W in fp32; only the order of that fp32 sum differs from
-//     the reference's (blocked fp32 sums, or BLAS), an error bounded like any fp32 matmul's.
+//     to x's dtype) and accumulate x * W in fp32 chains of at most 32 products, added into
+//     fp32 or fp64 totals: only the order (and length of chains) of that sum differs from the
+//     reference's BLAS call, an error as small as BLAS's or smaller.
 #pragma once
 
 #include <cstdint>
@@ -70,7 +71,8 @@ struct Output {
   const float* bias;         // [N] or null
 };
 
-// Rows the register-blocked weight-only GEMV (avx512::weight_gemv) takes in one pass.
+// Rows of x the register-blocked weight-only GEMV (avx512::weight_gemv) takes in one pass, and
+// the generic dense_gemm's row block.
 constexpr int64_t kGemvMaxRows = 4;
 
 namespace generic {
@@ -86,11 +88,12 @@ void dequantize_rows(const Weight& w, int64_t n0, int64_t n1, float* dst);
 // group): the AVX-512 kernels' tails.
 void dequantize_columns(const Weight& w, int64_t n, int64_t k0, int64_t k1, float* dst);
 
-// acc[i, n - n0] = sum_k x[i, k] * W[n, k] for i < m, n in [n0, n1); x fp32 [m, K] (row stride
-// ldx). The small-M path of machines without AVX-512: each weight block is dequantised once
-// into a stack buffer and used for all m rows.
-void weight_gemv(const Weight& w, const float* x, int64_t ldx, int64_t m, int64_t n0, int64_t n1,
-                 float* acc, int64_t ldacc);
+// acc[i, n] = sum_k x[i, k] * wt[n, k] for i < m, n < rows: wt a dequantised block of rows of the
+// weight (fp32 [rows, k], contiguous), x fp32 [m, k] (row stride ldx). The matmul of machines
+// without AVX-512: fp32 products in chains of at most 16 per lane, fp64 totals (as accurate as
+// BLAS or more, where one fp32 chain over all of K is not).
+void dense_gemm(const float* wt, int64_t rows, int64_t k, const float* x, int64_t ldx, int64_t m,
+                float* acc, int64_t ldacc);
 
 // Dynamic per-row int8 quantisation, bit-exact with leanops.quant.int8.quantize_per_token_int8:
 // for rows [m0, m1) of x (dtype xdt, row stride ldx, K columns), times smooth [K] (fp32, or
@@ -115,12 +118,16 @@ namespace avx512 {
 // Whether this library was compiled with the AVX-512 kernels (x86-64 GCC/Clang builds).
 bool compiled();
 
-// As generic::dequantize_rows, vectorised.
-void dequantize_rows(const Weight& w, int64_t n0, int64_t n1, float* dst);
-// As generic::weight_gemv for m <= kGemvMaxRows: the weight is dequantised in registers (int4
+// acc[i, n - n0] = sum_k x[i, k] * W[n, k] for i < m <= kGemvMaxRows, n in [n0, n1); x fp32
+// [m, K] (row stride ldx). The weight is dequantised in registers (int4
 // through a 16-entry table per group and vpermps, 2:4 by a masked permute of the kept values)
 // and multiplied with all m rows, so each weight byte is read once per call.
 void weight_gemv(const Weight& w, const float* x, int64_t ldx, int64_t m, int64_t n0, int64_t n1,
+                 float* acc, int64_t ldacc);
+// The same for any m (meant for m > kGemvMaxRows): rows of the weight dequantised once per
+// block of 256 columns into an L1 buffer and multiplied by a register-blocked FMA kernel with
+// every row of x (in panels of 64), like a BLAS GEMM whose W operand is decoded on the fly.
+void weight_gemm(const Weight& w, const float* x, int64_t ldx, int64_t m, int64_t n0, int64_t n1,
                  float* acc, int64_t ldacc);
 void quantize_rows(const void* x, Dtype xdt, int64_t ldx, const float* smooth, int64_t k,
                    int64_t m0, int64_t m1, int8_t* q, int64_t ldq, uint8_t* q_u8, int64_t ldu,

@@ -233,29 +233,33 @@ void dequantize_rows(const Weight& w, int64_t n0, int64_t n1, float* dst) {
 }
 
 LEANOPS_HOT
-void weight_gemv(const Weight& w, const float* x, int64_t ldx, int64_t m, int64_t n0, int64_t n1,
-                 float* acc, int64_t ldacc) {
-  const int64_t seg = segment_length(w);
-  float buf[256];
-  for (int64_t n = n0; n < n1; ++n) {
-    // 16 partial sums per row of x: fixed-width lanes the compiler maps onto vector registers
-    float part[kGemvMaxRows][16] = {};
-    for (int64_t k0 = 0; k0 < w.k; k0 += seg) {
-      const int64_t len = std::min(seg, w.k - k0);
-      dequantize_segment(w, n, k0, k0 + len, buf);
-      const int64_t full = len & ~int64_t{15};
-      for (int64_t i = 0; i < m; ++i) {
-        const float* xi = x + i * ldx + k0;
+void dense_gemm(const float* wt, int64_t rows, int64_t k, const float* x, int64_t ldx, int64_t m,
+                float* acc, int64_t ldacc) {
+  for (int64_t i0 = 0; i0 < m; i0 += kGemvMaxRows) {
+    const int64_t mr = std::min(kGemvMaxRows, m - i0);
+    for (int64_t n = 0; n < rows; ++n) {
+      const float* wn = wt + n * k;
+      double total[kGemvMaxRows] = {};
+      for (int64_t k0 = 0; k0 < k; k0 += 256) {
+        const int64_t len = std::min<int64_t>(256, k - k0), full = len & ~int64_t{15};
+        // 16 lanes of at most 16 fp32 terms per row of x (the compiler maps the lanes onto
+        // vector registers), then fp64 totals: no long fp32 chains
+        float part[kGemvMaxRows][16] = {};
         for (int64_t j = 0; j < full; j += 16) {
-          for (int l = 0; l < 16; ++l) part[i][l] += buf[j + l] * xi[j + l];
+          for (int64_t i = 0; i < mr; ++i) {
+            const float* xi = x + (i0 + i) * ldx + k0 + j;
+            for (int l = 0; l < 16; ++l) part[i][l] += wn[k0 + j + l] * xi[l];
+          }
         }
-        for (int64_t j = full; j < len; ++j) part[i][j - full] += buf[j] * xi[j];
+        for (int64_t i = 0; i < mr; ++i) {
+          const float* xi = x + (i0 + i) * ldx + k0;
+          for (int64_t j = full; j < len; ++j) part[i][j - full] += wn[k0 + j] * xi[j];
+          double seg = 0.0;
+          for (int l = 0; l < 16; ++l) seg += part[i][l];
+          total[i] += seg;
+        }
       }
-    }
-    for (int64_t i = 0; i < m; ++i) {
-      float s = 0.0f;
-      for (int l = 0; l < 16; ++l) s += part[i][l];
-      acc[i * ldacc + (n - n0)] = s;
+      for (int64_t i = 0; i < mr; ++i) acc[(i0 + i) * ldacc + n] = static_cast<float>(total[i]);
     }
   }
 }

@@ -84,9 +84,12 @@ const float* ptr(const std::optional<at::Tensor>& t) {
   return t.has_value() ? t->data_ptr<float>() : nullptr;
 }
 
-// Rows per task so that a task has at least ~64K multiply-adds (a thread wake-up is a few us).
+// Rows per task so that a task has at least 2^20 multiply-adds (~50-100 us on one core). Waking
+// and joining threads costs a few us on an idle machine but far more on a loaded one (a thread
+// that lost its core holds up the join): a decode-size layer of a small model (512 x 512 at
+// M = 1, 20 us) ran 4x slower on two busy cores than on one with a 64K grain.
 int64_t grain_rows(int64_t work_per_row) {
-  return std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, work_per_row));
+  return std::max<int64_t>(1, (int64_t{1} << 20) / std::max<int64_t>(1, work_per_row));
 }
 
 // ------------------------------------------------------------------------------ weight-only
@@ -258,7 +261,7 @@ void quantize(const at::Tensor& x, const float* smooth, int8_t* q, uint8_t* q_u8
   const Dtype dt = dtype_of(x.scalar_type());
   const int64_t ldx = x.stride(0);
   const bool avx512 = kern::active_isa() == Isa::kAvx512;
-  at::parallel_for(0, m, grain_rows(8 * k), [&](int64_t m0, int64_t m1) {
+  at::parallel_for(0, m, grain_rows(k), [&](int64_t m0, int64_t m1) {
     if (avx512) {
       kern::avx512::quantize_rows(xp, dt, ldx, smooth, k, m0, m1, q, k, q_u8, k, scale);
     } else {

@@ -363,3 +363,32 @@ def test_private_kernels_check_their_arguments():
         C.int8_weight_mm(x.double(), torch.zeros(3, 64, dtype=torch.int8), torch.ones(3), None)
     with pytest.raises(ValueError, match="a_scale must be a float"):
         C.int8_mm(torch.zeros(2, 8, dtype=torch.int8), torch.zeros(3, 8, dtype=torch.int8), torch.ones(3), torch.ones(3))
+
+
+# ------------------------------------------------------------------- no per-call repacking
+
+
+@pytest.mark.parametrize("kind", ["int8_dynamic", "int8_weight", "int4", "sparse24", "sparse24_int4"])
+def test_layers_run_on_their_stored_buffers_with_no_derived_copy(kind):
+    """The CPU kernels read the packed buffers as stored: a forward leaves the module's tensors,
+    state_dict and memory exactly as they were (no cached repack), and allocates no tensor the
+    size of the weight (only the activation-sized conversions and the output)."""
+    k, n = 1024, 512
+    linear = torch.nn.Linear(k, n)
+    layer = {
+        "int8_dynamic": lambda: leanops.Int8Linear.from_linear(linear),
+        "int8_weight": lambda: leanops.Int8WeightOnlyLinear.from_linear(linear),
+        "int4": lambda: leanops.Int4WeightOnlyLinear.from_linear(linear, group_size=128),
+        "sparse24": lambda: leanops.SparseLinear.from_linear(linear),
+        "sparse24_int4": lambda: leanops.SparseLinear.from_linear(linear, group_size=128),
+    }[kind]()
+    before = {name: (t.data_ptr(), t._version) for name, t in layer.state_dict().items()}
+    attrs = set(vars(layer))
+    x = torch.randn(3, k)
+    with torch.no_grad(), torch.profiler.profile(profile_memory=True) as prof:
+        layer(x)
+    after = {name: (t.data_ptr(), t._version) for name, t in layer.state_dict().items()}
+    assert after == before and set(vars(layer)) == attrs
+    weight_bytes = sum(t.numel() * t.element_size() for name, t in layer.state_dict().items() if "weight" in name)
+    biggest = max((e.cpu_memory_usage for e in prof.events()), default=0)
+    assert biggest < weight_bytes / 4, f"a call allocated {biggest} B, the packed weight is {weight_bytes} B"

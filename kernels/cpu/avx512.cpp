@@ -211,17 +211,15 @@ struct Int8Rows {
   }
 };
 
+// The per-row int4 tables of NR rows from row n, rebuilt where a group begins: the int4 readers'
+// start().
 template <int NR>
-struct Int4Rows {
+struct GroupTables {
   const Weight& w;
   int64_t n;
-  const uint8_t* row[NR];
   __m512 table[NR];
   int64_t next_group = 0;
-  Int4Rows(const Weight& w_, int64_t n_) : w(w_), n(n_) {
-    LEANOPS_UNROLL
-    for (int r = 0; r < NR; ++r) row[r] = static_cast<const uint8_t*>(w.data) + (n + r) * (w.k / 2);
-  }
+  GroupTables(const Weight& w_, int64_t n_) : w(w_), n(n_) {}
   void start(int64_t kb) {
     if (kb >= next_group) {  // the first block read (any column), or a new group
       const int64_t group = kb / w.group_size;
@@ -230,8 +228,17 @@ struct Int4Rows {
       next_group = (group + 1) * w.group_size;
     }
   }
+};
+
+template <int NR>
+struct Int4Rows : GroupTables<NR> {
+  const uint8_t* row[NR];
+  Int4Rows(const Weight& w, int64_t n) : GroupTables<NR>(w, n) {
+    LEANOPS_UNROLL
+    for (int r = 0; r < NR; ++r) row[r] = static_cast<const uint8_t*>(w.data) + (n + r) * (w.k / 2);
+  }
   void load(int r, int64_t kb, __m512& w0, __m512& w1) const {
-    int4_decode32(row[r] + kb / 2, table[r], w0, w1);
+    int4_decode32(row[r] + kb / 2, this->table[r], w0, w1);
   }
 };
 
@@ -276,30 +283,18 @@ struct Sparse24Rows {
 };
 
 template <int NR>
-struct Sparse24Int4Rows {
-  const Weight& w;
-  int64_t n;
+struct Sparse24Int4Rows : GroupTables<NR> {
   const uint8_t* codes[NR];
   const uint8_t* meta[NR];
-  __m512 table[NR];
-  int64_t next_group = 0;
-  Sparse24Int4Rows(const Weight& w_, int64_t n_) : w(w_), n(n_) {
+  Sparse24Int4Rows(const Weight& w, int64_t n) : GroupTables<NR>(w, n) {
     LEANOPS_UNROLL
     for (int r = 0; r < NR; ++r) {
       codes[r] = static_cast<const uint8_t*>(w.data) + (n + r) * (w.k / 4);
       meta[r] = w.meta + (n + r) * (w.k / 8);
     }
   }
-  void start(int64_t kb) {
-    if (kb >= next_group) {  // the first block read (any column), or a new group
-      const int64_t group = kb / w.group_size;
-      LEANOPS_UNROLL
-      for (int r = 0; r < NR; ++r) table[r] = int4_table(w, n + r, group);
-      next_group = (group + 1) * w.group_size;
-    }
-  }
   void load(int r, int64_t kb, __m512& w0, __m512& w1) const {
-    sparse_place(int4_decode16(codes[r] + kb / 4, table[r]), meta[r] + kb / 8, w0, w1);
+    sparse_place(int4_decode16(codes[r] + kb / 4, this->table[r]), meta[r] + kb / 8, w0, w1);
   }
 };
 

@@ -190,63 +190,66 @@ class Runner:
                 self._run_interleaved(group, results, baselines)
             return results
         for case in cases:
-            where = {"suite": case.suite, "op": case.op, "provider": case.provider,
-                     "dtype": _dtype_name(case.dtype), "shape": case.shape}
-            if case.skip:
-                results.skipped.append({**where, "reason": case.skip})
-                self.progress.advance(case.label, f"skipped: {case.skip}")
+            if self._skipped(case, results):
                 continue
-            # Warnings say why a kernel was not used (SDPA) or that a slower path ran (leanops'
-            # fallback warning): they go into the skip reason or the row, never lost.
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                try:
-                    with leanops.use_backend(case.backend), _num_threads(case.threads):
-                        row = self._measure(case)
-                    error = None
-                except Exception as exc:
-                    error = exc
-            said = list(dict.fromkeys(" ".join(str(w.message).split())[:300] for w in caught))
-            if error is not None:
-                self._report_error(case, where, error, said, results)
+            with _num_threads(case.threads):
+                row, said = self._attempt(case, lambda c=case: self._measure(c), results)
+            if row is None:
                 continue
             self._cleanup()
-            row["warnings"] = said
-            for text in said:
-                self.progress.log(f"  warning ({case.label}): {text}")
-            if case.baseline:
-                baselines[case.group] = row
-            self._compare(row, baselines.get(case.group))
-            results.rows.append(row)
-            self.progress.advance(case.label, _summary(row))
+            self._add_row(case, row, said, results, baselines)
         return results
+
+    def _skipped(self, case: Case, results: Results) -> bool:
+        if case.skip:
+            results.skipped.append({**_where(case), "reason": case.skip})
+            self.progress.advance(case.label, f"skipped: {case.skip}")
+        return bool(case.skip)
+
+    def _attempt(self, case: Case, fn: Callable[[], object], results: Results) -> tuple[object, list[str]]:
+        """fn() with the case's backend forced: (its result, the warnings said), or (None, ...)
+        with the case recorded as skipped or failed. Warnings say why a kernel was not used
+        (SDPA) or that a slower path ran (leanops' fallback warning): they go into the skip
+        reason or the row, never lost."""
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                with leanops.use_backend(case.backend):
+                    value = fn()
+                error = None
+            except Exception as exc:
+                value, error = None, exc
+        said = list(dict.fromkeys(" ".join(str(w.message).split())[:300] for w in caught))
+        if error is not None:
+            self._report_error(case, error, said, results)
+        return value, said
+
+    def _add_row(self, case: Case, row: dict, said: list[str], results: Results, baselines: dict) -> None:
+        row["warnings"] = said
+        for text in said:
+            self.progress.log(f"  warning ({case.label}): {text}")
+        if case.baseline:
+            baselines[case.group] = row
+        self._compare(row, baselines.get(case.group))
+        results.rows.append(row)
+        self.progress.advance(case.label, _summary(row))
 
     def _run_interleaved(self, group: list[Case], results: Results, baselines: dict) -> None:
         """The cases of one shape (and thread count) on a CPU: each built and warmed up, then
         timed round-robin (time_interleaved), then energy and the row, case by case."""
+        def build(case):
+            inputs = case.make_inputs()
+            case.fn(*inputs)  # warm-up: lazy init, caches
+            return inputs
+
         ready = []  # (case, inputs, warnings said while building)
         with _num_threads(group[0].threads):
             for case in group:
-                where = {"suite": case.suite, "op": case.op, "provider": case.provider,
-                         "dtype": _dtype_name(case.dtype), "shape": case.shape}
-                if case.skip:
-                    results.skipped.append({**where, "reason": case.skip})
-                    self.progress.advance(case.label, f"skipped: {case.skip}")
+                if self._skipped(case, results):
                     continue
-                with warnings.catch_warnings(record=True) as caught:
-                    warnings.simplefilter("always")
-                    try:
-                        with leanops.use_backend(case.backend):
-                            inputs = case.make_inputs()
-                            case.fn(*inputs)  # warm-up: lazy init, caches
-                        error = None
-                    except Exception as exc:
-                        error = exc
-                said = list(dict.fromkeys(" ".join(str(w.message).split())[:300] for w in caught))
-                if error is not None:
-                    self._report_error(case, where, error, said, results)
-                    continue
-                ready.append((case, inputs, said))
+                inputs, said = self._attempt(case, lambda c=case: build(c), results)
+                if inputs is not None:
+                    ready.append((case, inputs, said))
             if not ready:
                 return
             s = self.settings
@@ -257,16 +260,10 @@ class Runner:
                 with leanops.use_backend(case.backend):
                     energy = self._energy(timing, lambda c=case, i=inputs: c.fn(*i))
                 row = self._row(case, timing, energy, *self._peak_memory(case, inputs, lambda: None))
-                row["warnings"] = said
-                for text in said:
-                    self.progress.log(f"  warning ({case.label}): {text}")
-                if case.baseline:
-                    baselines[case.group] = row
-                self._compare(row, baselines.get(case.group))
-                results.rows.append(row)
-                self.progress.advance(case.label, _summary(row))
+                self._add_row(case, row, said, results, baselines)
 
-    def _report_error(self, case: Case, where: dict, exc: BaseException, said: list, results: Results) -> None:
+    def _report_error(self, case: Case, exc: BaseException, said: list, results: Results) -> None:
+        where = _where(case)
         self._cleanup()
         if cannot_run(case, exc):
             reason = _short(exc) + (f" [warnings: {' | '.join(said[:3])}]" if said else "")
@@ -413,6 +410,11 @@ def _summary(row: dict) -> str:
     if row["timing_method"].startswith(GRAPH_CUDA):
         parts.append("graph")
     return ", ".join(parts)
+
+
+def _where(case: Case) -> dict:
+    return {"suite": case.suite, "op": case.op, "provider": case.provider,
+            "dtype": _dtype_name(case.dtype), "shape": case.shape}
 
 
 def _consecutive_groups(cases: list[Case]) -> list[list[Case]]:

@@ -84,7 +84,7 @@ def time_interleaved(
     burst: Callable[[int], object] | None = None,
 ) -> list[Timing]:
     """CPU timings of `fns` measured round-robin: `rounds` rounds, each timing a burst of at least
-    rep_ms / rounds (and min_calls // rounds + 1 calls) of every fn in turn; per call the wall
+    rep_ms / rounds (and at least min_calls calls over all rounds) of every fn in turn; per call the wall
     clock and the calling thread's CPU time. `burst(i)`, if given, returns a context manager
     entered around each burst of fns[i] (e.g. the forced leanops backend). Each fn has been
     warmed up by the caller."""
@@ -93,7 +93,7 @@ def time_interleaved(
     walls: list[list[float]] = [[] for _ in fns]
     cpus: list[list[float]] = [[] for _ in fns]
     per_burst_s = rep_ms / 1000 / rounds
-    calls_min = min_calls // rounds + 1
+    calls_min = max(1, math.ceil(min_calls / rounds))
     for _ in range(rounds):
         for i, fn in enumerate(fns):
             ctx = burst(i) if burst is not None else contextlib.nullcontext()

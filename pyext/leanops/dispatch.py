@@ -192,7 +192,13 @@ def _has_kernel(op: str, key: str) -> bool:
 
 
 def cpu_unavailable(device: torch.device, op: str | None = None) -> str | None:
-    """Why the C++ CPU backend cannot run (op `op`) on `device`, or None if it can."""
+    """Why the C++ CPU backend cannot run (op `op`) on `device`, or None if it can.
+
+    device: where the call's tensors are (only "cpu" qualifies).
+    op: a leanops_C op name, e.g. "int4_weight_mm"; None checks the extension only.
+    Returns None, or the reason as a sentence (extension missing, not CPU tensors, no CPU kernel
+    for `op`). Never raises.
+    """
     if _C is None:
         return _C_error
     if device.type != "cpu":
@@ -203,15 +209,20 @@ def cpu_unavailable(device: torch.device, op: str | None = None) -> str | None:
 
 
 def cpu_isa() -> dict[str, str | None]:
-    """Which implementation of the CPU kernels runs: {"active": ..., "detected": ...}, each
-    "avx512" (AVX-512 F/BW/DQ/VL + VNNI) or "generic" (portable C++), or None without _C."""
+    """Which implementation of the CPU kernels runs.
+
+    Returns {"active": ..., "detected": ...}: the one in use (torch.ops.leanops_cpu.set_isa can
+    force "generic") and the best this CPU can run, each "avx512" (AVX-512 F/BW/DQ/VL + VNNI) or
+    "generic" (portable C++), or None when leanops._C is not loaded.
+    """
     if _C is None:
         return {"active": None, "detected": None}
     return {"active": torch.ops.leanops_cpu.isa(), "detected": torch.ops.leanops_cpu.detected_isa()}
 
 
 def cpu_ops() -> list[str]:
-    """Ops for which the loaded extension registers a CPU kernel."""
+    """Ops for which the loaded extension registers a CPU kernel: sorted leanops_C op names
+    ([] without the extension)."""
     if _C is None:
         return []
     return sorted(

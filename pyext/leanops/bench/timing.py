@@ -83,11 +83,19 @@ def time_interleaved(
     min_calls: int = 5,
     burst: Callable[[int], object] | None = None,
 ) -> list[Timing]:
-    """CPU timings of `fns` measured round-robin: `rounds` rounds, each timing a burst of at least
-    rep_ms / rounds (and at least min_calls calls over all rounds) of every fn in turn; per call the wall
-    clock and the calling thread's CPU time. `burst(i)`, if given, returns a context manager
-    entered around each burst of fns[i] (e.g. the forced leanops backend). Each fn has been
-    warmed up by the caller."""
+    """CPU timings of `fns` measured round-robin, so that load which comes and goes hits them
+    alike. Each fn has been warmed up by the caller.
+
+    fns: the contenders, each one call with fixed inputs.
+    rounds: >= 1 rounds; each times a burst of every fn in turn (default 5).
+    rep_ms: time per fn over all rounds (default 100); a burst lasts rep_ms / rounds.
+    min_calls: calls per fn over all rounds at least (default 5).
+    burst: burst(i) -> a context manager entered around each burst of fns[i] (e.g. the forced
+        leanops backend), or None.
+    Returns one Timing per fn: median and 20/80% quantiles of the per-call wall clock over all
+    calls, method INTERLEAVED_CPU, cpu_ms the median CPU time of the calling thread per call.
+    Raises ValueError if rounds < 1.
+    """
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
     walls: list[list[float]] = [[] for _ in fns]

@@ -8,7 +8,8 @@
 // _gemm_plan, kernels/gemm_plan.cpp: no kernel, no public twin); each kernels/<op>.cpp only adds
 // implementations (TORCH_LIBRARY_IMPL) for the dispatch keys it has kernels for, guarded by
 // LEANOPS_WITH_CUDA for the CUDA ones, so a CppExtension build (no toolkit) still compiles and
-// imports, with schemas but no CUDA kernels.
+// imports, with schemas but no CUDA kernels; kernels/cpu/bindings.cpp adds the CPU kernels of
+// every build (the "cpu" backend).
 //
 // No pybind11: the module has no functions, only two attributes, and the pybind11 headers (via
 // torch/extension.h) would cost seconds of compile time per translation unit. Loading the shared
@@ -29,6 +30,12 @@ TORCH_LIBRARY(leanops_C, m) {
   m.def(
       "int8_mm(Tensor a, Tensor b, Tensor a_scale, Tensor b_scale, Tensor? bias=None, "
       "ScalarType? out_dtype=None) -> Tensor");
+  // W8A16 GEMM and the fused dynamic W8A8 linear layer (CPU only: kernels/cpu/bindings.cpp;
+  // on GPUs they run on Triton, and int8_dynamic_linear as quantize_per_token_int8 + int8_mm).
+  m.def("int8_weight_mm(Tensor x, Tensor w, Tensor w_scale, Tensor? bias=None) -> Tensor");
+  m.def(
+      "int8_dynamic_linear(Tensor x, Tensor w, Tensor w_scale, Tensor? smooth=None, "
+      "Tensor? bias=None) -> Tensor");
   // W4A16 GEMM (kernels/int4_weight_mm.cpp) on the stored int4 layout of leanops.quant.int4.
   m.def(
       "int4_weight_mm(Tensor x, Tensor w_packed, Tensor scales, Tensor? zeros, int group_size, "

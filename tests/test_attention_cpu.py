@@ -128,6 +128,10 @@ def test_cpu_tensors_take_the_cpu_kernels_and_reference_forces_the_definition(kw
     fast = leanops.attention(q, k, v, **kw)
     assert seen["flash"] >= 1 and seen["reference"] == 0
     seen["flash"] = 0
+    with leanops.use_backend("cpu"):  # forcing the cpu backend is the same path
+        forced = leanops.attention(q, k, v, **kw)
+    assert seen["flash"] >= 1 and seen["reference"] == 0 and torch.equal(forced, fast)
+    seen["flash"] = 0
     with leanops.use_backend("reference"):
         definition = leanops.attention(q, k, v, **kw)
     assert seen["flash"] == 0 and seen["reference"] == 1

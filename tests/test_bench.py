@@ -97,7 +97,13 @@ def test_bench_quick_on_cpu_writes_valid_json_and_csv(tmp_path, capsys, no_rapl)
     assert baselines == {("matmul", "torch:F.linear"), ("attention", "torch:sdpa"), ("model", "dense")}
     # what cannot run on a CPU is listed with the reason, not silently left out
     skipped = {s["provider"]: s["reason"] for s in data["skipped"]}
-    assert "GPU" in skipped["torch:_int_mm+dequant"] and "sm_80" in skipped["torch:semi-structured"]
+    assert "sm_80" in skipped["torch:semi-structured"]
+    # on a CPU the native quantised kernels are contenders: PyTorch's own and leanops' cpu backend
+    providers = {r["provider"] for r in rows if r["suite"] == "matmul"}
+    assert {"torch:_int_mm+dequant", "torch:_weight_int8pack_mm", "torch:_weight_int4pack_mm_for_cpu",
+            "torch:quantise+_int_mm+scales", "torch:ao dynamic qlinear", "leanops:cpu"} <= providers
+    # torchao is optional: measured where installed, otherwise skipped with the reason
+    assert "torchao:int8 dynamic" in providers or "torchao" in skipped["torchao:int8 dynamic"]
 
     lines = list(csv.DictReader(table.open()))
     assert list(lines[0]) == CSV_HEADER
@@ -258,3 +264,27 @@ def test_common_options_work_before_and_after_the_suite(tmp_path, capsys, no_rap
     for path in (before, after):
         data = json.loads(path.read_text())
         assert [r["shape"] for r in data["rows"]] == ["M=2,K=384,N=256"] and data["energy"]["requested"] is False
+
+
+def test_cpu_matmul_compares_several_dtypes_and_thread_counts_in_one_run(tmp_path, capsys, no_rapl):
+    out = tmp_path / "r.json"
+    argv = ["bench", "matmul", "--device", "cpu", "--shapes", "quick", "--batch", "1", "--dtype", "fp32,bf16",
+            "--threads", "1,2", "--rounds", "2", "--providers", "int8_dynamic_linear,torch_w8a8",
+            "--progress", "plain", "--out", str(out)]
+    assert cli.main(argv) == 0
+    rows = json.loads(out.read_text())["rows"]
+    groups = {(r["dtype"], r["T"]) for r in rows}
+    assert groups == {("float32", 1), ("float32", 2), ("bfloat16", 1), ("bfloat16", 2)}
+    for r in rows:  # each compares with the dense baseline of its own dtype and thread count
+        assert r["baseline"] == "torch:F.linear" and r["speedup_vs_dense"] > 0
+        assert "interleaved over 2 rounds" in r["timing_method"] and r["threads"] == r["T"]
+    assert {r["provider"] for r in rows} == {"torch:F.linear", "leanops:cpu", "torch:quantise+_int_mm+scales"}
+
+
+def test_cli_parses_thread_counts_and_dtype_lists():
+    assert cli._threads("1,all")[0] == 1 and cli._threads("1,all")[1] == (os.cpu_count() or torch.get_num_threads())
+    assert cli._threads("2,2") == [2]
+    assert cli._dtypes("fp32,bf16") == ["fp32", "bf16"]
+    for bad, parse in (("0", cli._threads), ("x", cli._threads), ("fp8", cli._dtypes)):
+        with pytest.raises(Exception, match="expected"):
+            parse(bad)

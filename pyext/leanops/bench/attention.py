@@ -126,7 +126,11 @@ def attention_cases(seqlens=(1024, 4096, 16384), batch: int = 1, heads: int = 32
     bad = set(passes) - set(PASSES)
     if bad:
         raise ValueError(f"unknown passes {sorted(bad)}; choose from {PASSES}")
-    backends = default_backends(device) if backends is None else backends
+    if backends is None:
+        # On a CPU the attention ops have no "cpu" kernels of their own: their CPU path is what
+        # "leanops:auto" measures (use_backend("cpu") takes the same path), so the reference is
+        # the one other leanops row worth a line.
+        backends = ["reference"] if device.type == "cpu" else default_backends(device)
     act_bytes = torch.finfo(dtype).bits // 8
     rate = "fp16" if dtype == torch.float16 else "bf16" if dtype == torch.bfloat16 else None
     cases = []

@@ -17,6 +17,8 @@ FORMAT = "leanops-bench/1"
 _CSV_METRICS = {
     "median_ms": ("ms", ("p20_ms", "p80_ms"), "p20-p80", "timing_method", None),
     "eager_median_ms": ("ms", None, "", "timing_method", None),
+    "cpu_ms": ("ms", None, "", "timing_method", None),
+    "cpu_speedup_vs_dense": ("x", None, "", "baseline", None),
     "tflops": ("TFLOP/s", None, "", None, None),
     "gbps": ("GB/s", None, "", None, None),
     "pct_of_roofline": ("%", None, "", "roofline_rate", "roofline_reason"),
@@ -115,9 +117,12 @@ KERNEL_COLUMNS = [
     ("op", "op", ""),
     ("provider", "provider", ""),
     ("shape", "shape", ""),
+    ("dtype", "dtype", ""),
     ("median us", "median_us", ".1f"),
     ("p20-p80 us", "spread_us", ""),
     ("t", "timing", ""),
+    ("cpu us", "cpu_us", ".1f"),
+    ("x (cpu)", "cpu_speedup_vs_dense", ".2f"),
     ("TFLOP/s", "tflops", ".2f"),
     ("GB/s", "gbps", ".0f"),
     ("% roof", "pct_of_roofline", ".0f"),
@@ -154,6 +159,7 @@ def _display(row: dict) -> dict:
         "timing": ("G" if timing.startswith("cuda graph") else "E!" if "failed" in timing
                    else "E" if timing.startswith("cuda events") else "C"),
         "mj_per_token": None if row.get("energy_joules_per_token") is None else row["energy_joules_per_token"] * 1e3,
+        "cpu_us": None if row.get("cpu_ms") is None else row["cpu_ms"] * 1e3,
     }
 
 
@@ -170,7 +176,9 @@ def footnotes(rows: list[dict], skipped: list[dict], failed: list[dict], energy:
     """What the table's columns rest on: timing methods, energy source or why none, skips."""
     lines = ["x columns: dense baseline / this row, measured in the same run (higher is better). "
              "t: G = CUDA-graph replay, E = device events with L2 flushed, E! = graph capture failed "
-             "(eager figure kept), C = CPU wall clock."]
+             "(eager figure kept), C = CPU wall clock. cpu us: CPU time of the calling thread per call "
+             "(CPU runs; with one thread, the time the kernel ran whatever else loaded the machine), "
+             "x (cpu): the same ratio on it."]
     if energy is not None:
         if energy.get("source"):
             lines.append(f"energy: {energy['source']} [{energy['kind']}], idle {energy['idle_power_w']:.1f} W "

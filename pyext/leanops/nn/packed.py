@@ -3,7 +3,10 @@ handling, bias, repr, and the serialisation spec that save_quantized / load_quan
 rebuild an empty layer of the right kind before loading its tensors.
 
 A subclass stores its packed weight tensors as buffers (so state_dict, .to(device) and
-safetensors see them) and the bias as a Parameter of the original layer's dtype, implements
+safetensors see them) and the bias as a Parameter of the original layer's dtype. These buffers
+are the only copy of the weight on every device: the CPU kernels (kernels/cpu/) read the stored
+layouts as they are, so no derived layout is built, cached or saved, and nothing is repacked per
+call (tests/test_cpu_backend.py checks it). A subclass implements
 `_matmul(x2d)` and `dequantized_weight()`, returns its constructor arguments from
 `format_args()`, checks its format's stored values in `_check_format` (with the validators of
 leanops.quant / leanops.sparsity.sparse24), and is registered with @register_packed_linear.

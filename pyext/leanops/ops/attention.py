@@ -601,9 +601,9 @@ def _attention_bwd_cpu(grad_out, q, k, v, out, lse, bias, cu_q, cu_k, max_q, max
 
 
 def use_cpu_path(t: torch.Tensor) -> bool:
-    """CPU tensors with no backend forced take the CPU path; use_backend("reference") gives the
-    definition (the tests' ground truth) instead."""
-    return t.device.type == "cpu" and forced_backend() is None
+    """CPU tensors take the CPU path with no backend forced or with use_backend("cpu");
+    use_backend("reference") gives the definition (the tests' ground truth) instead."""
+    return t.device.type == "cpu" and forced_backend() in (None, "cpu")
 
 
 # ---------------------------------------------------------------------------------------------

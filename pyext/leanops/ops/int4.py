@@ -4,6 +4,9 @@ The packed layout is documented in leanops.quant.int4. Numerics every backend fo
 reference below is the definition): the dense weight W = (q - z) * s is formed in the scales'
 dtype (one rounding), converted to x's dtype, and multiplied with fp32 accumulation; then
 out = (acc + bias) rounded once to x's dtype.
+
+CPU kernels (the "cpu" backend, kernels/cpu/) dequantise exactly as the reference (a 16-entry
+table per group holds the rounded values) and differ only in the order of the fp32 sum.
 """
 
 from __future__ import annotations
@@ -68,6 +71,7 @@ _int4_weight_mm_backends = OpBackends(
     reference=_int4_weight_mm_reference,
     triton="leanops.triton.int4_weight_mm:int4_weight_mm",
     cuda_supports=_int4_weight_mm_cuda_supports,
+    cpu=True,
 )
 
 
@@ -125,5 +129,9 @@ def int4_weight_mm(
 
     Raises: ValueError naming the argument for a wrong shape, dtype, layout, group size or
     device.
+
+    On a CPU the dense weight is formed exactly as the reference forms it; only the order of
+    the fp32 sum differs (blocked 16-lane sums for M <= 4, BLAS on dequantised tiles above):
+    an fp32 rounding difference, about K * 2^-24 * sum |x * W| at worst.
     """
     return torch.ops.leanops.int4_weight_mm.default(x, w_packed, scales, zeros, group_size, bias)

@@ -7,13 +7,17 @@ Numerics every backend follows (the reference below is the definition):
   int8_weight_mm  acc = x @ w.T with w converted exactly to x's dtype and fp32 accumulation;
                   out = (acc * w_scale[n] + bias[n]) rounded once to x's dtype.
   quantize_per_token_int8   see leanops.quant.int8.quantize_per_token_int8.
+
+CPU kernels (the "cpu" backend, kernels/cpu/): quantize_per_token_int8, int8_mm and
+int8_dynamic_linear are bit-exact with the references (exact integer sums, the same fp32
+epilogue); int8_weight_mm differs from its reference only in the order of its fp32 sum.
 """
 
 from __future__ import annotations
 
 import torch
 
-from leanops.dispatch import OpBackends
+from leanops.dispatch import OpBackends, forced_backend
 from leanops.ops._autograd import register_weight_only_autograd
 from leanops.ops._checks import (
     CUDA_GEMM_MAX_M,
@@ -52,6 +56,7 @@ _quantize_per_token_backends = OpBackends(
     "quantize_per_token_int8",
     reference=_quantize_per_token_reference,
     triton="leanops.triton.quantize:quantize_per_token_int8",
+    cpu=True,
 )
 
 
@@ -91,6 +96,8 @@ def quantize_per_token_int8(
     NaN and all-zero codes, so the NaN reaches the matmul's output instead of vanishing.
 
     Raises: ValueError naming the argument for a wrong shape, dtype or device.
+
+    Every backend (CPU kernels included) is bit-exact with the reference.
     """
     return torch.ops.leanops.quantize_per_token_int8.default(x, smooth)
 
@@ -150,6 +157,7 @@ _int8_mm_backends = OpBackends(
     reference=_int8_mm_reference,
     triton="leanops.triton.int8_mm:int8_mm",
     cuda_supports=_int8_mm_cuda_supports,
+    cpu=True,
 )
 
 
@@ -218,6 +226,9 @@ def int8_mm(
     Returns: [M, N] in out_dtype.
 
     Raises: ValueError naming the argument for a wrong shape, dtype, layout or device.
+
+    On a CPU (VNNI u8 x s8 dot products, or portable C++) the result is bit-exact with the
+    reference: exact integer sums for any K, then the same fp32 epilogue.
     """
     return torch.ops.leanops.int8_mm.default(a, b, a_scale, b_scale, bias, out_dtype)
 
@@ -248,6 +259,7 @@ _int8_weight_mm_backends = OpBackends(
     "int8_weight_mm",
     reference=_int8_weight_mm_reference,
     triton="leanops.triton.int8_weight_mm:int8_weight_mm",
+    cpu=True,
 )
 
 
@@ -295,6 +307,11 @@ def int8_weight_mm(
     Returns: [M, N] in x's dtype.
 
     Raises: ValueError naming the argument for a wrong shape, dtype, layout or device.
+
+    On a CPU the products x * w are formed exactly as the reference forms them (w converted
+    exactly, fp32 accumulation) and only the order of the fp32 sum differs (blocked 16-lane sums
+    for M <= 4, BLAS on dequantised tiles above): an fp32 rounding difference, about
+    K * 2^-24 * sum |x * w| at worst; 16-bit outputs are almost always bit-identical.
     """
     return torch.ops.leanops.int8_weight_mm.default(x, w, w_scale, bias)
 
@@ -315,10 +332,23 @@ def _check_int8_dynamic_linear(x, w, w_scale, smooth=None, bias=None):
         check_same_device("leanops.int8_dynamic_linear", x=x, smooth=smooth)
 
 
-def _int8_dynamic_linear_impl(x, w, w_scale, smooth=None, bias=None):
-    _check_int8_dynamic_linear(x, w, w_scale, smooth, bias)
+def _int8_dynamic_linear_composed(x, w, w_scale, smooth=None, bias=None):
     q, q_scale = torch.ops.leanops.quantize_per_token_int8.default(x, smooth)
     return torch.ops.leanops.int8_mm.default(q, w, q_scale, w_scale, bias, x.dtype)
+
+
+# Only the CPU backend has this layer as one kernel (quantising straight into the GEMM's
+# operand, one op call); everywhere else it is the two ops, each dispatched on its own.
+_int8_dynamic_linear_backends = OpBackends(
+    "int8_dynamic_linear", reference=_int8_dynamic_linear_composed, cpu=True
+)
+
+
+def _int8_dynamic_linear_impl(x, w, w_scale, smooth=None, bias=None):
+    _check_int8_dynamic_linear(x, w, w_scale, smooth, bias)
+    if x.device.type == "cpu" and forced_backend() in (None, "cpu"):
+        return _int8_dynamic_linear_backends(x, w, w_scale, smooth, bias)
+    return _int8_dynamic_linear_composed(x, w, w_scale, smooth, bias)
 
 
 register(
@@ -369,5 +399,7 @@ def int8_dynamic_linear(
     grad @ (W * smooth) (the rounding itself has none) and bias its sum; the weight is frozen.
 
     Raises: ValueError naming the argument for a wrong shape, dtype, layout or device.
+
+    On a CPU it runs as one fused kernel, bit-exact with the two ops.
     """
     return torch.ops.leanops.int8_dynamic_linear.default(x, w, w_scale, smooth, bias)

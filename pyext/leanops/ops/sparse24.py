@@ -24,6 +24,10 @@ Backends (cuda -> triton -> reference, see leanops.dispatch):
                     `_sparse24_int4_mm_cuda_supports` says why not otherwise and the call goes
                     to Triton (fp32 x, scales in another dtype, K % 64 != 0). "triton": every
                     dtype and K.
+
+On CPU tensors both take the "cpu" backend (kernels/cpu/): the dense weight is formed exactly as
+the references form it (kept values placed by the metadata rule, int4 through a table of the
+rounded values) and only the order of the fp32 sum differs.
 """
 
 from __future__ import annotations
@@ -122,6 +126,7 @@ _sparse24_mm_backends = OpBackends(
     reference=_sparse24_mm_reference,
     triton="leanops.triton.sparse24_mm:sparse24_mm",
     cuda_supports=_sparse24_mm_cuda_supports,
+    cpu=True,
 )
 
 
@@ -170,6 +175,9 @@ def sparse24_mm(
     Returns: [M, N] in x's dtype.
 
     Raises: ValueError naming the argument for a wrong shape, dtype, layout or device.
+
+    On a CPU only the order of the fp32 sum differs from the reference (an fp32 rounding
+    difference).
     """
     return torch.ops.leanops.sparse24_mm.default(x, values, meta, bias)
 
@@ -216,6 +224,7 @@ _sparse24_int4_mm_backends = OpBackends(
     reference=_sparse24_int4_mm_reference,
     triton="leanops.triton.sparse24_mm:sparse24_int4_mm",
     cuda_supports=_sparse24_int4_mm_cuda_supports,
+    cpu=True,
 )
 
 
@@ -281,6 +290,9 @@ def sparse24_int4_mm(
 
     Raises: ValueError naming the argument for a wrong shape, dtype, layout, group size or
     device.
+
+    On a CPU only the order of the fp32 sum differs from the reference (an fp32 rounding
+    difference).
     """
     return torch.ops.leanops.sparse24_int4_mm.default(
         x, values, meta, scales, zeros, group_size, bias

@@ -69,7 +69,9 @@ def _extensions():
     # C++20: the headers of torch >= 2.10 need it (std::strong_ordering, string_view::starts_with).
     # -g0 overrides the -g in Python's own CFLAGS: host debug info of the torch headers makes
     # each object ~30x bigger (a 6 MB _C.so for one op) and the compile ~20% slower.
-    cxx_flags = ["-O3", "-std=c++20", "-g0"]
+    # -ffp-contract=off: no fused multiply-add where the source has a multiply and an add (the
+    # CPU kernels' epilogues must round each operation as the fp32 references do).
+    cxx_flags = ["-O3", "-std=c++20", "-g0", "-ffp-contract=off"]
     if cuda_home:
         archs = _cuda_archs()
         nvcc_flags = [

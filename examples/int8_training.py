@@ -92,6 +92,7 @@ class SwiGLU(nn.Module):
 
 def bench_mlp(dim=4096, hidden=14336, tokens=8192, dtype=torch.bfloat16, energy=True):
     """Median ms (and J) of one forward + backward of a SwiGLU MLP, bf16 vs int8 training."""
+    from leanops.bench.energy import energy_fields
     from leanops.bench.timing import time_fn
 
     device = torch.device("cuda")
@@ -109,13 +110,7 @@ def bench_mlp(dim=4096, hidden=14336, tokens=8192, dtype=torch.bfloat16, energy=
             model(x).backward(dy)
         row = {"ms": time_fn(step, device, warmup_ms=200, rep_ms=1000).median_ms}
         if energy:
-            try:
-                from leanops.bench.energy import measure_energy
-
-                e = measure_energy(step, device)
-                row["joules"], row["energy_reason"] = e.joules_per_call, e.reason
-            except Exception as exc:
-                row["joules"], row["energy_reason"] = None, f"{type(exc).__name__}: {exc}"
+            row.update(energy_fields(step, device))
         rows[name] = row
     rows["speedup"] = rows["bf16 F.linear"]["ms"] / rows["int8 training"]["ms"]
     flops = 3 * 2 * 3 * tokens * dim * hidden  # 3 matmuls fwd, x3 for fwd + 2 bwd

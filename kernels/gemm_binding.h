@@ -105,7 +105,7 @@ inline void check_sparse24_x(const char* op, const at::Tensor& x, int64_t k_mult
 
 // The 2:4 metadata: uint8 [N, K/8] (two 4-bit group codes per byte), contiguous, on x's device.
 // The codes themselves are not re-checked here (a full pass per call): they are validated where
-// a weight enters the library (leanops.sparsity.format.check_meta).
+// a weight enters the library (leanops.sparsity.sparse24.check_meta).
 inline void check_sparse24_meta(const char* op, const at::Tensor& meta, const at::Tensor& x,
                                 int64_t n, int64_t k) {
   check_on_device(op, "meta", meta, x);
@@ -127,6 +127,15 @@ inline void check_sparse24_bias(const char* op, const std::optional<at::Tensor>&
                     ": bias must have a floating-point dtype; got ", b.scalar_type());
   TORCH_CHECK_VALUE(b.dim() == 1 && b.size(0) == n, op, ": bias must have shape [N] = [", n,
                     "]; got ", b.sizes());
+}
+
+// The dense GEMMs launch (N tiles, M tiles, splits) blocks: gridDim.y is at most 65535, so M is
+// bounded by 65535 row tiles of the chosen config (the public op's cuda_supports rule routes
+// larger M to Triton; this catches direct calls and forced configs).
+inline void check_row_tiles(const char* op, int64_t m, int64_t m_tiles) {
+  TORCH_CHECK_VALUE(m_tiles <= 65535, op, ": M = ", m, " needs ", m_tiles,
+                    " row tiles with this tile config; a launch takes at most 65535 (the Triton "
+                    "backend takes larger M)");
 }
 
 inline int sm_count(int device) {

@@ -25,11 +25,6 @@ namespace {
 
 constexpr const char* kOp = "leanops_C::int4_weight_mm";
 
-void check_on(const at::Tensor& t, const char* name, const at::Tensor& x) {
-  TORCH_CHECK_VALUE(t.device() == x.device(), kOp, ": ", name, " must be on x's device (",
-                    x.device(), "); got ", t.device());
-}
-
 at::Tensor int4_weight_mm_cuda(const at::Tensor& x_arg, const at::Tensor& w_packed,
                                const at::Tensor& scales, const std::optional<at::Tensor>& zeros,
                                int64_t group_size, const std::optional<at::Tensor>& bias_arg) {
@@ -66,17 +61,17 @@ at::Tensor int4_weight_mm_cuda(const at::Tensor& x_arg, const at::Tensor& w_pack
                       kOp, ": zeros must be contiguous uint8 [N, K/group_size] = [", n, ", ",
                       groups, "] or None; got ", zeros->scalar_type(), " of shape ",
                       zeros->sizes());
-    check_on(*zeros, "zeros", x_arg);
+    leanops::binding::check_on_device(kOp, "zeros", *zeros, x_arg);
   }
   if (bias_arg.has_value()) {
     TORCH_CHECK_VALUE(at::isFloatingType(bias_arg->scalar_type()) && bias_arg->dim() == 1 &&
                           bias_arg->size(0) == n,
                       kOp, ": bias must be a float [N] = [", n, "] or None; got ",
                       bias_arg->scalar_type(), " of shape ", bias_arg->sizes());
-    check_on(*bias_arg, "bias", x_arg);
+    leanops::binding::check_on_device(kOp, "bias", *bias_arg, x_arg);
   }
-  check_on(w_packed, "w_packed", x_arg);
-  check_on(scales, "scales", x_arg);
+  leanops::binding::check_on_device(kOp, "w_packed", w_packed, x_arg);
+  leanops::binding::check_on_device(kOp, "scales", scales, x_arg);
 
   const c10::cuda::CUDAGuard device_guard(x_arg.device());
   const int device = x_arg.device().index();
@@ -104,6 +99,7 @@ at::Tensor int4_weight_mm_cuda(const at::Tensor& x_arg, const at::Tensor& w_pack
   const leanops::Int4WeightMmPlan plan =
       leanops::plan_int4_weight_mm(m, n, k, leanops::binding::sm_count(device),
                                  ovr.config, ovr.splits);
+  leanops::binding::check_row_tiles(kOp, m, plan.m_tiles);
   at::Tensor workspace;
   if (plan.workspace_elems > 0) {
     workspace = at::empty({plan.workspace_elems}, x_arg.options().dtype(at::kFloat));

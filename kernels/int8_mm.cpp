@@ -93,6 +93,7 @@ at::Tensor int8_mm_cuda(const at::Tensor& a_arg, const at::Tensor& b, const at::
   const leanops::Int8MmPlan plan =
       leanops::plan_int8_mm(m, n, k, leanops::binding::sm_count(device),
                                  ovr.config, ovr.splits);
+  leanops::binding::check_row_tiles(kOp, m, plan.m_tiles);
   at::Tensor workspace;
   if (plan.workspace_elems > 0) {
     workspace = at::empty({plan.workspace_elems}, a_arg.options().dtype(at::kInt));

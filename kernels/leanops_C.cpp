@@ -4,10 +4,12 @@
 // defined in Python, in leanops/ops/, so they exist even when this extension is missing. When
 // leanops.dispatch picks the "cuda" backend it calls torch.ops.leanops_C.<op>(*args) with exactly
 // the public op's arguments, so each schema here must match its public twin argument for
-// argument. All leanops_C schemas live here, in one place; each kernels/<op>.cpp only adds
+// argument. All leanops_C op schemas live here, in one place (the one exception is the test hook
+// _gemm_plan, kernels/gemm_plan.cpp: no kernel, no public twin); each kernels/<op>.cpp only adds
 // implementations (TORCH_LIBRARY_IMPL) for the dispatch keys it has kernels for, guarded by
 // LEANOPS_WITH_CUDA for the CUDA ones, so a CppExtension build (no toolkit) still compiles and
-// imports, with schemas but no CUDA kernels.
+// imports, with schemas but no CUDA kernels; kernels/cpu/bindings.cpp adds the CPU kernels of
+// every build (the "cpu" backend).
 //
 // No pybind11: the module has no functions, only two attributes, and the pybind11 headers (via
 // torch/extension.h) would cost seconds of compile time per translation unit. Loading the shared
@@ -28,14 +30,20 @@ TORCH_LIBRARY(leanops_C, m) {
   m.def(
       "int8_mm(Tensor a, Tensor b, Tensor a_scale, Tensor b_scale, Tensor? bias=None, "
       "ScalarType? out_dtype=None) -> Tensor");
+  // W8A16 GEMM and the fused dynamic W8A8 linear layer (CPU only: kernels/cpu/bindings.cpp;
+  // on GPUs they run on Triton, and int8_dynamic_linear as quantize_per_token_int8 + int8_mm).
+  m.def("int8_weight_mm(Tensor x, Tensor w, Tensor w_scale, Tensor? bias=None) -> Tensor");
+  m.def(
+      "int8_dynamic_linear(Tensor x, Tensor w, Tensor w_scale, Tensor? smooth=None, "
+      "Tensor? bias=None) -> Tensor");
   // W4A16 GEMM (kernels/int4_weight_mm.cpp) on the stored int4 layout of leanops.quant.int4.
   m.def(
       "int4_weight_mm(Tensor x, Tensor w_packed, Tensor scales, Tensor? zeros, int group_size, "
       "Tensor? bias=None) -> Tensor");
-  // 2:4 sparse GEMM (kernels/sparse24_mm.cpp) on the stored format of leanops.sparsity.format.
+  // 2:4 sparse GEMM (kernels/sparse24_mm.cpp) on the stored format of leanops.sparsity.sparse24.
   m.def("sparse24_mm(Tensor x, Tensor values, Tensor meta, Tensor? bias=None) -> Tensor");
   // 2:4 sparse + int4 kept values (kernels/sparse24_int4_mm.cpp), the format of
-  // leanops.sparsity.format.compress_24_int4.
+  // leanops.sparsity.sparse24.compress_24_int4.
   m.def(
       "sparse24_int4_mm(Tensor x, Tensor values, Tensor meta, Tensor scales, Tensor? zeros, "
       "int group_size, Tensor? bias=None) -> Tensor");

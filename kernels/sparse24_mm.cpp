@@ -7,7 +7,7 @@
 // checks are repeated here because torch.ops.leanops_C.sparse24_mm is callable directly and a
 // bad pointer in a kernel is a crash, not an exception. The metadata codes themselves are not
 // re-checked (a full pass over meta per call): they are validated where a weight enters the
-// library (leanops.sparsity.format.check_meta).
+// library (leanops.sparsity.sparse24.check_meta).
 
 #ifdef LEANOPS_WITH_CUDA
 

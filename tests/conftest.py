@@ -27,6 +27,18 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_cuda)
 
 
+@pytest.fixture(autouse=True)
+def _cuda_kernels(request):
+    """Tests marked cuda_kernels("op", ...) run leanops' CUDA C++ kernels: skipped without a GPU,
+    failed on a GPU machine whose CUDA backend cannot run them (a broken build must not turn into
+    skips), except where that is deliberate (helpers.require_cuda_kernels)."""
+    marker = request.node.get_closest_marker("cuda_kernels")
+    if marker is not None:
+        from helpers import require_cuda_kernels
+
+        require_cuda_kernels(*marker.args)
+
+
 @pytest.fixture
 def interpreter():
     """Tests that run Triton kernels on CPU tensors through the interpreter."""

@@ -9,7 +9,7 @@ of PyTorch's same-dtype matmul against an fp64 evaluation, plus one ulp at the l
 import leanops
 import torch
 import torch.nn.functional as F
-from helpers import poisoned_memory
+from helpers import assert_2x_rule, assert_written, poisoned_memory
 from leanops.quant import dequantize_int4, quantize_int4
 
 DEV = "cuda"
@@ -29,31 +29,6 @@ def reference(fn, *args):
         return fn(*args)
 
 
-def ulp(ref, dtype):
-    fi = torch.finfo(dtype)
-    mag = ref.double().abs().clamp_min(fi.tiny)
-    return torch.exp2(torch.floor(torch.log2(mag))) * fi.eps
-
-
-def assert_written(got, want):
-    assert torch.equal(got.isnan(), want.isnan()), "NaN pattern differs: an output was not written?"
-
-
-def assert_within_ulp(got, want):
-    assert_written(got, want)
-    assert got.dtype == want.dtype
-    diff = (got.double() - want.double()).abs()
-    bad = diff > ulp(want, want.dtype)
-    assert not bad.any(), f"{bad.sum().item()} outputs off by > 1 ulp (max {diff.max():.3g})"
-
-
-def assert_2x_rule(got, ref64, same_dtype, dtype):
-    err = (got.double() - ref64).abs().max().item()
-    base = (same_dtype.double() - ref64).abs().max().item()
-    floor = torch.finfo(dtype).eps * ref64.abs().max().item()
-    assert err <= 2 * base + floor, f"error {err:.3g} vs PyTorch {base:.3g} (+ floor {floor:.3g})"
-
-
 def assert_matches_dense(got, x, dense, bias):
     """got = x @ dense^T + bias from a kernel (dense: the decompressed weight in x's dtype):
     every output written (no NaN poison left), and the 2x rule against an fp64 evaluation."""
@@ -62,7 +37,10 @@ def assert_matches_dense(got, x, dense, bias):
     ref64 = x.double() @ dense.double().t()
     if bias is not None:
         ref64 = ref64 + bias.double()
-    assert_2x_rule(got, ref64, F.linear(x, dense, bias), x.dtype)
+    # The same-dtype baseline is what a user would call: F.linear takes the bias in x's dtype
+    # only (an fp32 bias with bf16 x raises), so it gets the bias converted to x's dtype.
+    same = F.linear(x, dense, None if bias is None else bias.to(x.dtype))
+    assert_2x_rule(got, ref64, same, x.dtype)
 
 
 def strided_views(x):

@@ -1,8 +1,11 @@
-"""The attention op family (issue 5) at the op and module level: the reference's semantics
-against PyTorch's own attention, the masks' one home (leanops.ops.attention.visible), argument
-errors that name the argument, opcheck of every op on the reference and (interpreter) Triton
-backends, torch.compile without graph breaks, leanops.nn.MultiheadAttention against
-torch.nn.MultiheadAttention, and the Hugging Face transformers registration.
+"""The attention op family (issue 5) at the op and module level: the semantics against PyTorch's
+own attention (the definition, use_backend("reference"), and the automatic CPU path), SDPA's
+layouts (3-D / 2-D inputs, several and broadcast batch dims) and a value head dim other than the
+query/key one (issue 15), the masks' one home (leanops.ops.attention.visible), argument errors
+that name the argument before any arithmetic on the shapes, opcheck of every op on the
+reference, the CPU path and (interpreter) Triton backends, torch.compile without graph breaks,
+leanops.nn.MultiheadAttention against torch.nn.MultiheadAttention, and the Hugging Face
+transformers registration (Llama with GQA, DeepSeek-V3's multi-head latent attention).
 The kernels' numerics are in tests/test_attention_triton.py (interpreter) and
 tests/test_attention_cuda.py (GPU)."""
 
@@ -20,9 +23,9 @@ from torch.nn.attention.bias import causal_lower_right
 pytestmark = pytest.mark.filterwarnings("ignore:tl.make_block_ptr is deprecated")
 
 
-def _qkv(b=2, hq=4, hkv=2, sq=7, sk=9, d=16, dtype=torch.float32, grad=False):
-    return tuple(torch.randn(b, h, s, d, dtype=dtype, requires_grad=grad)
-                 for h, s in ((hq, sq), (hkv, sk), (hkv, sk)))
+def _qkv(b=2, hq=4, hkv=2, sq=7, sk=9, d=16, dtype=torch.float32, grad=False, dv=None):
+    return tuple(torch.randn(b, h, s, e, dtype=dtype, requires_grad=grad)
+                 for h, s, e in ((hq, sq, d), (hkv, sk, d), (hkv, sk, d if dv is None else dv)))
 
 
 # ------------------------------------------------------------------------ semantics
@@ -111,6 +114,98 @@ def test_output_keeps_q_layout_and_empty_inputs_work():
     assert (leanops.attention(*_qkv(sk=0)) == 0).all()
 
 
+# ----------------------------------------------------------- SDPA's layouts, Dv != D (issue 15)
+
+
+def _t(*shape, grad=True):
+    return torch.randn(*shape, dtype=torch.float64, requires_grad=grad)
+
+
+# name -> (q, k, v shapes, enable_gqa for SDPA); every one was refused before issue 15
+LAYOUTS = {
+    "3d-heads": ((4, 7, 16), (2, 9, 16), (2, 9, 16), True),
+    "2d": ((7, 16), (9, 16), (9, 16), False),
+    "5d": ((2, 3, 4, 7, 16), (2, 3, 2, 9, 16), (2, 3, 2, 9, 16), True),
+    "k-v-batch-1": ((3, 4, 7, 16), (1, 4, 9, 16), (1, 4, 9, 16), False),
+    "q-batch-1": ((1, 4, 7, 16), (3, 2, 9, 16), (3, 2, 9, 16), True),
+    "k-v-3d-q-4d": ((3, 4, 7, 16), (4, 9, 16), (4, 9, 16), False),
+    "two-batch-dims-broadcast": ((2, 1, 4, 7, 16), (1, 3, 4, 9, 16), (2, 3, 4, 9, 16), False),
+    "q-one-head": ((2, 1, 7, 16), (2, 4, 9, 16), (2, 4, 9, 16), False),
+    "k-one-head-v-four": ((2, 4, 7, 16), (2, 1, 9, 16), (2, 4, 9, 16), False),
+    "dv-12": ((2, 4, 7, 16), (2, 2, 9, 16), (2, 2, 9, 12), True),
+    "dv-mla-192-128": ((1, 2, 5, 192), (1, 2, 6, 192), (1, 2, 6, 128), False),
+    "3d-dv-24": ((4, 7, 16), (4, 9, 16), (4, 9, 24), False),
+}
+
+
+def _sdpa_case(name, mask):
+    """q, k, v (fp64 leaves), leanops' keyword arguments and F.scaled_dot_product_attention's, on
+    which the two agree: no mask, a broadcast additive mask, or causal with Sq == Sk (SDPA's
+    top-left is_causal is leanops' bottom-right there)."""
+    qs, ks, vs, gqa = LAYOUTS[name]
+    if mask == "causal":
+        ks, vs = (*ks[:-2], qs[-2], ks[-1]), (*vs[:-2], qs[-2], vs[-1])
+    q, k, v = _t(*qs), _t(*ks), _t(*vs)
+    ours, theirs = {}, {"enable_gqa": gqa}
+    if mask == "causal":
+        ours["causal"] = theirs["is_causal"] = True
+    elif mask == "additive":  # one row per query, broadcast over every batch dim and head
+        m = torch.randn(qs[-2], ks[-2], dtype=torch.float64)
+        ours["attn_mask"] = theirs["attn_mask"] = m
+    return q, k, v, ours, theirs
+
+
+@pytest.mark.parametrize("backend", [None, "reference"], ids=["cpu-path", "reference"])
+@pytest.mark.parametrize("mask", ["none", "additive", "causal"])
+@pytest.mark.parametrize("name", sorted(LAYOUTS))
+def test_sdpa_layouts_and_value_head_dims_match_sdpa(name, mask, backend):
+    """What SDPA takes, leanops takes: output and gradients equal SDPA's (float64 inputs, so any
+    difference is the layout handling, not rounding)."""
+    q, k, v, ours, theirs = _sdpa_case(name, mask)
+    with leanops.use_backend(backend):
+        got = leanops.attention(q.float(), k.float(), v.float(), **{
+            key: val.float() if isinstance(val, torch.Tensor) else val for key, val in ours.items()})
+    want = F.scaled_dot_product_attention(q, k, v, **theirs)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got.double(), want, rtol=2e-5, atol=2e-5)
+    g = torch.randn_like(want)
+    got_g = torch.autograd.grad(got, (q, k, v), g.float())
+    want_g = torch.autograd.grad(want, (q, k, v), g)
+    for name_, a, b in zip("qkv", got_g, want_g, strict=True):
+        assert a.shape == b.shape, name_
+        torch.testing.assert_close(a.double(), b, rtol=2e-5, atol=2e-5, msg=name_)
+
+
+def test_mask_over_several_batch_dims_matches_sdpa():
+    q, k, v = (torch.randn(2, 3, h, s, 16) for h, s in ((4, 7), (2, 9), (2, 9)))
+    mask = torch.rand(3, 1, 7, 9) > 0.3  # broadcast over the first batch dim and the heads
+    mask[..., 0] = True
+    got = leanops.attention(q, k, v, attn_mask=mask)
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_causal_value_head_dim_differs_matches_causal_lower_right():
+    q, k, v = _qkv(sq=5, sk=9, dv=12, grad=True)
+    got = leanops.attention(q, k, v, causal=True)
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(5, 9),
+                                          enable_gqa=True)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(got)
+    torch.testing.assert_close(torch.autograd.grad(got, (q, k, v), g),
+                               torch.autograd.grad(want, (q, k, v), g), rtol=1e-5, atol=1e-5)
+
+
+def test_value_head_dim_decode_and_int8_shapes():
+    """The decode and int8 ops follow v's head dim too (values: test_attention_triton.py and
+    test_attention_cpu.py)."""
+    q, k, v = _qkv(sq=1, sk=9, dv=12)
+    assert leanops.attention_decode(q, k, v).shape == (2, 4, 1, 12)
+    qh, kh, vh = _qkv(sq=5, sk=9, dv=12, dtype=torch.float16)
+    assert leanops.attention_int8(qh, kh, vh).shape == (2, 4, 5, 12)
+    assert leanops.attention_int8(qh[0], kh[0], vh[0]).shape == (4, 5, 12)  # 3-D, as attention
+
+
 # ------------------------------------------------------------------------- argument errors
 
 
@@ -118,31 +213,46 @@ def _bad_calls():
     q, k, v = _qkv()
     cu = torch.tensor([0, 3, 7], dtype=torch.int32)
     t = torch.randn(7, 4, 16)
+    q0, k0, v0 = _qkv(d=0)
+    h0 = _qkv(d=0, dtype=torch.float16)
     return [
         (lambda: leanops.attention(q, k.half(), v), r"k must have q's dtype torch.float32"),
         (lambda: leanops.attention(q.double(), k.double(), v.double()), r"q must have dtype float16, bfloat16, float32; got torch.float64"),
-        (lambda: leanops.attention(q[0], k, v), r"q must be 4-D \[B, H, S, D\]"),
+        (lambda: leanops.attention(q[0, 0, 0], k, v), r"attention: q must be \[\.\.\., S, D\]"),
         (lambda: leanops.attention(q, k[..., :8], v), r"k must have q's head dim 16"),
-        (lambda: leanops.attention(q, k, v[:, :, :5]), r"v must have k's shape"),
+        (lambda: leanops.attention(q, k, v[:, :, :5]), r"v must have k's length 9"),
         (lambda: leanops.attention(q[:, :3], k, v), r"heads of q \(3\) must be a multiple of that of k and v \(2\)"),
-        (lambda: leanops.attention(q, k[:1], v[:1]), r"k must have q's batch size 2"),
+        (lambda: leanops.attention(q, *_qkv(b=3)[1:]), r"batch dims of q \(2,\), k \(3,\) and v \(3,\)"),
+        (lambda: leanops.attention(q, k, torch.randn(2, 3, 9, 16)), r"k and v must have the same number of heads \(dim -3\), or one of them 1; got 2 and 3"),
         (lambda: leanops.attention(*_qkv(d=272)), r"q has head dim 272, which is not supported"),
-        (lambda: leanops.attention(q, k, v, attn_mask=torch.ones(7, 8, dtype=torch.bool)), r"bias \(attn_mask\) must be broadcastable to \[B, Hq, Sq, Sk\] = \(2, 4, 7, 9\)"),
+        (lambda: leanops.attention(q, k, v, attn_mask=torch.ones(7, 8, dtype=torch.bool)), r"attn_mask must be broadcastable to \[\*batch, Hq, Sq, Sk\] = \(2, 4, 7, 9\)"),
+        (lambda: leanops.attention(q, k, v, attn_mask=torch.ones(3, 1, 7, 9, dtype=torch.bool)), r"attn_mask must be broadcastable"),
         (lambda: leanops.attention(q, k, v, attn_mask=torch.ones(7, 9, dtype=torch.int32)), r"attn_mask must be bool"),
         (lambda: leanops.attention(q, k, v, window=(-2, 0)), r"window must be \(left, right\)"),
         (lambda: leanops.attention(q, k, v, softcap=-1.0), r"softcap must be a positive float"),
+        (lambda: leanops.attention(q, k, v, scale="0.1x"), r"attention: scale must be a finite float or None, got '0.1x'"),
         (lambda: leanops.attention(q, k, v.to("meta")), r"q is on cpu but v is on meta"),
         (lambda: leanops.attention_varlen(t, t, t, cu.long(), cu, 4, 4), r"cu_seqlens_q must have dtype int32"),
         (lambda: leanops.attention_varlen(t, t, t, cu, cu[:2], 4, 4), r"cu_seqlens_q and cu_seqlens_k must both be \[B \+ 1\]"),
         (lambda: leanops.attention_varlen(q, k, v, cu, cu, 4, 4), r"q must be 3-D \[T, H, D\] \(varlen\)"),
+        (lambda: leanops.attention_varlen(t, t, t[:5], cu, cu, 4, 4), r"v must have k's shape but for the head dim, \(7, 4\)"),
         (lambda: leanops.attention_decode(q, k, v, torch.tensor([1, 2])), r"cache_seqlens must have dtype int32"),
         (lambda: leanops.attention_decode(q, k, v, None, torch.zeros(2, 3, dtype=torch.int32)), r"cache_seqlens is required with a block_table"),
         (lambda: leanops.attention_decode(q, k, v, torch.ones(2, dtype=torch.int32), torch.zeros(3, 3, dtype=torch.int32)), r"block_table must be \[B, max_pages\] with q's batch 2"),
-        (lambda: leanops.attention_int8(q, k, v), r"attention_int8: q must have dtype float16, bfloat16"),
+        (lambda: leanops.attention_decode(q, k, v[:, :, :5]), r"v_cache must have k_cache's shape but for the head dim"),
+        (lambda: leanops.attention_int8(q.double(), k.double(), v.double()), r"attention_int8: q must have dtype float16, bfloat16, float32; got torch.float64"),
+        # issue 15: a head dim of 0 is named in every entry point, before the default scale
+        # 1/sqrt(D) divides by it (it was a ZeroDivisionError)
+        (lambda: leanops.attention(q0, k0, v0), r"attention: q has head dim 0, which is not supported; leanops attention supports head dims 1 to 256"),
+        (lambda: leanops.attention(q, k, v[..., :0]), r"attention: v has head dim 0"),
+        (lambda: leanops.attention_varlen(t[..., :0], t[..., :0], t[..., :0], cu, cu, 4, 4), r"attention_fwd: q has head dim 0"),
+        (lambda: leanops.attention_decode(q0, k0, v0), r"attention_decode: q has head dim 0"),
+        (lambda: leanops.attention_int8(*h0), r"attention_int8: q has head dim 0"),
+        (lambda: ops.attention_fwd(q0, k0, v0), r"attention_fwd: q has head dim 0"),
     ]
 
 
-@pytest.mark.parametrize("i", range(20))
+@pytest.mark.parametrize("i", range(len(_bad_calls())))
 def test_bad_arguments_raise_naming_the_argument(i):
     call, message = _bad_calls()[i]
     with pytest.raises(ValueError, match=message):
@@ -154,7 +264,7 @@ def test_bad_arguments_are_caught_at_trace_time_too():
     v = v[:, :, :3].contiguous()
     with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
         fq, fk, fv = (mode.from_tensor(t) for t in (q, k, v))
-        with pytest.raises(ValueError, match="v must have k's shape"):
+        with pytest.raises(ValueError, match="v must have k's length 9"):
             leanops.attention(fq, fk, fv)
 
 
@@ -174,77 +284,112 @@ def test_decode_is_inference_only():
 # -------------------------------------------------------------------------------- opcheck
 
 
-def _varlen_args(grad):
+def _varlen_args(grad, dv=16):
     cu_q = torch.tensor([0, 2, 7], dtype=torch.int32)
     cu_k = torch.tensor([0, 4, 9], dtype=torch.int32)
     q = torch.randn(7, 4, 16, requires_grad=grad)
-    k, v = (torch.randn(9, 2, 16, requires_grad=grad) for _ in range(2))
+    k = torch.randn(9, 2, 16, requires_grad=grad)
+    v = torch.randn(9, 2, dv, requires_grad=grad)
     return (q, k, v, None, cu_q, cu_k, 5, 5, 0.25, -1, 0, 0.0)
 
 
-def _fwd_args(grad, bias=False, dtype=torch.float32, **kw):
-    q, k, v = _qkv(sq=5, sk=6, dtype=dtype, grad=grad)
+def _fwd_args(grad, bias=False, dtype=torch.float32, dv=None, **kw):
+    q, k, v = _qkv(sq=5, sk=6, dtype=dtype, grad=grad, dv=dv)
     b = torch.randn(2, 1, 5, 6, dtype=dtype) if bias else None
     return (q, k, v, b, None, None, 0, 0, 0.25, kw.get("wl", -1), kw.get("wr", 0), kw.get("cap", 0.0))
 
 
-def _bwd_args():
-    q, k, v = _qkv(sq=5, sk=6)
+def _bwd_args(dv=None):
+    q, k, v = _qkv(sq=5, sk=6, dv=dv)
     with leanops.use_backend("reference"):
         out, lse = ops.attention_fwd(q, k, v, window_right=0, scale=0.25)
     return (torch.randn_like(out), q, k, v, out, lse, None, None, None, 0, 0, 0.25, -1, 0, 0.0)
 
 
-def _decode_args():
+def _int8_bwd_args(dv=None):
+    q, k, v = _qkv(sq=5, sk=70, dtype=torch.float16, dv=dv)
+    with leanops.use_backend("reference"):
+        out, lse = torch.ops.leanops.attention_int8(q, k, v, None, None, None, 0, 0, 0.25, -1, 0,
+                                                    0.0, True)
+    return (torch.randn_like(out), q, k, v, out, lse, None, None, None, 0, 0, 0.25, -1, 0, 0.0,
+            True)
+
+
+def _decode_args(dv=16):
     q = torch.randn(2, 4, 2, 16, dtype=torch.float16)
-    k, v = (torch.randn(5, 2, 4, 16, dtype=torch.float16) for _ in range(2))
+    k = torch.randn(5, 2, 4, 16, dtype=torch.float16)
+    v = torch.randn(5, 2, 4, dv, dtype=torch.float16)
     table = torch.tensor([[4, 0], [1, 2]], dtype=torch.int32)
     return (q, k, v, torch.tensor([7, 3], dtype=torch.int32), table, 0.25, -1, 0, 0.0)
 
 
+def _bshd(args):
+    """q, k, v of an attention_fwd argument tuple as [B, H, S, D] views of [B, S, H, D] memory."""
+    q, k, v = (t.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_(t.requires_grad)
+               for t in args[:3])
+    return (q, k, v, *args[3:])
+
+
+# case -> (op, arguments); "dv" cases have a value head dim other than the query/key one
 OPCHECK_CASES = {
-    "attention_fwd": lambda: _fwd_args(False),
-    "attention_fwd_grad": lambda: _fwd_args(True, wl=2, cap=3.0),
-    "attention_fwd_bias_grad": lambda: _fwd_args(True, bias=True, wr=-1),
-    "attention_fwd_varlen_grad": lambda: _varlen_args(True),
-    "attention_fwd_short_q_grad": lambda: (*_qkv(sq=2, sk=6, grad=True), None, None, None, 0, 0, 0.25, -1, 0, 0.0),
-    "attention_bwd": _bwd_args,
-    "attention_decode": _decode_args,
-    "attention_int8": lambda: (*_qkv(sq=5, sk=70, dtype=torch.float16), 0.25, -1, 0, 0.0, True),
+    "fwd": ("attention_fwd", lambda: _fwd_args(False)),
+    "fwd_grad": ("attention_fwd", lambda: _fwd_args(True, wl=2, cap=3.0)),
+    "fwd_bias_grad": ("attention_fwd", lambda: _fwd_args(True, bias=True, wr=-1)),
+    "fwd_varlen_grad": ("attention_fwd", lambda: _varlen_args(True)),
+    "fwd_short_q_grad": ("attention_fwd", lambda: (*_qkv(sq=2, sk=6, grad=True), None, None, None, 0, 0, 0.25, -1, 0, 0.0)),
+    "fwd_dv_grad": ("attention_fwd", lambda: _fwd_args(True, dv=24, wl=3)),
+    "fwd_dv_bshd_grad": ("attention_fwd", lambda: _bshd(_fwd_args(True, dv=8, bias=True))),
+    "fwd_dv_varlen_grad": ("attention_fwd", lambda: _varlen_args(True, dv=24)),
+    "bwd": ("attention_bwd", _bwd_args),
+    "bwd_dv": ("attention_bwd", lambda: _bwd_args(dv=8)),
+    "decode": ("attention_decode", _decode_args),
+    "decode_dv": ("attention_decode", lambda: _decode_args(dv=24)),
+    "int8": ("attention_int8", lambda: (*_qkv(sq=5, sk=70, dtype=torch.float16), None, None, None, 0, 0, 0.25, -1, 0, 0.0, True)),
+    "int8_dv": ("attention_int8", lambda: (*_qkv(sq=5, sk=70, dtype=torch.float16, dv=8), None, None, None, 0, 0, 0.25, -1, 0, 0.0, True)),
+    "int8_grad": ("attention_int8", lambda: (*_fwd_args(True, dtype=torch.float16, wl=2, cap=3.0), True)),
+    "int8_dv_bias_grad": ("attention_int8", lambda: (*_fwd_args(True, bias=True, dv=24, wr=-1), False)),
+    "int8_varlen_grad": ("attention_int8", lambda: (*_varlen_args(True), True)),
+    "int8_bwd": ("attention_int8_bwd", _int8_bwd_args),
+    "int8_bwd_dv": ("attention_int8_bwd", lambda: _int8_bwd_args(dv=8)),
 }
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+# None: the automatic choice, the CPU path on these CPU tensors
+@pytest.mark.parametrize("backend", ["reference", None, "triton"], ids=["reference", "cpu-path", "triton"])
 @pytest.mark.parametrize("case", sorted(OPCHECK_CASES))
 def test_opcheck(case, backend, request):
     if backend == "triton":
         request.getfixturevalue("interpreter")
-    name = case.split("_grad")[0].split("_bias")[0].split("_varlen")[0].split("_short")[0]
+    name, args = OPCHECK_CASES[case]
     with leanops.use_backend(backend):
-        torch.library.opcheck(getattr(torch.ops.leanops, name).default, OPCHECK_CASES[case]())
+        torch.library.opcheck(getattr(torch.ops.leanops, name).default, args())
 
 
 # ------------------------------------------------------------------------- torch.compile
 
 
 class _TinyBlock(nn.Module):
-    def __init__(self):
+    def __init__(self, op):
         super().__init__()
+        self.op = op
         self.qkv = nn.Linear(32, 96)
         self.out = nn.Linear(32, 32)
 
     def forward(self, x):
         b, s, _ = x.shape
         q, k, v = self.qkv(x).view(b, s, 3, 2, 16).unbind(2)
-        o = leanops.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                              causal=True, window=(4, 0))
+        o = self.op(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True,
+                    window=(4, 0))
         return self.out(o.transpose(1, 2).reshape(b, s, 32))
 
 
-def test_torch_compile_fullgraph_forward_and_backward():
+@pytest.mark.parametrize("op", ["attention", "attention_int8"])
+def test_torch_compile_fullgraph_forward_and_backward(op):
+    """Forward and backward of a block traced in one graph (fullgraph: a graph break raises);
+    attention_int8's registered autograd (attention_int8_bwd) included."""
     torch._dynamo.reset()
-    block = _TinyBlock()
-    x = torch.randn(2, 11, 32, requires_grad=True)
+    block = _TinyBlock(getattr(leanops, op))
+    x = torch.randn(2, 70 if op == "attention_int8" else 11, 32, requires_grad=True)
     eager = block(x)
     g_eager = torch.autograd.grad(eager.sum(), (x, block.qkv.weight))
     compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
@@ -366,18 +511,12 @@ def test_register_transformers_without_transformers_returns_false(monkeypatch):
     assert leanops.integrations.register_transformers() is False
 
 
-@pytest.mark.slow
-def test_transformers_attn_implementation_leanops(tmp_path):
-    """A tiny random-weight Llama (GQA) saved and reloaded with attn_implementation="leanops":
-    logits match "eager" with and without padding, and a cached decode step matches too."""
-    transformers = pytest.importorskip("transformers", reason="transformers is not installed")
+def _hf_matches_eager(transformers, model, path):
+    """`model` saved to `path` and reloaded with attn_implementation="leanops" and "eager":
+    logits agree with and without (left) padding, and so does a cached decode step."""
     assert leanops.integrations.register_transformers()
-    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
-                                   num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, max_position_embeddings=64)
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path)
-    models = {impl: transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation=impl).eval()
+    model.save_pretrained(path)
+    models = {impl: transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation=impl).eval()
               for impl in ("eager", "leanops")}
     assert models["leanops"].config._attn_implementation == "leanops"
     ids = torch.randint(0, 128, (2, 11))
@@ -395,3 +534,33 @@ def test_transformers_attn_implementation_leanops(tmp_path):
             nxt = first.logits[:, -1:].argmax(-1)
             outs[impl] = m(nxt, past_key_values=first.past_key_values, use_cache=True).logits
         torch.testing.assert_close(outs["leanops"], outs["eager"], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_transformers_attn_implementation_leanops(tmp_path):
+    """A tiny random-weight Llama (GQA, vocabulary 128) through the leanops attention
+    implementation matches "eager"."""
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed")
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    _hf_matches_eager(transformers, transformers.LlamaForCausalLM(cfg), tmp_path)
+
+
+@pytest.mark.slow
+def test_transformers_deepseek_v3_multi_head_latent_attention(tmp_path):
+    """DeepSeek-V3's MLA passes value states with a head dim (12) other than the query/key one
+    (16 + 8 rope): attn_implementation="leanops" now takes them as they come (it raised "v must
+    have k's shape") and matches "eager"."""
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed")
+    if not hasattr(transformers, "DeepseekV3Config"):
+        pytest.skip("this transformers has no DeepSeek-V3")
+    cfg = transformers.DeepseekV3Config(
+        vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4,
+        num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, n_group=1,
+        topk_group=1, kv_lora_rank=32, q_lora_rank=None, qk_rope_head_dim=8,
+        qk_nope_head_dim=16, v_head_dim=12, max_position_embeddings=64)
+    torch.manual_seed(0)
+    _hf_matches_eager(transformers, transformers.DeepseekV3ForCausalLM(cfg), tmp_path)

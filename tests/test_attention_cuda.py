@@ -5,7 +5,9 @@ lengths and head dims (64/80/96/112/128/256), int64 offsets. Tolerance: flash-at
 against PyTorch's math SDPA in fp32 as the truth and in the input dtype as the baseline: error at
 most 2x the baseline's plus a small floor. The broad sweep runs with LEANOPS_TRITON_AUTOTUNE=0
 (one config per shape); every kept config is run once explicitly, and the autotuned path once.
-The `sanitize` cases are what bench/gpu_check.sh runs under compute-sanitizer.
+Every output and gradient is allocated over poisoned memory (NaN where unwritten) and judged by
+the rule (helpers.assert_2x_rule, which also fails on any non-finite value). The `sanitize` cases
+are what bench/gpu_check.sh runs under compute-sanitizer, and they check their results too.
 """
 
 
@@ -13,7 +15,9 @@ import leanops
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_2x_rule, poisoned_memory
 from leanops.ops import attention as A
+from leanops.ops import decode_attention as D
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 pytestmark = [
@@ -36,11 +40,8 @@ def _math(q, k, v, mask, scale, dtype):
 
 
 def assert_2x(got, ref, base, dtype, what):
-    assert torch.isfinite(got).all(), f"{what}: non-finite values"
-    err = (got.float() - ref).abs().max().item()
-    b = (base.float() - ref).abs().max().item()
-    floor = FLOOR[dtype] * max(ref.abs().max().item(), 1e-3)
-    assert err <= 2 * b + floor, f"{what}: error {err:.3g} vs PyTorch {dtype} {b:.3g} (+ floor {floor:.3g})"
+    assert_2x_rule(got, ref, base, dtype, what=what, rel_floor=FLOOR[dtype], floor_scale=1e-3,
+                   finite=True)
 
 
 def check(b, hq, hkv, sq, sk, d, dtype, causal=False, window=None, grad=True):
@@ -52,7 +53,7 @@ def check(b, hq, hkv, sq, sk, d, dtype, causal=False, window=None, grad=True):
     vis = A.visible(sq, sk, wl, wr, DEV)
     rows = vis.any(-1)
     leaves = [t.clone().requires_grad_(grad) for t in (q, k, v)]
-    with leanops.use_backend("triton"):
+    with leanops.use_backend("triton"), poisoned_memory():
         out = leanops.attention(*leaves, causal=causal, window=window)
     ref_leaves = [t.float().clone().requires_grad_(grad) for t in (q, k, v)]
     ref = _math(*ref_leaves, vis, scale, torch.float32)
@@ -62,7 +63,8 @@ def check(b, hq, hkv, sq, sk, d, dtype, causal=False, window=None, grad=True):
     if grad:
         do = torch.randn_like(out)
         do[:, :, ~rows] = 0  # SDPA's NaN rows (no visible key) carry no gradient
-        g = torch.autograd.grad(out, leaves, do)
+        with leanops.use_backend("triton"), poisoned_memory():
+            g = torch.autograd.grad(out, leaves, do)
         gr = torch.autograd.grad(ref, ref_leaves, do.float())
         gb = torch.autograd.grad(base, base_leaves, do)
         for name, x, r, bb in zip(("dq", "dk", "dv"), g, gr, gb, strict=True):
@@ -92,26 +94,39 @@ def test_autotuned_path():
     check(1, 8, 8, 1000, 1000, 128, torch.bfloat16, causal=True)
 
 
-def test_every_kept_config_is_correct(monkeypatch):
-    """Each config keep() admits for one D=128 shape, run explicitly (forward, dK/dV, dQ)."""
+@pytest.mark.slow
+def test_every_kept_config_is_correct():
+    """Each config keep() admits for one D=128 shape, run explicitly (forward, dK/dV, dQ), over
+    poisoned memory, each held to the 2x rule against fp64 (PyTorch's bf16 math as baseline)."""
     from leanops.triton import attention as T
 
-    q, k, v = (torch.randn(1, 4, 300, 128, device=DEV, dtype=torch.bfloat16) for _ in range(3))
-    ref, lse = A._attention_fwd_reference(q, k, v, None, None, None, 0, 0, 128**-0.5, -1, 0, 0.0)
+    dt, scale = torch.bfloat16, 128**-0.5
+    q, k, v = (torch.randn(1, 4, 300, 128, device=DEV, dtype=dt) for _ in range(3))
     do = torch.randn_like(q)
-    gref = A._attention_bwd_reference(do, q, k, v, ref, lse, None, None, None, 0, 0, 128**-0.5, -1, 0, 0.0)
+    args = (None, None, None, 0, 0, scale, -1, 0, 0.0)  # bias, cu_q, cu_k, max_q, max_k, ...
+    o64, l64 = A.reference_attention(q.double(), k.double(), v.double(), None, scale, -1, 0, 0.0,
+                                     dtype=torch.float64)
+    g64 = A.reference_attention_bwd(do.double(), q.double(), k.double(), v.double(), o64, l64,
+                                    None, scale, -1, 0, 0.0, dtype=torch.float64)
+    ob, lb = A.reference_attention(q, k, v, None, scale, -1, 0, 0.0, dtype=dt)
+    gb = A.reference_attention_bwd(do, q, k, v, ob, lb, None, scale, -1, 0, 0.0, dtype=dt)
+    ref, lse = A._attention_fwd_reference(q, k, v, *args)  # the backward's saved (out, lse)
     sb = T.seq_bucket(300)
     for kind, configs in (("fwd", T.FWD_CONFIGS), ("dkdv", T.DKDV_CONFIGS), ("dq", T.DQ_CONFIGS)):
         for i in sorted(T._kept(kind, 128, 2, sb, sb, q.device)):
             cfg = configs[i]
+            with poisoned_memory():
+                if kind == "fwd":
+                    out, _ = T._fwd(q, k, v, *args, cfg=cfg, path="flash")
+                else:
+                    kw = {"cfg_dkdv" if kind == "dkdv" else "cfg_dq": cfg}
+                    g = T._bwd(do, q, k, v, ref, lse, *args, **kw)
+            torch.cuda.synchronize()
             if kind == "fwd":
-                out, _ = T._fwd(q, k, v, None, None, None, 0, 0, 128**-0.5, -1, 0, 0.0, cfg=cfg, path="flash")
-                torch.testing.assert_close(out.float(), ref.float(), rtol=0, atol=2e-2, msg=str(cfg))
-            else:
-                kw = {"cfg_dkdv" if kind == "dkdv" else "cfg_dq": cfg}
-                g = T._bwd(do, q, k, v, ref, lse, None, None, None, 0, 0, 128**-0.5, -1, 0, 0.0, **kw)
-                for x, r in zip(g, gref, strict=True):
-                    torch.testing.assert_close(x.float(), r.float(), rtol=0, atol=5e-2, msg=str(cfg))
+                assert_2x(out, o64, ob, dt, f"out {cfg}")
+                continue
+            for name, x, r, rb in zip(("dq", "dk", "dv"), g, g64, gb, strict=True):
+                assert_2x(x, r, rb, dt, f"{name} ({kind} forced to {cfg})")
 
 
 def test_varlen_matches_padded(no_autotune):
@@ -127,23 +142,27 @@ def test_varlen_matches_padded(no_autotune):
             torch.testing.assert_close(out[rows], want[0].transpose(0, 1), rtol=0, atol=0)
 
 
+def _paged(k, v, page):
+    """The dense caches k, v [B, Hkv, S, D] as a paged cache: pages [B*S/page, Hkv, page, D] in a
+    random order, and the block table [B, S/page] that finds them."""
+    b, hkv, s, d = k.shape
+    table = torch.randperm(b * s // page, device=k.device, dtype=torch.int32).view(b, s // page)
+    kp = torch.empty(b * s // page, hkv, page, d, device=k.device, dtype=k.dtype)
+    vp = torch.empty_like(kp)
+    kp[table.long()] = k.view(b, hkv, s // page, page, d).transpose(1, 2)
+    vp[table.long()] = v.view(b, hkv, s // page, page, d).transpose(1, 2)
+    return kp, vp, table
+
+
 @pytest.mark.parametrize("paged", [False, True])
 def test_decode_long_cache_gqa(no_autotune, paged):
     b, hq, hkv, d, s = 4, 32, 4, 128, 32768
     q = torch.randn(b, hq, 1, d, device=DEV, dtype=torch.bfloat16)
     k, v = (torch.randn(b, hkv, s, d, device=DEV, dtype=torch.bfloat16) for _ in range(2))
     lens = torch.tensor([s, 1, 4097, 20000], device=DEV, dtype=torch.int32)
-    cache = (k, v, lens, None)
-    if paged:
-        page = 256
-        table = torch.randperm(b * s // page, device=DEV, dtype=torch.int32).view(b, s // page)
-        kp = torch.empty(b * s // page, hkv, page, d, device=DEV, dtype=torch.bfloat16)
-        vp = torch.empty_like(kp)
-        kp[table.long()] = k.view(b, hkv, s // page, page, d).transpose(1, 2)
-        vp[table.long()] = v.view(b, hkv, s // page, page, d).transpose(1, 2)
-        cache = (kp, vp, lens, table)
-    with leanops.use_backend("triton"):
-        out = leanops.attention_decode(q, *cache)
+    kp, vp, table = _paged(k, v, 256) if paged else (k, v, None)
+    with leanops.use_backend("triton"), poisoned_memory():
+        out = leanops.attention_decode(q, kp, vp, lens, table)
     for i in range(b):
         n = int(lens[i])
         ref = _math(q[i : i + 1], k[i : i + 1, :, :n], v[i : i + 1, :, :n], None, d**-0.5, torch.float32)
@@ -170,6 +189,64 @@ def test_int8_error_against_fp32(dtype):
     assert sqnr(got) >= 33.0
 
 
+def run_int8(q, k, v, cu=None, max_len=0, causal=False, window=None):
+    """attention_int8 forward and backward on the Triton kernels (poisoned memory) against its
+    definition in fp64 (int8 operands quantised from the same inputs; leanops.ops.int8_attention),
+    the 2x rule against PyTorch evaluating the same definition in q's dtype (as
+    tests/test_attention_int8.py does in the interpreter)."""
+    from leanops.ops import int8_attention as I
+
+    do = torch.randn_like(q)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    with leanops.use_backend("triton"), poisoned_memory():
+        if cu is None:
+            out = leanops.attention_int8(*leaves, causal=causal, window=window)
+        else:
+            out = leanops.attention_int8_varlen(*leaves, cu, cu, max_len, max_len, causal=causal,
+                                                window=window)
+        got = (out, *torch.autograd.grad(out, leaves, do))
+    torch.cuda.synchronize()
+    wl, wr = A.normalize_window(causal, window)
+    scale = q.shape[-1] ** -0.5
+    refs = []
+    for f in (torch.float64, q.dtype):
+        o, lse = I.reference_attention_int8(q, k, v, None, cu, cu, scale, wl, wr, 0.0, True, f)
+        refs.append((o, *I.reference_attention_int8_bwd(do, q, k, v, o, lse, None, cu, cu, scale,
+                                                        wl, wr, 0.0, True, f)))
+    for name, g, r, rb in zip(("out", "dq", "dk", "dv"), got, *refs, strict=True):
+        assert_2x(g, r, rb, q.dtype, f"int8 {name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("causal,window,hq,hkv,d", [(True, None, 8, 2, 128), (False, (64, 32), 4, 4, 64),
+                                                   (True, None, 4, 1, 80)])
+def test_int8_backward_matches_the_definition(no_autotune, dtype, causal, window, hq, hkv, d):
+    """attention_int8's forward and backward in bf16/fp16 on realistic lengths (run_int8)."""
+    q = torch.randn(2, hq, 1000, d, device=DEV, dtype=dtype)
+    k, v = (torch.randn(2, hkv, 1037, d, device=DEV, dtype=dtype) for _ in range(2))
+    run_int8(q, k, v, causal=causal, window=window)
+
+
+@pytest.mark.slow
+def test_int8_backward_every_kept_config_is_correct():
+    """Every int8 backward config the keep() rules admit (the reduced axis' tile pinned to the
+    format's 64) gives the default config's gradients (up to accumulation order)."""
+    from leanops.triton import attention as T
+
+    q, k, v, do = (torch.randn(1, 4, 777, 128, device=DEV, dtype=torch.bfloat16) for _ in range(4))
+    out, lse = torch.ops.leanops.attention_int8(q, k, v, None, None, None, 0, 0, 128**-0.5, -1, 0,
+                                                0.0, True)
+    args = (do, q, k, v, out, lse, None, None, None, 0, 0, 128**-0.5, -1, 0, 0.0, True)
+    want = T.attention_int8_bwd(*args)
+    meta = dict(BLOCK_D=128, BLOCK_DV=128, V=v, SQ_BUCKET=1024, SK_BUCKET=1024, HAS_BIAS=False, QK_INT8=True)
+    for kind, kw in (("dkdv", "cfg_dkdv"), ("dq", "cfg_dq")):
+        for i in sorted(T._kept_for(kind, meta)):
+            with poisoned_memory():
+                got = T.attention_int8_bwd(*args, **{kw: T._CONFIGS[kind][i]})
+            for g, w in zip(got, want, strict=True):
+                torch.testing.assert_close(g, w, rtol=0, atol=2e-2 * w.abs().max().item())
+
+
 @pytest.mark.slow
 def test_int64_offsets():
     """More than 2**31 elements per tensor: offsets computed in int32 would wrap."""
@@ -188,29 +265,177 @@ def test_int64_offsets():
     assert (out[:, :, -1] == 1).all()
 
 
+# --------------------------------------------------------------------------------------------
+# Masks, softcap, varlen backward and windowed decode against an fp64 evaluation of the op's own
+# definition (leanops.ops.attention.reference_attention), PyTorch's same-dtype math as baseline.
+
+
+def run_general(q, k, v, attn_mask=None, causal=False, window=None, softcap=None, grad=True):
+    """leanops.attention (Triton) forward and, if grad, backward over poisoned memory, each output
+    held to the 2x rule; returns (out, grads)."""
+    dt, scale = q.dtype, q.shape[-1] ** -0.5
+    wl, wr = A.normalize_window(causal, window)
+    bias = A._mask_to_bias(attn_mask, q, k)
+    sc = softcap or 0.0
+    leaves = [t.clone().requires_grad_(grad) for t in (q, k, v)]
+    do = torch.randn_like(q)
+    with leanops.use_backend("triton"), poisoned_memory():
+        out = leanops.attention(*leaves, attn_mask=attn_mask, causal=causal, window=window,
+                                softcap=softcap)
+        grads = torch.autograd.grad(out, leaves, do) if grad else None
+    torch.cuda.synchronize()
+    q64, k64, v64, do64 = (t.double() for t in (q, k, v, do))
+    b64 = None if bias is None else bias.double()
+    o64, l64 = A.reference_attention(q64, k64, v64, b64, scale, wl, wr, sc, dtype=torch.float64)
+    ob, lb = A.reference_attention(q, k, v, bias, scale, wl, wr, sc, dtype=dt)
+    assert_2x(out, o64, ob, dt, "out")
+    if grad:
+        g64 = A.reference_attention_bwd(do64, q64, k64, v64, o64, l64, b64, scale, wl, wr, sc,
+                                        dtype=torch.float64)
+        gb = A.reference_attention_bwd(do, q, k, v, ob, lb, bias, scale, wl, wr, sc, dtype=dt)
+        for name, g, r, rb in zip(("dq", "dk", "dv"), grads, g64, gb, strict=True):
+            assert_2x(g, r, rb, dt, name)
+    return out, grads
+
+
+def _qkv(b, hq, hkv, sq, sk, d, dtype=torch.bfloat16):
+    return (torch.randn(b, h, s, d, device=DEV, dtype=dtype)
+            for h, s in ((hq, sq), (hkv, sk), (hkv, sk)))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_softcap(no_autotune, dtype):
+    # scores up to ~20 with softcap 5: tanh is deep in saturation for many of them
+    q, k, v = _qkv(2, 8, 2, 300, 300, 128, dtype)
+    run_general(q * 2, k * 2, v, causal=True, softcap=5.0)
+
+
+@pytest.mark.parametrize("kind", ["additive-per-head", "bool-broadcast", "key-padding"])
+def test_masks_forward_and_backward(no_autotune, kind):
+    b, h, sq, sk = 2, 4, 257, 301
+    q, k, v = _qkv(b, h, h, sq, sk, 64)
+    if kind == "additive-per-head":
+        mask = torch.randn(b, h, sq, sk, device=DEV, dtype=torch.bfloat16)
+    elif kind == "bool-broadcast":  # [Sq, Sk], True = attend
+        mask = torch.rand(sq, sk, device=DEV) > 0.3
+    else:  # [B, 1, 1, Sk], one batch entry blind (every key masked)
+        mask = torch.ones(b, 1, 1, sk, dtype=torch.bool, device=DEV)
+        mask[0, ..., 200:] = False
+        mask[1] = False
+    out, grads = run_general(q, k, v, attn_mask=mask)
+    if kind == "key-padding":
+        assert (out[1] == 0).all() and (grads[1][:, :, 200:] == 0).all()
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_varlen_backward(no_autotune, causal):
+    lens = [1, 300, 0, 77]
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], device=DEV, dtype=torch.int32)
+    dt, d, scale = torch.bfloat16, 128, 128**-0.5
+    q = torch.randn(sum(lens), 8, d, device=DEV, dtype=dt)
+    k, v = (torch.randn(sum(lens), 2, d, device=DEV, dtype=dt) for _ in range(2))
+    do = torch.randn_like(q)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    with leanops.use_backend("triton"), poisoned_memory():
+        out = leanops.attention_varlen(*leaves, cu, cu, max(lens), max(lens), causal=causal)
+        grads = torch.autograd.grad(out, leaves, do)
+    torch.cuda.synchronize()
+    wl, wr = A.normalize_window(causal, None)
+    want = {n: ([], []) for n in ("out", "dq", "dk", "dv")}
+    for rq, rk in A._varlen_slices(cu, cu):
+        sq_, sk_, sv_, sdo = (A._seq(t, r) for t, r in ((q, rq), (k, rk), (v, rk), (do, rq)))
+        d64 = [t.double() for t in (sq_, sk_, sv_, sdo)]
+        o64, l64 = A.reference_attention(*d64[:3], None, scale, wl, wr, 0.0, dtype=torch.float64)
+        g64 = A.reference_attention_bwd(d64[3], *d64[:3], o64, l64, None, scale, wl, wr, 0.0,
+                                        dtype=torch.float64)
+        ob, lb = A.reference_attention(sq_, sk_, sv_, None, scale, wl, wr, 0.0, dtype=dt)
+        gb = A.reference_attention_bwd(sdo, sq_, sk_, sv_, ob, lb, None, scale, wl, wr, 0.0,
+                                       dtype=dt)
+        for name, r, rb in zip(want, (o64, *g64), (ob, *gb), strict=True):
+            want[name][0].append(r[0].transpose(0, 1))
+            want[name][1].append(rb[0].transpose(0, 1))
+    for name, got in zip(want, (out, *grads), strict=True):
+        assert_2x(got, torch.cat(want[name][0]), torch.cat(want[name][1]), dt, name)
+
+
+@pytest.mark.parametrize("paged", [False, True])
+def test_decode_with_window_and_softcap(no_autotune, paged):
+    b, hq, hkv, sq, d, s = 3, 16, 4, 4, 128, 4096
+    window, softcap, scale = (300, 0), 8.0, 128**-0.5
+    q = torch.randn(b, hq, sq, d, device=DEV, dtype=torch.bfloat16)
+    k, v = (torch.randn(b, hkv, s, d, device=DEV, dtype=torch.bfloat16) for _ in range(2))
+    lens = torch.tensor([s, sq, 1000], device=DEV, dtype=torch.int32)
+    kp, vp, table = _paged(k, v, 64) if paged else (k, v, None)
+    with leanops.use_backend("triton"), poisoned_memory():
+        out = leanops.attention_decode(q, kp, vp, lens, table, window=window, softcap=softcap)
+    torch.cuda.synchronize()
+    wl, wr = A.normalize_window(True, window)
+    for i in range(b):
+        n = int(lens[i])
+        kk, vv = k[i : i + 1, :, :n], v[i : i + 1, :, :n]
+        o64, _ = A.reference_attention(q[i : i + 1].double(), kk.double(), vv.double(), None,
+                                       scale, wl, wr, softcap, dtype=torch.float64)
+        ob, _ = A.reference_attention(q[i : i + 1], kk, vv, None, scale, wl, wr, softcap,
+                                      dtype=torch.bfloat16)
+        assert_2x(out[i : i + 1], o64, ob, torch.bfloat16, f"batch {i}")
+
+
+# --------------------------------------------------------------------------------------------
+# compute-sanitizer's cases (bench/gpu_check.sh): small ragged shapes through every kernel,
+# results checked too, one default config each (no autotuning: hundreds of compiles otherwise).
+
+
 @pytest.mark.sanitize
-@pytest.mark.parametrize("case", ["fwd-bwd", "varlen", "decode-paged", "bias", "int8"])
-def test_sanitize_small(case):
+@pytest.mark.parametrize("case", ["fwd-bwd", "varlen", "decode-paged", "bias", "int8", "int8-bwd",
+                                  "int8-varlen"])
+def test_sanitize_small(no_autotune, case):
     """Ragged small shapes through every kernel: compute-sanitizer looks for out-of-bounds and
-    uninitialised accesses at the edges."""
+    uninitialised accesses at the edges; the results are held to the same rules as above."""
     t = torch.bfloat16
     if case == "fwd-bwd":
         check(1, 4, 2, 37, 53, 80, t, causal=True)
     elif case == "varlen":
         cu = torch.tensor([0, 5, 5, 40], device=DEV, dtype=torch.int32)
-        q, k, v = (torch.randn(40, 2, 64, device=DEV, dtype=t, requires_grad=True) for _ in range(3))
-        out = leanops.attention_varlen(q, k, v, cu, cu, 35, 35, causal=True, window=(7, 0))
-        out.sum().backward()
+        q, k, v = (torch.randn(40, 2, 64, device=DEV, dtype=t) for _ in range(3))
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        with leanops.use_backend("triton"), poisoned_memory():
+            out = leanops.attention_varlen(*leaves, cu, cu, 35, 35, causal=True, window=(7, 0))
+            grads = torch.autograd.grad(out.float().sum(), leaves)
+        for rq, rk in A._varlen_slices(cu, cu):
+            if rq.stop == rq.start:
+                continue
+            want = run_general(*(A._seq(x, r) for x, r in ((q, rq), (k, rk), (v, rk))),
+                               causal=True, window=(7, 0), grad=False)[0]
+            torch.testing.assert_close(out[rq], want[0].transpose(0, 1), rtol=0, atol=0)
+        assert all(torch.isfinite(g).all() for g in grads)
     elif case == "decode-paged":
         q = torch.randn(2, 8, 3, 96, device=DEV, dtype=t)
         kp, vp = (torch.randn(9, 2, 16, 96, device=DEV, dtype=t) for _ in range(2))
         table = torch.tensor([[3, 1, 7], [0, 8, 2]], device=DEV, dtype=torch.int32)
-        leanops.attention_decode(q, kp, vp, torch.tensor([40, 17], device=DEV, dtype=torch.int32), table)
+        lens = torch.tensor([40, 17], device=DEV, dtype=torch.int32)
+        with leanops.use_backend("triton"), poisoned_memory():
+            out = leanops.attention_decode(q, kp, vp, lens, table)
+        for i in range(2):
+            kk, vv = D.gather_cache(kp, vp, lens, table, i)
+            o64, _ = A.reference_attention(q[i : i + 1].double(), kk.double(), vv.double(), None,
+                                           96**-0.5, -1, 0, 0.0, dtype=torch.float64)
+            ob, _ = A.reference_attention(q[i : i + 1], kk, vv, None, 96**-0.5, -1, 0, 0.0, dtype=t)
+            assert_2x(out[i : i + 1], o64, ob, t, f"batch {i}")
     elif case == "bias":
-        q, k, v = (torch.randn(2, 2, 29, 32, device=DEV, dtype=t, requires_grad=True) for _ in range(3))
-        mask = torch.rand(2, 1, 29, 29, device=DEV) > 0.5
-        leanops.attention(q, k, v, attn_mask=mask).sum().backward()
-    else:
-        q, k, v = (torch.randn(1, 2, 77, 64, device=DEV, dtype=t) for _ in range(3))
-        leanops.attention_int8(q, k, v, causal=True)
+        q, k, v = _qkv(2, 2, 2, 29, 29, 32)
+        run_general(q, k, v, attn_mask=torch.rand(2, 1, 29, 29, device=DEV) > 0.5)
+    elif case == "int8":
+        q, k, v = _qkv(1, 2, 2, 77, 77, 64)
+        with torch.no_grad(), poisoned_memory():
+            got = leanops.attention_int8(q, k, v, causal=True)
+        o64, _ = A.reference_attention(q.double(), k.double(), v.double(), None, 64**-0.5, -1, 0,
+                                       0.0, dtype=torch.float64)
+        sqnr = 20 * torch.log10(o64.norm() / (o64 - got.double()).norm())
+        assert torch.isfinite(got).all() and sqnr > 33.0, f"int8 attention SQNR {sqnr:.1f} dB"
+    elif case == "int8-bwd":
+        run_int8(*_qkv(1, 4, 2, 77, 53, 64), causal=True)
+    else:  # int8-varlen
+        cu = torch.tensor([0, 5, 5, 140], device=DEV, dtype=torch.int32)
+        run_int8(*(torch.randn(140, 4, 80, device=DEV, dtype=t) for _ in range(3)), cu=cu,
+                 max_len=135, causal=True, window=(70, 0))
     torch.cuda.synchronize()

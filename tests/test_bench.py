@@ -1,7 +1,9 @@
 """The `leanops` CLI end to end on the CPU: `leanops bench --quick` (what CI runs), the suites
 at tiny sizes, JSON/CSV/PNG outputs whose energy fields are meter numbers or null with a reason,
 the demo, and the pytest-benchmark suites. Meters themselves: test_bench_energy.py; the runner:
-test_bench_runner.py."""
+test_bench_runner.py. Every command is pinned to the CPU (--device cpu, or no visible GPU for
+`info`), so on a GPU machine these tests check the same CPU rows instead of running NVML energy
+loops on the GPU; the GPU rows are bench/gpu_check.sh's job."""
 
 import csv
 import json
@@ -19,6 +21,15 @@ from leanops.bench.energy import EnergyMeter
 from leanops.bench.report import CSV_HEADER, format_table
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+CPU = ["--device", "cpu"]
+
+
+@pytest.fixture
+def no_gpu_visible(monkeypatch):
+    """`leanops info` reports the default device (a GPU when one is visible): hide it."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
 
 
 @pytest.fixture
@@ -55,7 +66,7 @@ def test_format_table_prints_missing_values_as_dashes():
     assert lines[0].split() == ["A", "B"] and lines[2].split() == ["x", "1.2"] and lines[3].split() == ["yy", "-"]
 
 
-def test_cli_info_prints_the_backend_report(capsys, no_rapl):
+def test_cli_info_prints_the_backend_report(capsys, no_rapl, no_gpu_visible):
     assert cli.main(["info"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["reference"]["available"] is True
@@ -65,7 +76,7 @@ def test_cli_info_prints_the_backend_report(capsys, no_rapl):
 def test_bench_quick_on_cpu_writes_valid_json_and_csv(tmp_path, capsys, no_rapl):
     """The CI smoke test: every op family vs its dense baseline, tiny sizes, exit 0."""
     out, table = tmp_path / "r.json", tmp_path / "r.csv"
-    assert cli.main(["bench", "--quick", "--progress", "plain", "--out", str(out), "--csv", str(table)]) == 0
+    assert cli.main(["bench", "--quick", *CPU, "--progress", "plain", "--out", str(out), "--csv", str(table)]) == 0
     text = capsys.readouterr().out
     assert "energy: not measured" in text and "no RAPL energy counters" in text
     data = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
@@ -86,7 +97,13 @@ def test_bench_quick_on_cpu_writes_valid_json_and_csv(tmp_path, capsys, no_rapl)
     assert baselines == {("matmul", "torch:F.linear"), ("attention", "torch:sdpa"), ("model", "dense")}
     # what cannot run on a CPU is listed with the reason, not silently left out
     skipped = {s["provider"]: s["reason"] for s in data["skipped"]}
-    assert "GPU" in skipped["torch:_int_mm+dequant"] and "sm_80" in skipped["torch:semi-structured"]
+    assert "sm_80" in skipped["torch:semi-structured"]
+    # on a CPU the native quantised kernels are contenders: PyTorch's own and leanops' cpu backend
+    providers = {r["provider"] for r in rows if r["suite"] == "matmul"}
+    assert {"torch:_int_mm+dequant", "torch:_weight_int8pack_mm", "torch:_weight_int4pack_mm_for_cpu",
+            "torch:quantise+_int_mm+scales", "torch:ao dynamic qlinear", "leanops:cpu"} <= providers
+    # torchao is optional: measured where installed, otherwise skipped with the reason
+    assert "torchao:int8 dynamic" in providers or "torchao" in skipped["torchao:int8 dynamic"]
 
     lines = list(csv.DictReader(table.open()))
     assert list(lines[0]) == CSV_HEADER
@@ -107,7 +124,7 @@ def test_bench_with_a_readable_meter_reports_its_numbers(tmp_path, capsys, monke
     """Where a counter reads, rows carry its numbers and everything derived from them."""
     monkeypatch.setattr(runner_module, "meter_for", lambda device: (ClockMeter(), None))
     out = tmp_path / "r.json"
-    assert cli.main(["bench", "matmul", "--quick", "--batch", "3", "--providers", "dense,int8_weight_mm",
+    assert cli.main(["bench", "matmul", "--quick", *CPU, "--batch", "3", "--providers", "dense,int8_weight_mm",
                      "--energy-seconds", "0.02", "--progress", "plain", "--out", str(out)]) == 0
     data = json.loads(out.read_text())
     check_energy_fields(data["rows"])
@@ -123,11 +140,12 @@ def test_bench_with_a_readable_meter_reports_its_numbers(tmp_path, capsys, monke
 
 def test_bench_attention_on_cpu(tmp_path, capsys, no_rapl):
     out = tmp_path / "a.json"
-    assert cli.main(["bench", "attention", "--seqlen", "32,48", "--heads", "2", "--head-dim", "16",
+    assert cli.main(["bench", "attention", *CPU, "--seqlen", "32,48", "--heads", "2", "--head-dim", "16",
                      "--causal", "--progress", "plain", "--out", str(out)]) == 0
     data = json.loads(out.read_text())
     providers = {r["provider"] for r in data["rows"]}
-    assert {"torch:sdpa", "torch:sdpa[math]"} <= providers
+    # leanops twice: unforced (the CPU path users get) and the reference
+    assert {"torch:sdpa", "torch:sdpa[math]", "leanops:auto", "leanops:reference"} <= providers
     for r in data["rows"]:
         assert r["causal"] is True and r["H"] == 2 and r["D"] == 16
         assert r["flops"] == 4 * 1 * 2 * r["Sq"] * r["Sk"] * 16 / 2  # halved: causal
@@ -138,9 +156,31 @@ def test_bench_attention_on_cpu(tmp_path, capsys, no_rapl):
     assert "RuntimeError" in reasons["torch:sdpa[efficient]"]
 
 
+def test_bench_attention_passes_and_int8_on_cpu(tmp_path, capsys, no_rapl):
+    """--passes adds the backward alone and forward + backward, each compared with SDPA's
+    choice for the same pass; leanops-int8 rows are held to the int8 rate."""
+    out = tmp_path / "a.json"
+    assert cli.main(["bench", "attention", "--seqlen", "40", "--heads", "2", "--head-dim", "16",
+                     "--no-causal", "--passes", "fwd,bwd,train", "--providers", "leanops,leanops-int8",
+                     "--progress", "plain", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    forward = 4 * 1 * 2 * 40 * 40 * 16
+    want = {"attention": (1.0, 4), "attention backward": (2.5, 8), "attention fwd+bwd": (3.5, 10)}
+    assert {(r["op"], r["provider"]) for r in rows} == {
+        (op, p) for op in want
+        for p in ("torch:sdpa", "leanops:auto", "leanops:reference", "leanops:reference int8")}
+    for r in rows:
+        factor, tensors = want[r["op"]]
+        assert r["flops"] == factor * forward and r["min_bytes"] == 4 * 2 * 16 * 40 * tensors
+        assert r["roofline_rate"] is None  # fp32 on a CPU: no measured ceiling
+        assert r["speedup_vs_dense"] is not None  # compared with SDPA's row of the same pass
+    with pytest.raises(SystemExit, match="unknown passes"):
+        cli.main(["bench", "attention", "--passes", "fwd,sideways"])
+
+
 def test_bench_model_on_cpu(tmp_path, capsys, no_rapl):
     out, table = tmp_path / "m.json", tmp_path / "m.csv"
-    assert cli.main(["bench", "model", "--model", "mini-encoder", "--preset", "test", "--tokens", "16",
+    assert cli.main(["bench", "model", *CPU, "--model", "mini-encoder", "--preset", "test", "--tokens", "16",
                      "--batch", "2", "--variants", "int8 weight-only", "--progress", "plain",
                      "--out", str(out), "--csv", str(table)]) == 0
     rows = json.loads(out.read_text())["rows"]
@@ -159,7 +199,7 @@ def test_bench_model_on_cpu(tmp_path, capsys, no_rapl):
 def test_bench_plot_writes_a_png(tmp_path, capsys, no_rapl):
     pytest.importorskip("matplotlib")
     png = tmp_path / "r.png"
-    assert cli.main(["bench", "matmul", "--quick", "--batch", "2", "--providers", "dense,int8_weight_mm",
+    assert cli.main(["bench", "matmul", "--quick", *CPU, "--batch", "2", "--providers", "dense,int8_weight_mm",
                      "--progress", "plain", "--plot", str(png)]) == 0
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
@@ -173,7 +213,7 @@ def test_bench_plot_without_matplotlib_fails_before_running(tmp_path, capsys, mo
 
 
 def test_bench_save_writes_under_the_results_dir(tmp_path, capsys, no_rapl):
-    assert cli.main(["bench", "matmul", "--quick", "--batch", "2", "--providers", "dense", "--save",
+    assert cli.main(["bench", "matmul", "--quick", *CPU, "--batch", "2", "--providers", "dense", "--save",
                      "--results-dir", str(tmp_path), "--progress", "plain"]) == 0
     (folder,) = tmp_path.iterdir()
     assert folder.name.startswith("cpu-")
@@ -193,7 +233,7 @@ def test_pytest_benchmark_suites_collect():
 
 def test_cli_demo_runs_on_the_test_preset(tmp_path, capsys):
     path = tmp_path / "demo.json"
-    assert cli.main(["demo", "--preset", "test", "--no-energy", "--json", str(path)]) == 0
+    assert cli.main(["demo", *CPU, "--preset", "test", "--no-energy", "--json", str(path)]) == 0
     text = capsys.readouterr().out
     assert "int4 weight-only g128" in text and "logit SQNR dB" in text
     rows = json.loads(path.read_text())["rows"]
@@ -218,9 +258,33 @@ def test_cli_rejects_bad_arguments(capsys):
 
 def test_common_options_work_before_and_after_the_suite(tmp_path, capsys, no_rapl):
     before, after = tmp_path / "before.json", tmp_path / "after.json"
-    args = ["--quick", "--batch", "2", "--providers", "dense", "--no-energy", "--progress", "plain"]
+    args = ["--quick", *CPU, "--batch", "2", "--providers", "dense", "--no-energy", "--progress", "plain"]
     assert cli.main(["bench", "--out", str(before), "matmul", *args]) == 0
     assert cli.main(["bench", "matmul", "--out", str(after), *args]) == 0
     for path in (before, after):
         data = json.loads(path.read_text())
         assert [r["shape"] for r in data["rows"]] == ["M=2,K=384,N=256"] and data["energy"]["requested"] is False
+
+
+def test_cpu_matmul_compares_several_dtypes_and_thread_counts_in_one_run(tmp_path, capsys, no_rapl):
+    out = tmp_path / "r.json"
+    argv = ["bench", "matmul", "--device", "cpu", "--shapes", "quick", "--batch", "1", "--dtype", "fp32,bf16",
+            "--threads", "1,2", "--rounds", "2", "--providers", "int8_dynamic_linear,torch_w8a8",
+            "--progress", "plain", "--out", str(out)]
+    assert cli.main(argv) == 0
+    rows = json.loads(out.read_text())["rows"]
+    groups = {(r["dtype"], r["T"]) for r in rows}
+    assert groups == {("float32", 1), ("float32", 2), ("bfloat16", 1), ("bfloat16", 2)}
+    for r in rows:  # each compares with the dense baseline of its own dtype and thread count
+        assert r["baseline"] == "torch:F.linear" and r["speedup_vs_dense"] > 0
+        assert "interleaved over 2 rounds" in r["timing_method"] and r["threads"] == r["T"]
+    assert {r["provider"] for r in rows} == {"torch:F.linear", "leanops:cpu", "torch:quantise+_int_mm+scales"}
+
+
+def test_cli_parses_thread_counts_and_dtype_lists():
+    assert cli._threads("1,all")[0] == 1 and cli._threads("1,all")[1] == (os.cpu_count() or torch.get_num_threads())
+    assert cli._threads("2,2") == [2]
+    assert cli._dtypes("fp32,bf16") == ["fp32", "bf16"]
+    for bad, parse in (("0", cli._threads), ("x", cli._threads), ("fp8", cli._dtypes)):
+        with pytest.raises(Exception, match="expected"):
+            parse(bad)

@@ -40,14 +40,42 @@ class ClockMeter(EnergyMeter):
         return time.perf_counter() * self.watts
 
 
-def test_ratios_are_against_the_baseline_of_the_same_shape():
-    cases = [case("dense", 0.004, shape=1, baseline=True), case("fast", 0.002, shape=1),
-             case("dense", 0.002, shape=2, baseline=True), case("slow", 0.004, shape=2),
-             case("orphan", 0.001, shape=3)]  # no baseline measured for shape 3
+class FakeClock:
+    """A perf_counter that advances only when a case runs, by the case's nominal duration: the
+    runner's arithmetic is tested exactly, whatever else the machine is doing (real sleeps
+    overshoot under load, by milliseconds, and a 2 ms vs 4 ms ratio then drifts far off 0.5)."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def perf_counter(self):
+        return self.now
+
+    def thread_time(self):  # the CPU loop also reads the thread's CPU time; a case is all CPU here
+        return self.now
+
+    def sleeper(self, seconds):
+        def fn(x):
+            self.now += seconds
+            return x
+        return fn
+
+
+def test_ratios_are_against_the_baseline_of_the_same_shape(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(timing, "time", clock)  # the CPU timing loop reads timing.time.perf_counter and thread_time
+
+    def timed(provider, seconds, **kw):
+        return case(provider, seconds, fn=clock.sleeper(seconds), **kw)
+
+    cases = [timed("dense", 0.004, shape=1, baseline=True), timed("fast", 0.002, shape=1),
+             timed("dense", 0.002, shape=2, baseline=True), timed("slow", 0.004, shape=2),
+             timed("orphan", 0.001, shape=3)]  # no baseline measured for shape 3
     rows = {(r["provider"], r["N"]): r for r in run_cases(cases, CPU, FAST, progress=lambda _: None).rows}
     assert rows["dense", 1]["speedup_vs_dense"] == 1.0 and rows["dense", 1]["baseline"] == "dense"
-    assert rows["fast", 1]["speedup_vs_dense"] == pytest.approx(2.0, rel=0.25)
-    assert rows["slow", 2]["speedup_vs_dense"] == pytest.approx(0.5, rel=0.25)
+    assert rows["fast", 1]["median_ms"] == pytest.approx(2.0, rel=1e-9)
+    assert rows["fast", 1]["speedup_vs_dense"] == pytest.approx(2.0, rel=1e-9)
+    assert rows["slow", 2]["speedup_vs_dense"] == pytest.approx(0.5, rel=1e-9)
     # each ratio is exactly the quotient of the two medians in the rows
     assert rows["slow", 2]["speedup_vs_dense"] == rows["dense", 2]["median_ms"] / rows["slow", 2]["median_ms"]
     assert rows["orphan", 3]["speedup_vs_dense"] is None and rows["orphan", 3]["baseline"] is None
@@ -244,3 +272,35 @@ def test_graph_timed_cases_measure_energy_on_a_graph_replay_too(monkeypatch):
     row = runner.run([case("dense", 0.0, baseline=True, fn=counted)]).rows[0]
     assert row["energy_loop"].startswith("eager calls, rotating inputs (CUDA-graph capture failed: RuntimeError")
     assert row["energy_joules_per_call"] == pytest.approx(0.01)
+
+
+def test_time_interleaved_runs_the_contenders_round_robin():
+    calls = []
+    fns = [lambda i=i: calls.append(i) for i in range(3)]
+    out = timing.time_interleaved(fns, rounds=4, rep_ms=0.0, min_calls=1)
+    # every round is one burst of each contender in turn (one call each here)
+    assert calls == [0, 1, 2] * 4
+    assert all(t.method.startswith(timing.INTERLEAVED_CPU) and t.cpu_ms is not None for t in out)
+    with pytest.raises(ValueError, match="rounds must be >= 1"):
+        timing.time_interleaved(fns, rounds=0)
+
+
+def test_cpu_cases_of_a_shape_are_interleaved_at_their_thread_count():
+    seen = []
+
+    def record(x):
+        seen.append(torch.get_num_threads())
+        return x
+
+    before = torch.get_num_threads()
+    cases = [case("dense", 0.004, baseline=True, threads=1), case("fast", 0.002, threads=1),
+             case("dense", 0.001, shape=2, baseline=True, fn=record, threads=2)]
+    rows = {(r["provider"], r["N"]): r for r in
+            run_cases(cases, CPU, Settings(warmup_ms=1, rep_ms=15, rounds=3), progress=lambda _: None).rows}
+    assert torch.get_num_threads() == before  # restored after each group
+    assert set(seen) == {2}
+    assert rows["fast", 1]["speedup_vs_dense"] == pytest.approx(2.0, rel=0.3)
+    assert rows["fast", 1]["threads"] == 1 and "interleaved over 3 rounds" in rows["fast", 1]["timing_method"]
+    # sleeping costs no CPU time: the thread's CPU time per call is far below the wall time
+    assert rows["dense", 1]["cpu_ms"] < rows["dense", 1]["median_ms"] / 4
+    assert rows["fast", 1]["cpu_speedup_vs_dense"] is not None

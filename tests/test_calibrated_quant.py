@@ -18,7 +18,7 @@ from leanops.nn import Int4WeightOnlyLinear, Int8WeightOnlyLinear, SparseLinear
 from leanops.quant import awq, gptq, grid, hqq, obs
 from leanops.quant.int4 import dequantize_int4, quantize_int4, unpack_int4
 from leanops.quant.int8 import dequantize_int8_per_channel, quantize_int8_per_channel
-from leanops.sparsity import format as sparse_format
+from leanops.sparsity import sparse24 as sparse_format
 from leanops.sparsity.pruning import prune_sparsegpt
 from torch import nn
 

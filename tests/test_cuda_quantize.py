@@ -20,34 +20,19 @@ the one-element path, one chunk and the multi-chunk loop (rows too long for regi
 last blocks (M not a multiple of the rows per block).
 """
 
-import os
 
 import leanops
 import pytest
 import torch
 from helpers import poisoned_memory
-from leanops import dispatch, ops
+from leanops import ops
 from leanops.quant import int8 as int8_format
 
-pytestmark = pytest.mark.cuda
+pytestmark = [pytest.mark.cuda, pytest.mark.cuda_kernels("quantize_per_token_int8")]
 
 OP = "quantize_per_token_int8"
 FLOAT_DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 FP32_TINY = torch.finfo(torch.float32).tiny
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _cuda_kernel():
-    """Every test here runs the CUDA kernel; without one on a GPU machine that is a build failure,
-    not a skip (except for a deliberate pure-Python install or a pre-sm_80 GPU)."""
-    if not torch.cuda.is_available():
-        pytest.skip("needs an NVIDIA GPU")
-    reason = dispatch.cuda_unavailable(torch.device("cuda"), OP)
-    if reason is None:
-        return
-    if os.environ.get("LEANOPS_NO_EXTENSION") == "1" or "leanops GPU kernels need sm_" in reason:
-        pytest.skip(reason)
-    pytest.fail(f"a GPU is present but the CUDA kernel cannot run: {reason}")
 
 
 # ---------------------------------------------------------------------------------------------

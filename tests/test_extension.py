@@ -19,6 +19,8 @@ from leanops import dispatch
 
 # Every op that has a CUDA kernel in kernels/. Adding a kernel means adding its name here.
 CUDA_OPS = ["int4_weight_mm", "int8_mm", "quantize_per_token_int8", "sparse24_int4_mm", "sparse24_mm"]
+# Every op with a C++ CPU kernel in kernels/cpu/ (the "cpu" backend).
+CPU_OPS = [*CUDA_OPS, "int8_dynamic_linear", "int8_weight_mm"]
 DEFAULT_ARCHS = "80;89;90a"  # setup.py's default LEANOPS_CUDA_ARCHS
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -70,6 +72,8 @@ def test_every_private_op_has_the_schema_of_its_public_twin(ext):
     missing = set(CUDA_OPS) - set(schemas)
     assert not missing, f"schemas missing from kernels/leanops_C.cpp: {sorted(missing)}"
     for name, schema in schemas.items():
+        if name.startswith("_"):  # test hooks (_gemm_plan): no public twin
+            continue
         public = getattr(torch.ops.leanops, name).default._schema
         assert str(schema).replace("leanops_C::", "leanops::", 1) == str(public)
 
@@ -84,12 +88,21 @@ def test_cuda_kernels_are_registered(cuda_build):
 
 def test_cpu_tensors_do_not_reach_the_cuda_kernel(cuda_build):
     x = torch.randn(4, 64)
-    # no CPU kernel is registered under leanops_C: the dispatcher refuses
-    with pytest.raises(NotImplementedError, match="from the 'CPU' backend"):
-        torch.ops.leanops_C.quantize_per_token_int8(x)
+    # on CPU tensors the dispatcher picks leanops_C's CPU kernel, never the CUDA one
+    q, scale = torch.ops.leanops_C.quantize_per_token_int8(x)
+    assert q.device.type == "cpu" and scale.device.type == "cpu"
     # the public op, forced onto the cuda backend, says why it cannot
     with leanops.use_backend("cuda"), pytest.raises(RuntimeError, match="need CUDA tensors"):
         leanops.ops.quantize_per_token_int8(x)
+
+
+def test_cpu_kernels_are_registered_in_every_build(ext):
+    """The CPU kernels (kernels/cpu/) are compiled by CUDAExtension and CppExtension builds alike."""
+    for op in CPU_OPS:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"leanops_C::{op}", "CPU"), op
+    report = leanops.backends()["cpu"]
+    assert report["available"] is True and report["ops"] == sorted(CPU_OPS)
+    assert report["isa"]["active"] in ("generic", "avx512")
 
 
 def test_cpp_only_build_has_schemas_but_no_cuda_kernels(ext):

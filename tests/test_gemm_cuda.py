@@ -20,15 +20,15 @@ import torch
 from gemm_checks import (
     DEV,
     assert_int4_output,
-    assert_within_ulp,
     int4_case,
     int8_mm_case,
     reference,
     run_on,
 )
+from helpers import assert_within_ulp
 from leanops import ops
 
-pytestmark = pytest.mark.cuda
+pytestmark = [pytest.mark.cuda, pytest.mark.cuda_kernels("int4_weight_mm", "int8_mm")]
 
 MS = (1, 3, 17, 100, 1024)
 # (K, N): Llama-7B attention/MLP and Llama-13B (5120) linears, plus small odd multiples of the
@@ -38,16 +38,6 @@ ODD = [(64 * 3, 8 * 9), (128 * 5, 64 * 3 + 8), (32 * 7, 200)]
 SHAPES = LLAMA + ODD
 IDS = [f"K{k}xN{n}" for k, n in SHAPES]
 GROUPS = (32, 64, 128, 256)
-
-
-@pytest.fixture(autouse=True)
-def _needs_the_cuda_kernels():
-    report = leanops.backends()["cuda"]
-    if not report["available"]:
-        pytest.skip(f"the CUDA backend is unavailable: {report['reason']}")
-    for op in ("int4_weight_mm", "int8_mm"):
-        if op not in report["ops"]:
-            pytest.skip(f"leanops._C has no CUDA kernel for {op}")
 
 
 def _cuda(fn, *args):
@@ -107,6 +97,24 @@ def test_int4_weight_mm_weights_are_bit_identical_to_the_reference():
             got = _cuda(ops.int4_weight_mm, eye, packed, scales, zeros, g)
             want = _reference(ops.int4_weight_mm, eye, packed, scales, zeros, g)
             assert torch.equal(got, want), (dtype, symmetric)
+
+
+@pytest.mark.parametrize("config", [0, 1, 2])
+def test_int4_weight_mm_k_padding_contributes_exact_zeros(monkeypatch, config):
+    """K % 64 == 32: half of the last 64-column block is padding, read as code 0. With zero
+    point 15 and scale 8192 (fp16), a padded weight (0 - 15) * 8192 would be -inf, and -inf times
+    the zero-filled x is NaN; the real weights (q - 15) * 8192, q in {14, 15}, stay finite."""
+    monkeypatch.setenv("LEANOPS_CUDA_GEMM_CONFIG", str(config))
+    m, k, n, g = 5, 96, 72, 32
+    codes = torch.randint(14, 16, (n, k), dtype=torch.uint8, device=DEV)
+    packed = codes[:, 0::2] | (codes[:, 1::2] << 4)
+    scales = torch.full((n, k // g), 8192.0, dtype=torch.float16, device=DEV)
+    zeros = torch.full((n, k // g), 15, dtype=torch.uint8, device=DEV)
+    x = torch.randn(m, k, device=DEV, dtype=torch.float16) * 1e-3
+    args = (x, packed, scales, zeros, g, None)
+    got = _cuda(ops.int4_weight_mm, *args)
+    assert torch.isfinite(got).all(), "padded K columns reached the accumulator as inf/NaN"
+    assert_int4_output(got, args)
 
 
 def test_int4_weight_mm_falls_back_for_what_the_kernel_does_not_take():

@@ -145,8 +145,14 @@ def test_smoothquant_module_round_trip_keeps_smooth():
     assert torch.equal(fresh(x), q(x))
     with pytest.raises(RuntimeError, match="Unexpected key"):
         Int8Linear(64, 8, smoothquant=False).load_state_dict(q.state_dict())
-    with pytest.raises(ValueError, match="smoothing must be a positive tensor of shape"):
+    with pytest.raises(ValueError, match="smoothing must be positive and finite everywhere; 64 element"):
         Int8Linear.from_linear(lin, smoothing=torch.zeros(64))
+    inf = torch.ones(64)
+    inf[7] = torch.inf  # 1/s would be 0 and W * s infinite
+    with pytest.raises(ValueError, match=r"smoothing must be positive and finite everywhere; 1 element\(s\), the first at index \(7,\): inf"):
+        Int8Linear.from_linear(lin, smoothing=inf)
+    with pytest.raises(ValueError, match=r"smoothing must be a tensor of shape \(64,\), got \(63,\)"):
+        Int8Linear.from_linear(lin, smoothing=torch.ones(63))
 
 
 def test_layers_are_exported_at_top_level():

@@ -47,7 +47,7 @@ OPCHECK_CASES = {
 }
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "triton", "cpu"])
 @pytest.mark.parametrize("case", sorted(OPCHECK_CASES))
 def test_opcheck(case, backend, request):
     if backend == "triton":
@@ -204,9 +204,9 @@ def test_use_backend_is_scoped_and_nests():
 
 def test_backends_report_says_what_runs_and_why_not():
     report = leanops.backends()
-    assert set(report) == {"cuda", "triton", "reference", "device"}
+    assert set(report) == {"cuda", "triton", "cpu", "reference", "device"}
     assert report["reference"]["available"] is True
-    for name in ("cuda", "triton"):
+    for name in ("cuda", "triton", "cpu"):
         entry = report[name]
         assert isinstance(entry["available"], bool)
         assert entry["available"] or (isinstance(entry["reason"], str) and entry["reason"])

@@ -1,6 +1,8 @@
 """Small odd-shaped calls of every GPU kernel through every GPU backend that has it, compared
 with the reference. bench/gpu_check.sh runs this file under compute-sanitizer (memcheck), so it
-stays small: what it looks for is out-of-bounds and uninitialised accesses at ragged edges."""
+stays small: what it looks for is out-of-bounds and uninitialised accesses at ragged edges.
+Triton runs one default config per shape (no_autotune): an autotuning search would compile
+every candidate of every tiny shape, ~300 compiles, each slowed down by the sanitizer."""
 
 import leanops
 import pytest
@@ -9,7 +11,15 @@ from leanops import ops
 from leanops.quant import quantize_int4, quantize_int8_per_channel
 from leanops.sparsity import compress_24, compress_24_int4, nm_mask
 
-pytestmark = [pytest.mark.cuda, pytest.mark.sanitize]
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.sanitize,
+    pytest.mark.usefixtures("no_autotune"),
+    # the CUDA C++ kernels must be there to be checked: a broken build fails, not skips them
+    pytest.mark.cuda_kernels(
+        "quantize_per_token_int8", "int8_mm", "int4_weight_mm", "sparse24_mm", "sparse24_int4_mm"
+    ),
+]
 
 # (M, N, K): ragged against every tile; (2, 40, 1024) takes the CUDA GEMMs' split-K path and
 # (70, 136, 192) their large-M tile.

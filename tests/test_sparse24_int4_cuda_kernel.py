@@ -18,7 +18,7 @@ import pytest
 import torch
 from gemm_checks import assert_matches_dense, strided_views
 from helpers import poisoned_memory
-from leanops import dispatch, ops
+from leanops import ops
 from leanops.ops import sparse24 as sparse24_ops
 from leanops.sparsity import compress_24_int4, decompress_24_int4, nm_mask
 
@@ -27,15 +27,6 @@ MS = (1, 3, 17, 100, 1024)
 NS = (8, 72, 200, 4096)
 KS = (128, 384, 4096)
 DTYPES = (torch.float16, torch.bfloat16)
-
-
-@pytest.fixture
-def cuda_kernel():
-    """Skip unless the CUDA backend has a sparse24_int4_mm kernel for this GPU (the
-    registration itself is asserted, GPU-less, in tests/test_extension.py)."""
-    reason = dispatch.cuda_unavailable(torch.device(DEV), "sparse24_int4_mm")
-    if reason is not None:
-        pytest.skip(f"CUDA backend cannot run sparse24_int4_mm here: {reason}")
 
 
 def _case(m, n, k, dtype, bias, group_size=128, zeros=False, scale_dtype=None):
@@ -55,13 +46,13 @@ def _cuda(x, values, meta, scales, zeros, group_size, bias):
     return out
 
 
-def _assert_2x_rule(got, x, values, meta, scales, zeros, group_size, bias):
+def _assert_matches_weight(got, x, values, meta, scales, zeros, group_size, bias):
     dense = decompress_24_int4(values, scales, zeros, meta, group_size).to(x.dtype)
     assert_matches_dense(got, x, dense, bias)
 
 
 @pytest.mark.cuda
-@pytest.mark.usefixtures("cuda_kernel")
+@pytest.mark.cuda_kernels("sparse24_int4_mm")
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
 @pytest.mark.parametrize("zeros", [False, True], ids=["sym", "zeros"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
@@ -70,11 +61,11 @@ def _assert_2x_rule(got, x, values, meta, scales, zeros, group_size, bias):
 @pytest.mark.parametrize("m", MS)
 def test_matches_reference_on_odd_shapes(m, n, k, dtype, zeros, bias):
     args = _case(m, n, k, dtype, bias, group_size=128, zeros=zeros)
-    _assert_2x_rule(_cuda(*args), *args)
+    _assert_matches_weight(_cuda(*args), *args)
 
 
 @pytest.mark.cuda
-@pytest.mark.usefixtures("cuda_kernel")
+@pytest.mark.cuda_kernels("sparse24_int4_mm")
 @pytest.mark.parametrize("zeros", [False, True], ids=["sym", "zeros"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
 @pytest.mark.parametrize("group", [64, 128, 256, "K"])
@@ -84,11 +75,11 @@ def test_group_sizes(m, n, k, group, dtype, zeros):
     if k % group_size:
         pytest.skip(f"group_size {group_size} does not divide K = {k}")
     args = _case(m, n, k, dtype, True, group_size=group_size, zeros=zeros)
-    _assert_2x_rule(_cuda(*args), *args)
+    _assert_matches_weight(_cuda(*args), *args)
 
 
 @pytest.mark.cuda
-@pytest.mark.usefixtures("cuda_kernel")
+@pytest.mark.cuda_kernels("sparse24_int4_mm")
 @pytest.mark.parametrize("m", [3, 100])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
 def test_non_contiguous_x_and_other_bias_dtypes(m, dtype):
@@ -96,20 +87,20 @@ def test_non_contiguous_x_and_other_bias_dtypes(m, dtype):
     x, values, meta, scales, zeros, g, bias = _case(m, n, k, dtype, True, zeros=True)
     for name, view in strided_views(x).items():
         got = _cuda(view, values, meta, scales, zeros, g, bias)
-        _assert_2x_rule(got, view, values, meta, scales, zeros, g, bias)
+        _assert_matches_weight(got, view, values, meta, scales, zeros, g, bias)
         # the same numbers as the contiguous copy: only the addressing differs
         assert torch.equal(got, _cuda(view.contiguous(), values, meta, scales, zeros, g, bias)), (
             name
         )
-    for bias_dtype in (torch.float32, torch.float64):
-        b = bias.to(bias_dtype)
-        _assert_2x_rule(
-            _cuda(x, values, meta, scales, zeros, g, b), x, values, meta, scales, zeros, g, b
-        )
+    # an fp32 bias (the public op takes floating biases in x's dtype or fp32, not fp64)
+    b = bias.float()
+    _assert_matches_weight(
+        _cuda(x, values, meta, scales, zeros, g, b), x, values, meta, scales, zeros, g, b
+    )
 
 
 @pytest.mark.cuda
-@pytest.mark.usefixtures("cuda_kernel")
+@pytest.mark.cuda_kernels("sparse24_int4_mm")
 def test_deterministic_and_no_cross_talk_between_calls():
     x, values, meta, scales, zeros, g, bias = _case(
         100, 4096, 4096, torch.bfloat16, True, zeros=True
@@ -124,7 +115,7 @@ def test_deterministic_and_no_cross_talk_between_calls():
 
 
 @pytest.mark.cuda
-@pytest.mark.usefixtures("cuda_kernel")
+@pytest.mark.cuda_kernels("sparse24_int4_mm")
 def test_dispatcher_picks_cuda_for_supported_calls():
     backends = sparse24_ops._sparse24_int4_mm_backends
     device = torch.device(DEV)
@@ -142,7 +133,7 @@ def test_dispatcher_picks_cuda_for_supported_calls():
 
 
 @pytest.mark.cuda
-@pytest.mark.usefixtures("cuda_kernel")
+@pytest.mark.cuda_kernels("sparse24_int4_mm")
 def test_direct_call_checks_arguments():
     x, values, meta, scales, zeros, g, _ = _case(3, 72, 384, torch.float16, False, zeros=True)
     op = torch.ops.leanops_C.sparse24_int4_mm

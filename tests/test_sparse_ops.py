@@ -45,7 +45,7 @@ OPCHECK_CASES = {
 }
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "triton", "cpu"])
 @pytest.mark.parametrize("case", sorted(OPCHECK_CASES))
 def test_opcheck(case, backend, request):
     if backend == "triton":

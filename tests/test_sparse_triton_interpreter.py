@@ -14,7 +14,7 @@ poisoned (NaN-filled torch.empty) so an unwritten element shows.
 import leanops
 import pytest
 import torch
-from gemm_checks import assert_matches_dense as _assert_2x_rule
+from gemm_checks import assert_matches_dense
 from leanops import ops
 from leanops.sparsity import (
     compress_24,
@@ -25,7 +25,8 @@ from leanops.sparsity import (
 )
 
 triton = pytest.importorskip("triton")
-from leanops.triton import _common as C  # noqa: E402
+from leanops.triton import _common as common  # noqa: E402
+from leanops.triton import _matmul as matmul  # noqa: E402
 from leanops.triton import sparse24_mm as TS  # noqa: E402
 
 MS = (1, 3, 17, 64)
@@ -69,7 +70,7 @@ def test_sparse24_mm(interpreter, poisoned, m, n, k, dtype):
     x = _activation(m, k, dtype, layout)
     bias = torch.randn(n, dtype=dtype) if i % 2 == 0 else None
     got, want = _both(ops.sparse24_mm, x, values, meta, bias)
-    _assert_2x_rule(got, x, decompress_24(values, meta).to(dtype), bias)
+    assert_matches_dense(got, x, decompress_24(values, meta).to(dtype), bias)
 
 
 def test_sparse24_mm_sparser_groups_and_special_layouts(interpreter, poisoned):
@@ -81,7 +82,7 @@ def test_sparse24_mm_sparser_groups_and_special_layouts(interpreter, poisoned):
     values, meta = compress_24(w, mask)
     x = torch.randn(5, k)
     got, _ = _both(ops.sparse24_mm, x, values, meta, None)
-    _assert_2x_rule(got, x, torch.where(mask, w, 0), None)
+    assert_matches_dense(got, x, torch.where(mask, w, 0), None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -101,15 +102,15 @@ def test_sparse24_int4_mm(interpreter, poisoned, m, n, k, g, symmetric):
     x = _activation(m, k, dtype, layout)
     bias = torch.randn(n, dtype=dtype) if i % 3 else None
     got, want = _both(ops.sparse24_int4_mm, x, values, meta, scales, zeros, g, bias)
-    _assert_2x_rule(got, x, decompress_24_int4(values, scales, zeros, meta, g).to(dtype), bias)
+    assert_matches_dense(got, x, decompress_24_int4(values, scales, zeros, meta, g).to(dtype), bias)
 
 
 # ---------------------------------------------------------------------------------------------
 # split-K, tiles, real GPU configs
 
-SPLIT = C.config(num_stages=1, BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=1, SPLIT_K=3)
-UNSPLIT = C.config(num_stages=1, BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=1, SPLIT_K=1)
-TILED = C.config(num_stages=1, BLOCK_M=32, BLOCK_N=32, BLOCK_K=64, GROUP_M=2, SPLIT_K=1)
+SPLIT = common.config(num_stages=1, BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=1, SPLIT_K=3)
+UNSPLIT = common.config(num_stages=1, BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=1, SPLIT_K=1)
+TILED = common.config(num_stages=1, BLOCK_M=32, BLOCK_N=32, BLOCK_K=64, GROUP_M=2, SPLIT_K=1)
 
 
 @pytest.mark.parametrize("k", [64, 200])
@@ -141,7 +142,7 @@ def test_split_k_is_deterministic(interpreter, poisoned):
 
 
 def _args(m, n, k, dtype=torch.float16, group=None, values_dtype=None):
-    args = {"M": m, "N": n, "K": k, "M_BUCKET": C.m_bucket(m), "out_ptr": torch.empty(0),
+    args = {"M": m, "N": n, "K": k, "M_BUCKET": common.m_bucket(m), "out_ptr": torch.empty(0),
             "x_ptr": torch.empty(0, dtype=dtype),
             "values_ptr": torch.empty(0, dtype=values_dtype or dtype)}
     if group is not None:
@@ -190,10 +191,10 @@ def test_keep_leaves_a_sane_config_space(m, k, n, group):
     kept = [c for c in configs if keep(c, args)]
     assert kept and len(kept) <= 24
     for c in kept:
-        assert (c.kwargs["BLOCK_M"] == C.SMALL_M) == (m <= C.SMALL_M)
+        assert (c.kwargs["BLOCK_M"] == matmul.SMALL_M) == (m <= matmul.SMALL_M)
         if group is not None:
             assert group % c.kwargs["BLOCK_K"] == 0
-    assert C.default_config(kept, args) in kept
+    assert matmul.default_config(kept, args) in kept
 
 
 def test_launcher_signatures():

@@ -21,7 +21,7 @@ from leanops.sparsity import (
     nm_mask,
     to_torch_semi_structured,
 )
-from leanops.sparsity import format as F24
+from leanops.sparsity import sparse24 as F24
 
 FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 # torch warns once that its semi-structured tensor API is a prototype; that is torch's news.

@@ -82,7 +82,7 @@ def test_sparsegpt_beats_magnitude_and_wanda_on_reconstruction_error():
     # The OBS update is what helps: SparseGPT's mask on the unchanged weight does worse (worst
     # ratio 0.86 over 40 seeds), and the least-squares refit of the kept weights (the best any
     # update can do for that mask) is not far below it (SparseGPT 1.19-1.24x of it).
-    sgpt, mask = prune_sparsegpt(w, h, blocksize=32)
+    _, mask = prune_sparsegpt(w, h, blocksize=32)
     masked_only = torch.where(mask, w, 0)
     assert errors["sparsegpt"] < 0.95 * ((x @ (w - masked_only).t()).norm() / (x @ w.t()).norm()).item()
     refit = torch.zeros_like(w)

@@ -17,12 +17,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from gemm_checks import DEV, assert_int4_output, reference, run_on
-from gemm_checks import assert_2x_rule as _assert_2x_rule
-from gemm_checks import assert_within_ulp as _assert_within_ulp
-from gemm_checks import assert_written as _assert_written
 from gemm_checks import int4_case as _int4_case
 from gemm_checks import int8_mm_case as _int8_mm_case
-from helpers import poisoned_memory
+from helpers import assert_2x_rule, assert_within_ulp, assert_written, poisoned_memory
 from leanops import ops
 from leanops.quant import quantize_int8_per_channel
 from leanops.quant.int8 import quantize_per_token_int8 as quantize_reference
@@ -62,7 +59,7 @@ def _assert_quantize_exact(got, want):
 
 def _check_int8_mm(args, fn=None):
     got = fn(*args) if fn else _triton(ops.int8_mm, *args)
-    _assert_within_ulp(got, _reference(ops.int8_mm, *args))
+    assert_within_ulp(got, _reference(ops.int8_mm, *args))
     return got
 
 
@@ -78,9 +75,9 @@ def _check_int8_weight(args, fn=None):
     ref64 = (x.double() @ w.double().t()) * s.double()
     if b is not None:
         ref64 = ref64 + b.double()
-    _assert_written(got, ref64)
+    assert_written(got, ref64)
     dense = (w.float() * s.float()[:, None]).to(x.dtype)
-    _assert_2x_rule(got, ref64, F.linear(x, dense, b), x.dtype)
+    assert_2x_rule(got, ref64, F.linear(x, dense, b), x.dtype)
     return got
 
 
@@ -320,7 +317,7 @@ def test_offsets_past_2_31_elements(no_autotune):
     w, s = quantize_int8_per_channel(torch.randn(n, k, device=DEV))
     got = _triton(ops.int8_mm, q, w, scale, s, None, torch.float32)
     want = _reference(ops.int8_mm, q[tail], w, scale[tail], s, None, torch.float32)
-    _assert_within_ulp(got[tail], want)
+    assert_within_ulp(got[tail], want)
     del q, scale
     args = _int4_case(1, k, n, 128, False, torch.float16)
     got = _triton(ops.int4_weight_mm, x, *args[1:])

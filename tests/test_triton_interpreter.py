@@ -26,6 +26,7 @@ import leanops
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_2x_rule, assert_within_ulp, assert_written
 from leanops import ops
 from leanops.quant import dequantize_int4, quantize_int4, quantize_int8_per_channel
 
@@ -33,7 +34,8 @@ from leanops.quant import dequantize_int4, quantize_int4, quantize_int8_per_chan
 # (GPU machines run this file in a separate GPU-less process, bench/gpu_check.sh). Config-rule
 # tests below do not launch anything and run everywhere Triton imports.
 triton = pytest.importorskip("triton")
-from leanops.triton import _common as C  # noqa: E402
+from leanops.triton import _common as common  # noqa: E402
+from leanops.triton import _matmul as matmul  # noqa: E402
 from leanops.triton import int4_weight_mm as T4  # noqa: E402
 from leanops.triton import int8_mm as T8  # noqa: E402
 from leanops.triton import int8_weight_mm as T8W  # noqa: E402
@@ -70,26 +72,6 @@ def _int8_activation(m, k, layout):
     full = {"contiguous": (m, k), "slice": (m, k + 13), "transposed": (k, m)}[layout]
     a = torch.randint(-127, 128, full, dtype=torch.int8)
     return {"contiguous": a, "slice": a[:, 5 : 5 + k], "transposed": a.t()}[layout]
-
-
-def _ulp(ref: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """One ulp of `dtype` at each |ref| (as fp64), floored at the smallest normal."""
-    fi = torch.finfo(dtype)
-    mag = ref.double().abs().clamp_min(fi.tiny)
-    return torch.exp2(torch.floor(torch.log2(mag))) * fi.eps
-
-
-def _assert_written(got, want):
-    assert torch.equal(got.isnan(), want.isnan()), "NaN pattern differs: an output was not written?"
-
-
-def _assert_2x_rule(got, ref64, same_dtype, dtype):
-    """flash-attention's rule: |got - ref64| <= 2 |same_dtype - ref64| (max over the tensor) plus
-    a floor of one ulp of `dtype` at the largest output."""
-    err = (got.double() - ref64).abs().max().item()
-    base = (same_dtype.double() - ref64).abs().max().item()
-    floor = torch.finfo(dtype).eps * ref64.abs().max().item()
-    assert err <= 2 * base + floor, f"error {err:.3g} vs PyTorch {base:.3g} (+ floor {floor:.3g})"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,15 +152,13 @@ def test_quantize_two_pass_matches_single_pass(interpreter, poisoned, k, smooth)
 # int8_mm
 
 
-def _assert_within_ulp(got, want, dtype, exact):
-    _assert_written(got, want)
+def _assert_int8_mm_output(got, want, dtype, exact):
+    """Bit-exact where the interpreter's arithmetic allows it, else within 1 ulp of dtype."""
     assert got.dtype == want.dtype == dtype
-    diff = (got.double() - want.double()).abs()
+    assert_within_ulp(got, want)
     if exact:
+        diff = (got.double() - want.double()).abs()
         assert torch.equal(got, want), f"max diff {diff.max().item():.3g}"
-    else:
-        bad = diff > _ulp(want, dtype)
-        assert not bad.any(), f"{bad.sum().item()} outputs differ by more than 1 ulp of {dtype}"
 
 
 @pytest.mark.parametrize("m", MS)
@@ -198,7 +178,7 @@ def test_int8_mm(interpreter, poisoned, m, n, k, out_dtype):
     got, want = _both(ops.int8_mm, a, b, a_scale, b_scale, bias, out_dtype)
     dtype = out_dtype or torch.bfloat16
     # The interpreter's fp32 -> bf16 cast truncates (the GPU rounds to nearest even): 1 ulp.
-    _assert_within_ulp(got, want, dtype, exact=dtype != torch.bfloat16)
+    _assert_int8_mm_output(got, want, dtype, exact=dtype != torch.bfloat16)
 
 
 def test_int8_mm_extreme_accumulator(interpreter, poisoned):
@@ -236,13 +216,13 @@ def test_int8_weight_mm(interpreter, poisoned, m, n, k, dtype):
     scale_dtype = (torch.float16, torch.float32, torch.bfloat16)[i % 3]  # bf16 scales: fp32 math
     x, w, s, b = _int8_weight_case(m, n, k, dtype, scale_dtype, bias=i % 2 == 0, layout=layout)
     got, want = _both(ops.int8_weight_mm, x, w, s, b)
-    _assert_written(got, want)
+    assert_written(got, want)
     assert got.dtype == dtype
     ref64 = (x.double() @ w.double().t()) * s.double()
     if b is not None:
         ref64 = ref64 + b.double()
     dense = (w.float() * s.float()[:, None]).to(dtype)
-    _assert_2x_rule(got, ref64, F.linear(x, dense, b), dtype)
+    assert_2x_rule(got, ref64, F.linear(x, dense, b), dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,13 +238,13 @@ def _int4_case(m, n, k, g, symmetric, dtype, scale_dtype, bias, layout):
 
 def _check_int4(x, packed, scales, zeros, g, b):
     got, want = _both(ops.int4_weight_mm, x, packed, scales, zeros, g, b)
-    _assert_written(got, want)
+    assert_written(got, want)
     assert got.dtype == x.dtype
     dense = dequantize_int4(packed, scales, zeros, g).to(x.dtype)  # the op's W, in x's dtype
     ref64 = x.double() @ dense.double().t()
     if b is not None:
         ref64 = ref64 + b.double()
-    _assert_2x_rule(got, ref64, F.linear(x, dense, b), x.dtype)
+    assert_2x_rule(got, ref64, F.linear(x, dense, b), x.dtype)
     return got
 
 
@@ -314,9 +294,9 @@ def _cfg(base, **kw):
     )
 
 
-SPLIT = C.INTERPRETER_SMALL  # BLOCK_M 16, SPLIT_K 3
-UNSPLIT = _cfg(C.INTERPRETER_SMALL, SPLIT_K=1)
-TILED = C.INTERPRETER_LARGE  # BLOCK_M 32, GROUP_M 2
+SPLIT = matmul.INTERPRETER_SMALL  # BLOCK_M 16, SPLIT_K 3
+UNSPLIT = _cfg(matmul.INTERPRETER_SMALL, SPLIT_K=1)
+TILED = matmul.INTERPRETER_LARGE  # BLOCK_M 32, GROUP_M 2
 
 
 @pytest.mark.parametrize("k", [64, 160, 320])
@@ -408,7 +388,7 @@ CPU = torch.empty(0)
 
 
 def _args(module, m, n, k, dtype=torch.float16, group=None):
-    args = {"M": m, "N": n, "K": k, "M_BUCKET": C.m_bucket(m), "out_ptr": CPU,
+    args = {"M": m, "N": n, "K": k, "M_BUCKET": common.m_bucket(m), "out_ptr": CPU,
             "x_ptr": torch.empty(0, dtype=dtype)}
     if group is not None:
         args["GROUP_SIZE"] = group
@@ -434,21 +414,21 @@ def test_keep_leaves_a_sane_config_space(family, m, k, n):
     assert len(kept) <= 24, "too many configs to tune on a cold start"
     for c in kept:
         kw = c.kwargs
-        assert (kw["BLOCK_M"] == C.SMALL_M) == (m <= C.SMALL_M)
+        assert (kw["BLOCK_M"] == matmul.SMALL_M) == (m <= matmul.SMALL_M)
         if group is not None:
             assert group % kw["BLOCK_K"] == 0
-        if m <= C.SMALL_M:
+        if m <= matmul.SMALL_M:
             # decode: >= 2 waves of an H100's SMs unless K is too short to split further
             programs = triton.cdiv(n, kw["BLOCK_N"]) * kw["SPLIT_K"]
             k_tiles = triton.cdiv(k, kw["BLOCK_K"])
             assert (
-                programs >= 2 * C.NOMINAL_SMS
-                or kw["SPLIT_K"] == C.SPLIT_K_VALUES[-1]
+                programs >= 2 * common.NOMINAL_SMS
+                or kw["SPLIT_K"] == matmul.SPLIT_K_VALUES[-1]
                 or k_tiles // (2 * kw["SPLIT_K"]) < 2
             )
         else:
-            assert kw["SPLIT_K"] == 1 and kw["BLOCK_M"] <= max(32, C.m_bucket(m))
-    assert C.default_config(kept, args) in kept
+            assert kw["SPLIT_K"] == 1 and kw["BLOCK_M"] <= max(32, common.m_bucket(m))
+    assert matmul.default_config(kept, args) in kept
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -462,16 +442,16 @@ def test_keep_tiny_shapes(family, m):
 
 def test_split_k_for_llama_decode():
     # 64-wide N tiles on 4096 outputs: 64 programs alone; split 8 -> 512 programs (3.9 waves)
-    assert C.split_k_for(64, 4096 // 128, 132) == 8
+    assert matmul.split_k_for(64, 4096 // 128, 132) == 8
     # 11008 outputs already give 172 tiles: split 2 -> 344 programs
-    assert C.split_k_for(172, 4096 // 128, 132) == 2
+    assert matmul.split_k_for(172, 4096 // 128, 132) == 2
     # short K stops the split: 4 tiles of K keep >= 2 per slice only up to split 2
-    assert C.split_k_for(8, 4, 132) == 2
-    assert C.split_k_for(1000, 100, 132) == 1
+    assert matmul.split_k_for(8, 4, 132) == 2
+    assert matmul.split_k_for(1000, 100, 132) == 1
 
 
 def test_m_bucket():
-    assert [C.m_bucket(m) for m in (1, 2, 3, 16, 17, 100, 4096, 100000)] == [
+    assert [common.m_bucket(m) for m in (1, 2, 3, 16, 17, 100, 4096, 100000)] == [
         1, 2, 4, 16, 32, 128, 4096, 4096,
     ]
 
@@ -480,10 +460,10 @@ def test_dot_precision_follows_torch():
     prev = torch.get_float32_matmul_precision()
     try:
         torch.set_float32_matmul_precision("highest")
-        assert C.dot_precision(torch.float32) == "ieee"
-        assert C.dot_precision(torch.float16) == "tf32"  # ignored for 16-bit operands
+        assert common.dot_precision(torch.float32) == "ieee"
+        assert common.dot_precision(torch.float16) == "tf32"  # ignored for 16-bit operands
         torch.set_float32_matmul_precision("high")
-        assert C.dot_precision(torch.float32) == "tf32"
+        assert common.dot_precision(torch.float32) == "tf32"
     finally:
         torch.set_float32_matmul_precision(prev)
 

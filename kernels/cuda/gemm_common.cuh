@@ -222,9 +222,12 @@ struct SplitK {
   int tiles_per_split; // K tiles each split walks
 };
 
-// forced > 0 replaces the heuristic (clamped to [1, k_tiles]).
+// forced > 0 replaces the heuristic (clamped to [1, k_tiles]). K = 0 (k_tiles = 0) is one
+// split of no tiles: the kernel's K loop runs zero times and its epilogue writes the bias (or
+// zeros), which is the product's value; every division below needs k_tiles >= 1.
 inline SplitK plan_split_k(int64_t output_tiles, int k_tiles, int sm_count, int max_splits,
                            int forced = 0) {
+  if (k_tiles <= 0) return SplitK{1, 0};
   if (forced > 0) {
     const int splits = forced < k_tiles ? forced : k_tiles;
     const int per = (k_tiles + splits - 1) / splits;

@@ -169,7 +169,12 @@ __global__ void __launch_bounds__(C::THREADS)
         const int64_t grp = min((k_thread + 64 * blk) / p.group_size, groups - 1);
         const T s = scales[n * groups + grp];
         qp.scale[j][blk] = T2{s, s};
-        const int z = kZeros ? static_cast<int>(p.zeros[n * groups + grp]) : 8;
+        // Columns past K (when K % 64 == 32, half of the last 64-column block) read as q = 0
+        // (zero-filled); a zero point of 0 there makes their weight exactly 0 * s = 0. With the
+        // real zero point it would be -z * s: -inf in fp16 once z * s > 65504, and -inf times
+        // the zero-filled x is NaN in the accumulator. (Blocks wholly past K are skipped.)
+        const bool past_k = k_thread + 64 * blk >= K;
+        const int z = past_k ? 0 : kZeros ? static_cast<int>(p.zeros[n * groups + grp]) : 8;
         qp.offset[j][blk] = H::pair(static_cast<float>(H::kMagicValue + z));
       }
     }
@@ -184,11 +189,17 @@ __global__ void __launch_bounds__(C::THREADS)
       for (int c = 0; c < 4; ++c) acc[i][j][c] = 0.0f;
 
   // ---- one K tile from shared memory through the tensor cores ----
-  auto compute_tile = [&](int slot, const Quant& qp) {
+  auto compute_tile = [&](int kt, int slot, const Quant& qp) {
     const char* a_base = a_smem + slot * C::A_STAGE_BYTES;
     const char* b_base = b_smem + slot * C::B_STAGE_BYTES;
 #pragma unroll
     for (int blk = 0; blk < C::KB; ++blk) {
+      // A 64-column block wholly past K (in the last K tile when BK does not divide K) adds
+      // nothing: skipped by a warp-uniform branch (it depends on kt and blk only). With one
+      // block per tile (BK = 64) that never happens: tile kt starts inside K.
+      if constexpr (C::KB > 1) {
+        if (int64_t{kt} * C::BK + 64 * blk >= K) break;
+      }
       uint2 wq[C::NT];  // this thread's 16 codes of each of its weight rows
 #pragma unroll
       for (int j = 0; j < C::NT; ++j) {
@@ -255,7 +266,7 @@ __global__ void __launch_bounds__(C::THREADS)
     if (next < kt_count) load_tile(kt_begin + next, next % C::STAGES);
     cp_async_commit();
     if (it + 1 < kt_count) load_quant(kt_begin + it + 1, quant_next);
-    compute_tile(it % C::STAGES, quant);
+    compute_tile(kt_begin + it, it % C::STAGES, quant);
     quant = quant_next;
   }
   cp_async_wait<0>();
@@ -359,7 +370,7 @@ Int4WeightMmPlan plan_int4_weight_mm(int64_t m, int64_t n, int64_t k, int sm_cou
   const gemm::SplitK split =
       gemm::plan_split_k(tiles, k_tiles, sm_count, /*max_splits=*/16, force_splits);
   return Int4WeightMmPlan{config, split.splits, split.tiles_per_split,
-                          split.splits > 1 ? split.splits * m * n : 0};
+                          split.splits > 1 ? split.splits * m * n : 0, (m + bm - 1) / bm};
 }
 
 cudaError_t launch_int4_weight_mm(const Int4WeightMmArgs& args, const Int4WeightMmPlan& plan,

@@ -26,6 +26,7 @@ struct Int4WeightMmPlan {
   int splits;              // > 1: fp32 partials in a workspace, then a reduction kernel
   int tiles_per_split;     // K tiles per split
   int64_t workspace_elems; // fp32 elements of workspace the caller allocates (0 if splits == 1)
+  int64_t m_tiles;          // row tiles = gridDim.y of the launch (at most 65535)
 };
 
 // force_config (0 small, 1 medium, 2 large; -1: by M) and force_splits (> 0; 0: by the SM

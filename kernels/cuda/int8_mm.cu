@@ -243,7 +243,7 @@ Int8MmPlan plan_int8_mm(int64_t m, int64_t n, int64_t k, int sm_count, int force
   const gemm::SplitK split =
       gemm::plan_split_k(tiles, k_tiles, sm_count, /*max_splits=*/16, force_splits);
   return Int8MmPlan{config, split.splits, split.tiles_per_split,
-                    split.splits > 1 ? split.splits * m * n : 0};
+                    split.splits > 1 ? split.splits * m * n : 0, (m + bm - 1) / bm};
 }
 
 cudaError_t launch_int8_mm(const Int8MmArgs& args, const Int8MmPlan& plan, int32_t* workspace,

@@ -31,6 +31,7 @@ struct Int8MmPlan {
   int splits;               // > 1: int32 partials in a workspace, then a reduction kernel
   int tiles_per_split;      // K tiles per split
   int64_t workspace_elems;  // int32 elements of workspace the caller allocates
+  int64_t m_tiles;          // row tiles = gridDim.y of the launch (at most 65535)
 };
 
 // force_config / force_splits: as plan_int4_weight_mm (int4_weight_mm.h).

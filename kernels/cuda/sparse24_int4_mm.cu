@@ -1,6 +1,6 @@
 // 2:4 sparse + int4 GEMM on the sparse tensor cores: out = x @ W^T + bias, with W [N, K] the 2:4
 // weight whose kept values are int4 group-quantised, in the stored format of
-// leanops.sparsity.format (values uint8 [N, K/4] = int4 codes of the K/2 kept values, low nibble
+// leanops.sparsity.sparse24 (values uint8 [N, K/4] = int4 codes of the K/2 kept values, low nibble
 // = even kept index; scales [N, K/g]; zeros uint8 [N, K/g] or none (zero point 8); meta uint8
 // [N, K/8]); x [M, K] and out [M, N] fp16 or bf16, fp32 accumulation, one final rounding.
 // Numerics follow leanops.ops.sparse24._sparse24_int4_mm_reference (up to fp32 summation order).
@@ -9,7 +9,8 @@
 // sparse A operand, mma.sp::ordered_metadata m16n8k32, the B and metadata fragments, the
 // clamped rows and the shared-memory epilogue are the same) with the A fragment built from the
 // packed codes instead of ldmatrix on 16-bit values. What the two kernels share is written once,
-// in sparse24_common.cuh (tile shape, x and metadata loads, metadata register, epilogue) and
+// in sparse24_common.cuh (the kernel skeleton run_gemm: tile shape, pipeline, x and metadata
+// loads, metadata register, epilogue; this file's weight operand is the class KeptCodes) and
 // gemm_common.cuh (PTX wrappers, the 16-bit traits and magic numbers of the int4 dequant).
 //
 // --- The A fragment from the codes (g = lane / 4, t = lane % 4) ----------------------------
@@ -83,13 +84,8 @@ namespace {
 
 using gemm::as_pair;
 using gemm::as_u32;
-using gemm::cp_async_16;
-using gemm::cp_async_commit;
-using gemm::cp_async_wait;
 using gemm::Half;
-using gemm::ldmatrix_x4;
 using gemm::mma_sp_16832;
-using gemm::smem_addr;
 
 // The weight operand: code_row = BK/4 code bytes per row and stage, padded by 16 bytes when that
 // is an even number of 16-byte units (see the header comment: row pitches 16 and 80 bytes).
@@ -105,7 +101,6 @@ struct Config : sparse24::Tile<BN, BM, BK, WarpsN, WarpsM, WarpsK, Stages, MinBl
   static constexpr int kBlocks = BK / 64;  // 64-column k-blocks per stage
   static constexpr int kBlocksPerWarp = kBlocks / WarpsK;  // k64 blocks per warp per stage
   static constexpr int kCodePitch = Base::kAPitch;
-  static constexpr int kCodeBytes = Base::kABytes;
   static_assert(kBlocks % WarpsK == 0, "each warp takes the same number of k64 blocks");
 };
 
@@ -126,77 +121,65 @@ __device__ __forceinline__ uint32_t dequant_byte(uint32_t word, uint32_t sel,
 
 // ---- the kernel ---------------------------------------------------------------------------
 
+// The weight operand of sparse24::run_gemm: int4 codes of the kept values, dequantised in
+// registers into the A fragment with this thread's rows' scales (and zero points).
 template <bool kBF16, bool kZeros, typename C>
-__global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
-    sparse24_int4_mm_kernel(const typename Half<kBF16>::T* __restrict__ x, int64_t ldx,
-                            const uint8_t* __restrict__ codes, const uint8_t* __restrict__ meta,
-                            const typename Half<kBF16>::T* __restrict__ scales,
-                            const uint8_t* __restrict__ zeros, int group_size,
-                            const float* __restrict__ bias, typename Half<kBF16>::T* __restrict__ out,
-                            int m, int n, int k) {
+struct KeptCodes {
   using H = Half<kBF16>;
   using T = typename H::T;
   using T2 = typename H::T2;
-  extern __shared__ __align__(16) unsigned char smem[];
-
-  const int tid = threadIdx.x;
-  const int lane = tid % 32;
-  const int warp = tid / 32;
-  // Warp roles: n fastest, then m, then k (the split-K index of the small config).
-  const int warp_n = warp % C::kWarpsN;
-  const int warp_m = (warp / C::kWarpsN) % C::kWarpsM;
-  const int warp_k = warp / (C::kWarpsN * C::kWarpsM);
-  const int g = lane / 4;
-  const int t = lane % 4;
-  const int n0 = blockIdx.x * C::BN;
-  const int m0 = blockIdx.y * C::BM;
-  const int64_t code_k = k / 4;  // code bytes per weight row
-  const int64_t meta_k = k / 8;  // metadata bytes per weight row
-  const int64_t groups = k / group_size;
-  const int num_tiles = (k + C::BK - 1) / C::BK;
-
-  const uint32_t smem_base = smem_addr(smem);
-  auto code_stage = [&](int s) { return smem_base + s * C::kStageBytes; };
-  auto x_stage = [&](int s) { return smem_base + s * C::kStageBytes + C::kCodeBytes; };
-  auto meta_stage = [&](int s) { return s * C::kStageBytes + C::kCodeBytes + C::kXBytes; };
-
-  // Issue the cp.async copies of k-tile `tile` into stage `s`.
-  auto load_tile = [&](int tile, int s) {
-    const int kbase = tile * C::BK;
-    // codes: BN rows x BK/4 bytes = BK/64 chunks of 16 bytes (one k64 block each) per row.
-    constexpr int kCodeChunksPerRow = C::BK / 64;
-#pragma unroll
-    for (int c = tid; c < C::BN * kCodeChunksPerRow; c += C::kThreads) {
-      const int row = c / kCodeChunksPerRow;
-      const int col = c % kCodeChunksPerRow;
-      const int64_t kc = kbase / 4 + col * 16;  // code byte column
-      const int wrow = min(n0 + row, n - 1);    // clamp: never an invalid (zero) code
-      const bool valid = kc < code_k;
-      const uint8_t* src = valid ? codes + static_cast<int64_t>(wrow) * code_k + kc : codes;
-      cp_async_16(code_stage(s) + row * C::kCodePitch + col * 16, src, valid);
-    }
-    sparse24::load_x_tile<C>(x_stage(s), x, ldx, m0, m, k, kbase, tid);
-    sparse24::load_meta_tile<C>(smem_base + meta_stage(s), meta, meta_k, n0, n, kbase, tid);
-  };
 
   // Scale and (magic + zero point) of this thread's rows (g, g+8 of each mma tile) for each of
   // the warp's k64 blocks of one k-tile. (magic + z) is pre-added so the dequant is one
   // subtract: (magic + q) - (magic + z) = q - z exactly.
-  struct Quant {
+  struct State {
     T2 scale[C::kBlocksPerWarp][C::MI][2];
     T2 offset[kZeros ? C::kBlocksPerWarp : 1][kZeros ? C::MI : 1][2];
   };
-  auto load_quant = [&](int tile, Quant& qp) {
+
+  const uint8_t* __restrict__ codes;
+  const T* __restrict__ scales;
+  const uint8_t* __restrict__ zeros;
+  int group_size;
+  uint32_t code_lane_off;  // row g of each 16-row tile (and g+8); the byte is picked by `sel`
+  // prmt selector: bytes [w.b_t, w.b_t, (w>>4).b_t, (w>>4).b_t] (bytes 1, 3 are masked off).
+  uint32_t sel;
+  T2 sym_offset;
+
+  __device__ __forceinline__ KeptCodes(const uint8_t* c, const T* s, const uint8_t* z, int gs,
+                                       const sparse24::Block<C>& b)
+      : codes(c),
+        scales(s),
+        zeros(z),
+        group_size(gs),
+        code_lane_off((b.warp_n * C::WN + b.lane / 4) * C::kCodePitch),
+        sel((b.lane % 4) | ((b.lane % 4) << 4) | ((4 + b.lane % 4) << 8) |
+            ((4 + b.lane % 4) << 12)),
+        sym_offset(H::pair(static_cast<float>(H::kMagicValue + 8))) {}
+
+  // codes: BN rows x BK/4 bytes = BK/64 chunks of 16 bytes (one k64 block each) per row.
+  __device__ __forceinline__ void load(uint32_t dst, int kbase, const sparse24::Block<C>& b,
+                                       int n, int k) const {
+    // a row of K/2 4-bit codes is K/4 bytes; k-tile kbase starts at byte kbase / 4
+    sparse24::load_weight_tile<C, C::BK / 64>(dst, C::kCodePitch, codes, k / 4, kbase / 4,
+                                              b.n0, n, b.tid);
+  }
+
+  __device__ __forceinline__ void prepare(int tile, State& qp, const sparse24::Block<C>& b,
+                                          int n, int k) const {
+    const int64_t groups = k / group_size;
+    const int g = b.lane / 4;
 #pragma unroll
     for (int jb = 0; jb < C::kBlocksPerWarp; ++jb) {
-      const int64_t kcol = static_cast<int64_t>(tile) * C::BK + (jb * C::kWarpsK + warp_k) * 64;
+      const int64_t kcol =
+          static_cast<int64_t>(tile) * C::BK + (jb * C::kWarpsK + b.warp_k) * 64;
       // A k64 block lies in one group (g is a multiple of 64); blocks past K (skipped) clamp.
       const int64_t grp = min(kcol / group_size, groups - 1);
 #pragma unroll
       for (int mi = 0; mi < C::MI; ++mi) {
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          const int64_t row = min(n0 + C::WN * warp_n + 16 * mi + g + 8 * h, n - 1);
+          const int64_t row = min(b.n0 + C::WN * b.warp_n + 16 * mi + g + 8 * h, n - 1);
           const T s = scales[row * groups + grp];
           qp.scale[jb][mi][h] = T2{s, s};
           if constexpr (kZeros) {
@@ -206,68 +189,23 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
         }
       }
     }
-  };
-
-  float acc[C::MI][C::NI][4];
-#pragma unroll
-  for (int i = 0; i < C::MI; ++i)
-#pragma unroll
-    for (int j = 0; j < C::NI; ++j)
-#pragma unroll
-      for (int r = 0; r < 4; ++r) acc[i][j][r] = 0.0f;
-
-  // Per-lane offsets (bytes), fixed for the whole kernel.
-  //   B (x): ldmatrix block q = lane/8 is (tokens 0..7, columns 8q..8q+7), as sparse24_mm.cu.
-  const int q = lane / 8;
-  const int r8 = lane % 8;
-  const uint32_t b_lane_off = (warp_m * C::WM + r8) * C::kXPitch + q * 8 * 2;
-  //   A (codes): row g of each 16-row tile (and g+8); the byte is picked by the selector.
-  const uint32_t code_lane_off = (warp_n * C::WN + g) * C::kCodePitch;
-  //   prmt selector: bytes [w.b_t, w.b_t, (w>>4).b_t, (w>>4).b_t] (bytes 1, 3 are masked off).
-  const uint32_t sel = t | (t << 4) | ((4 + t) << 8) | ((4 + t) << 12);
-  //   Metadata: row g (and g+8), 16-bit word (lane & 1) of the k32 slice, as sparse24_mm.cu.
-  const int meta_lane_off = (warp_n * C::WN + g) * C::kMetaPitch + (lane & 1) * 2;
-  const T2 sym_offset = H::pair(static_cast<float>(H::kMagicValue + 8));
-
-  // Prologue: fill kStages - 1 stages.
-#pragma unroll
-  for (int s = 0; s < C::kStages - 1; ++s) {
-    if (s < num_tiles) load_tile(s, s);
-    cp_async_commit();
   }
-  // Two register sets, never indexed by a runtime value (that would put them in local memory).
-  Quant quant, quant_next;
-  load_quant(0, quant);
 
-  for (int tile = 0; tile < num_tiles; ++tile) {
-    // Tile `tile` has landed once at most kStages - 2 younger groups are pending; the barrier
-    // also tells every warp that the stage read in the previous iteration is free again.
-    cp_async_wait<C::kStages - 2>();
-    __syncthreads();
-    {
-      const int next = tile + C::kStages - 1;
-      if (next < num_tiles) load_tile(next, next % C::kStages);
-      cp_async_commit();  // always, so the group count per iteration stays fixed
-    }
-    if (tile + 1 < num_tiles) load_quant(tile + 1, quant_next);
-
-    const int s = tile % C::kStages;
-    const unsigned char* cs = smem + (code_stage(s) - smem_base) + code_lane_off;
-    const uint32_t xs = x_stage(s) + b_lane_off;
-    const unsigned char* ms = smem + meta_stage(s) + meta_lane_off;
+  __device__ __forceinline__ void compute(int tile, const unsigned char* w_stage, uint32_t,
+                                          uint32_t xs, const unsigned char* ms,
+                                          const State& quant, float (&acc)[C::MI][C::NI][4],
+                                          const sparse24::Block<C>& b, int k) const {
+    const unsigned char* cs = w_stage + code_lane_off;
 #pragma unroll
     for (int jb = 0; jb < C::kBlocksPerWarp; ++jb) {
-      const int block = jb * C::kWarpsK + warp_k;
+      const int block = jb * C::kWarpsK + b.warp_k;
       // K % 64 == 0: a block is wholly in or out of K (warp-uniform branch, never zero codes).
       if (tile * C::BK + block * 64 >= k) break;
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
         const int slice = 2 * block + half;  // k32 slice within the stage
-        uint32_t b[C::NI][4];
-#pragma unroll
-        for (int ni = 0; ni < C::NI; ++ni) {
-          ldmatrix_x4(b[ni], xs + ni * 8 * C::kXPitch + slice * 32 * 2);
-        }
+        uint32_t bx[C::NI][4];
+        sparse24::load_x_fragments<C>(bx, xs, slice);
 #pragma unroll
         for (int mi = 0; mi < C::MI; ++mi) {
           // The slice's 8 code bytes of rows g and g+8.
@@ -289,15 +227,25 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
           const uint32_t e =
               sparse24::meta_register<C>(ms + mi * 16 * C::kMetaPitch + slice * 4);
 #pragma unroll
-          for (int ni = 0; ni < C::NI; ++ni) mma_sp_16832<kBF16>(acc[mi][ni], a, b[ni], e);
+          for (int ni = 0; ni < C::NI; ++ni) mma_sp_16832<kBF16>(acc[mi][ni], a, bx[ni], e);
         }
       }
     }
-    quant = quant_next;
   }
+};
 
-  sparse24::store_output<C, H>(acc, smem, tid, lane, warp_n, warp_m, warp_k, m0, n0, m, n, bias,
-                               out);
+template <bool kBF16, bool kZeros, typename C>
+__global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
+    sparse24_int4_mm_kernel(const typename Half<kBF16>::T* __restrict__ x, int64_t ldx,
+                            const uint8_t* __restrict__ codes, const uint8_t* __restrict__ meta,
+                            const typename Half<kBF16>::T* __restrict__ scales,
+                            const uint8_t* __restrict__ zeros, int group_size,
+                            const float* __restrict__ bias, typename Half<kBF16>::T* __restrict__ out,
+                            int m, int n, int k) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  const sparse24::Block<C> blk;
+  const KeptCodes<kBF16, kZeros, C> op(codes, scales, zeros, group_size, blk);
+  sparse24::run_gemm<C, Half<kBF16>>(op, blk, smem, x, ldx, meta, bias, out, m, n, k);
 }
 
 template <bool kBF16, bool kZeros, typename C>

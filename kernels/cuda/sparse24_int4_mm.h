@@ -19,7 +19,7 @@ constexpr int64_t kSparse24Int4KMultiple = 64;
 constexpr int64_t kSparse24Int4MaxM = int64_t{65535} * 128;
 
 // out[M, N] = x[M, K] @ W^T + bias, W [N, K] the 2:4 weight whose kept values are int4
-// group-quantised, stored as leanops.sparsity.format describes (2:4 + int4):
+// group-quantised, stored as leanops.sparsity.sparse24 describes (2:4 + int4):
 //   x       [m, k] fp16/bf16; row r starts at x + r * x_row_stride elements, columns contiguous;
 //           the pointer and x_row_stride * 2 bytes must be multiples of 16 (16-byte cp.async)
 //   values  uint8 [n, k/4] contiguous, 16-byte aligned: int4 codes of the K/2 kept values, low

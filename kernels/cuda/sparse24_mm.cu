@@ -1,5 +1,5 @@
 // 2:4 sparse x dense GEMM on the sparse tensor cores: out = x @ W^T + bias, with W [N, K] the
-// 2:4 weight in the stored format of leanops.sparsity.format (values [N, K/2], meta uint8
+// 2:4 weight in the stored format of leanops.sparsity.sparse24 (values [N, K/2], meta uint8
 // [N, K/8]), x [M, K] and out [M, N] fp16 or bf16, fp32 accumulation, one final rounding.
 // Numerics follow leanops.ops.sparse24._sparse24_mm_reference (up to fp32 summation order).
 //
@@ -74,8 +74,9 @@
 // and both write out with coalesced stores along n (out row-major [M, N]), adding the fp32 bias
 // and rounding once.
 //
-// The tile shape, the x and metadata loads, the metadata register and this epilogue are shared
-// with sparse24_int4_mm.cu (sparse24_common.cuh); the PTX wrappers are in gemm_common.cuh.
+// The kernel skeleton (tile shape, pipeline, x and metadata loads, metadata register, this
+// epilogue) is shared with sparse24_int4_mm.cu (sparse24_common.cuh's run_gemm, over the weight
+// operand class KeptValues below); the PTX wrappers are in gemm_common.cuh.
 
 #include "sparse24_mm.h"
 
@@ -91,12 +92,8 @@
 namespace leanops {
 namespace {
 
-using gemm::cp_async_16;
-using gemm::cp_async_commit;
-using gemm::cp_async_wait;
 using gemm::ldmatrix_x4;
 using gemm::mma_sp_16832;
-using gemm::smem_addr;
 
 // The weight operand: BK/2 16-bit kept values per row and stage, + 16 bytes of pad (the row
 // pitches 80 and 272 bytes are 5 and 17 units of 16: odd, so conflict-free ldmatrix as for x).
@@ -108,7 +105,6 @@ struct Config
   static constexpr int kSlices = BK / 32;  // k32 slices per stage
   static constexpr int kSlicesPerWarp = kSlices / WarpsK;
   static constexpr int kValPitch = Base::kAPitch;  // BK/2 16-bit values + pad
-  static constexpr int kValBytes = Base::kABytes;
   static_assert(kSlices % WarpsK == 0, "each warp takes the same number of k32 slices");
 };
 
@@ -118,6 +114,57 @@ constexpr int64_t kSmallMaxM = 64;
 
 // ---- the kernel ---------------------------------------------------------------------------
 
+// The weight operand of sparse24::run_gemm: 16-bit kept values, ldmatrix'd into the A fragment.
+template <typename T, typename C>
+struct KeptValues {
+  struct State {};  // nothing per k-tile
+
+  const T* __restrict__ values;
+  uint32_t a_lane_off;  // this lane's ldmatrix row of the values tile (bytes)
+
+  __device__ __forceinline__ KeptValues(const T* v, const sparse24::Block<C>& b)
+      : values(v),
+        // quadrant q = lane/8 is (rows 8*(q&1).., stored cols 8*(q>>1)..): a0..a3 above.
+        a_lane_off((b.warp_n * C::WN + b.lane % 8 + 8 * ((b.lane / 8) & 1)) * C::kValPitch +
+                   ((b.lane / 8) >> 1) * 8 * 2) {}
+
+  // values: BN rows x BK/2 values (BK bytes) = BK/16 chunks of 16 bytes (8 values) per row.
+  __device__ __forceinline__ void load(uint32_t dst, int kbase, const sparse24::Block<C>& b,
+                                       int n, int k) const {
+    // a row of K/2 16-bit values is K bytes; k-tile kbase starts at byte kbase
+    sparse24::load_weight_tile<C, C::BK / 16>(dst, C::kValPitch,
+                                              reinterpret_cast<const uint8_t*>(values), k, kbase,
+                                              b.n0, n, b.tid);
+  }
+
+  __device__ __forceinline__ void prepare(int, State&, const sparse24::Block<C>&, int,
+                                          int) const {}
+
+  __device__ __forceinline__ void compute(int tile, const unsigned char*, uint32_t vs,
+                                          uint32_t xs, const unsigned char* ms, const State&,
+                                          float (&acc)[C::MI][C::NI][4],
+                                          const sparse24::Block<C>& b, int k) const {
+    constexpr bool kBF16 = !std::is_same_v<T, __half>;
+#pragma unroll
+    for (int j = 0; j < C::kSlicesPerWarp; ++j) {
+      const int slice = j * C::kWarpsK + b.warp_k;
+      // K % 64 == 0: a slice is wholly in or out of K (warp-uniform branch, never zero codes).
+      if (tile * C::BK + slice * 32 >= k) break;
+      uint32_t bx[C::NI][4];
+      sparse24::load_x_fragments<C>(bx, xs, slice);
+#pragma unroll
+      for (int mi = 0; mi < C::MI; ++mi) {
+        uint32_t a[4];
+        ldmatrix_x4(a, vs + a_lane_off + mi * 16 * C::kValPitch + slice * 16 * 2);
+        const uint32_t e =
+            sparse24::meta_register<C>(ms + mi * 16 * C::kMetaPitch + slice * 4);
+#pragma unroll
+        for (int ni = 0; ni < C::NI; ++ni) mma_sp_16832<kBF16>(acc[mi][ni], a, bx[ni], e);
+      }
+    }
+  }
+};
+
 template <typename T, typename C>
 __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
     sparse24_mm_kernel(const T* __restrict__ x, int64_t ldx, const T* __restrict__ values,
@@ -125,110 +172,9 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
                        T* __restrict__ out, int m, int n, int k) {
   constexpr bool kBF16 = !std::is_same_v<T, __half>;
   extern __shared__ __align__(16) unsigned char smem[];
-
-  const int tid = threadIdx.x;
-  const int lane = tid % 32;
-  const int warp = tid / 32;
-  // Warp roles: n fastest, then m, then k (the split-K index of the small config).
-  const int warp_n = warp % C::kWarpsN;
-  const int warp_m = (warp / C::kWarpsN) % C::kWarpsM;
-  const int warp_k = warp / (C::kWarpsN * C::kWarpsM);
-  const int n0 = blockIdx.x * C::BN;
-  const int m0 = blockIdx.y * C::BM;
-  const int64_t half_k = k / 2;  // stored values per weight row
-  const int64_t meta_k = k / 8;  // metadata bytes per weight row
-  const int num_tiles = (k + C::BK - 1) / C::BK;
-
-  const uint32_t smem_base = smem_addr(smem);
-  auto val_stage = [&](int s) { return smem_base + s * C::kStageBytes; };
-  auto x_stage = [&](int s) { return smem_base + s * C::kStageBytes + C::kValBytes; };
-  auto meta_stage = [&](int s) { return s * C::kStageBytes + C::kValBytes + C::kXBytes; };
-
-  // Issue the cp.async copies of k-tile `tile` into stage `s`.
-  auto load_tile = [&](int tile, int s) {
-    const int kbase = tile * C::BK;
-    // values: BN rows x BK/2 values = BK/16 chunks of 16 bytes (8 values) per row.
-    constexpr int kValChunksPerRow = C::BK / 16;
-#pragma unroll
-    for (int c = tid; c < C::BN * kValChunksPerRow; c += C::kThreads) {
-      const int row = c / kValChunksPerRow;
-      const int col = c % kValChunksPerRow;
-      const int64_t kv = kbase / 2 + col * 8;  // stored-value column
-      const int wrow = min(n0 + row, n - 1);   // clamp: never an invalid (zero) code
-      const bool valid = kv < half_k;
-      const T* src = valid ? values + static_cast<int64_t>(wrow) * half_k + kv : values;
-      cp_async_16(val_stage(s) + row * C::kValPitch + col * 16, src, valid);
-    }
-    sparse24::load_x_tile<C>(x_stage(s), x, ldx, m0, m, k, kbase, tid);
-    sparse24::load_meta_tile<C>(smem_base + meta_stage(s), meta, meta_k, n0, n, kbase, tid);
-  };
-
-  float acc[C::MI][C::NI][4];
-#pragma unroll
-  for (int i = 0; i < C::MI; ++i)
-#pragma unroll
-    for (int j = 0; j < C::NI; ++j)
-#pragma unroll
-      for (int r = 0; r < 4; ++r) acc[i][j][r] = 0.0f;
-
-  // Per-lane ldmatrix row offsets (bytes), fixed for the whole kernel.
-  //   A (values): quadrant q = lane/8 is (rows 8*(q&1).., stored cols 8*(q>>1)..): a0..a3 above.
-  //   B (x): block q = lane/8 is (tokens 0..7, columns 8q..8q+7): b0..b3 above.
-  const int q = lane / 8;
-  const int r8 = lane % 8;
-  const uint32_t a_lane_off =
-      (warp_n * C::WN + r8 + 8 * (q & 1)) * C::kValPitch + (q >> 1) * 8 * 2;
-  const uint32_t b_lane_off = (warp_m * C::WM + r8) * C::kXPitch + q * 8 * 2;
-  // Metadata: row g of each 16-row tile (and g+8), 16-bit word (lane & 1) of the k32 slice.
-  const int g = lane / 4;
-  const int meta_lane_off = (warp_n * C::WN + g) * C::kMetaPitch + (lane & 1) * 2;
-
-  // Prologue: fill kStages - 1 stages.
-#pragma unroll
-  for (int s = 0; s < C::kStages - 1; ++s) {
-    if (s < num_tiles) load_tile(s, s);
-    cp_async_commit();
-  }
-
-  for (int tile = 0; tile < num_tiles; ++tile) {
-    // Tile `tile` has landed once at most kStages - 2 younger groups are pending; the barrier
-    // also tells every warp that the stage read in the previous iteration is free again.
-    cp_async_wait<C::kStages - 2>();
-    __syncthreads();
-    {
-      const int next = tile + C::kStages - 1;
-      if (next < num_tiles) load_tile(next, next % C::kStages);
-      cp_async_commit();  // always, so the group count per iteration stays fixed
-    }
-
-    const int s = tile % C::kStages;
-    const uint32_t vs = val_stage(s);
-    const uint32_t xs = x_stage(s);
-    const unsigned char* ms = smem + meta_stage(s);
-#pragma unroll
-    for (int j = 0; j < C::kSlicesPerWarp; ++j) {
-      const int slice = j * C::kWarpsK + warp_k;
-      // K % 64 == 0: a slice is wholly in or out of K (warp-uniform branch, never zero codes).
-      if (tile * C::BK + slice * 32 >= k) break;
-      uint32_t b[C::NI][4];
-#pragma unroll
-      for (int ni = 0; ni < C::NI; ++ni) {
-        ldmatrix_x4(b[ni], xs + b_lane_off + ni * 8 * C::kXPitch + slice * 32 * 2);
-      }
-#pragma unroll
-      for (int mi = 0; mi < C::MI; ++mi) {
-        uint32_t a[4];
-        ldmatrix_x4(a, vs + a_lane_off + mi * 16 * C::kValPitch + slice * 16 * 2);
-        const uint32_t e = sparse24::meta_register<C>(
-            ms + meta_lane_off + mi * 16 * C::kMetaPitch + slice * 4);
-#pragma unroll
-        for (int ni = 0; ni < C::NI; ++ni) mma_sp_16832<kBF16>(acc[mi][ni], a, b[ni], e);
-      }
-    }
-  }
-
-  sparse24::store_output<C, gemm::Half<kBF16>>(acc, smem, tid, lane, warp_n, warp_m, warp_k,
-                                                 m0, n0, m, n, bias, out);
+  const sparse24::Block<C> blk;
+  const KeptValues<T, C> op(values, blk);
+  sparse24::run_gemm<C, gemm::Half<kBF16>>(op, blk, smem, x, ldx, meta, bias, out, m, n, k);
 }
 
 template <typename T, typename C>

@@ -19,7 +19,7 @@ constexpr int64_t kSparse24KMultiple = 64;
 // Largest M the launcher takes: the grid's y dimension counts M tiles of up to 128 rows.
 constexpr int64_t kSparse24MaxM = int64_t{65535} * 128;
 
-// out[M, N] = x[M, K] @ W^T + bias, W [N, K] the 2:4 weight stored as leanops.sparsity.format
+// out[M, N] = x[M, K] @ W^T + bias, W [N, K] the 2:4 weight stored as leanops.sparsity.sparse24
 // (values [N, K/2], meta uint8 [N, K/8]); fp32 accumulation, one rounding to the 16-bit type.
 //   x       row r starts at x + r * x_row_stride elements, columns contiguous; the pointer and
 //           x_row_stride * 2 bytes must be multiples of 16 (16-byte cp.async)

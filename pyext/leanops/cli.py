@@ -37,9 +37,18 @@ FULL = {
     "attention": {"seqlen": [1024, 4096, 16384], "batch": 1, "heads": 32, "head_dim": 128},
     "model": {"preset": None, "tokens": 256, "batch": 1},
 }
-# A suite named on a CPU without --quick: kernel suites at the quick sizes, the model suite with
-# the full-size models at a short prompt (what `leanops demo` shows on a CPU).
+# A suite named on a CPU without --quick: the matmul suite at the Llama-7B shapes and decode /
+# small-batch / prefill-chunk sizes the C++ CPU kernels are for (when leanops._C has them; the
+# quick sizes otherwise), attention at the quick sizes, the model suite with the full-size
+# models at a short prompt (what `leanops demo` shows on a CPU).
 CPU = {**QUICK, "model": {"preset": None, "tokens": 64, "batch": 1}}
+CPU_KERNELS = {**CPU, "matmul": {"shapes": "llama-7b", "batch": [1, 16, 128]}}
+# ... where every format is compared with dense fp32 and dense bf16, at 1 thread and all threads,
+# the contenders of each shape interleaved over this many rounds (a shared machine's load hits
+# them alike; medians and spreads over all rounds).
+CPU_MATMUL_DTYPES = ("fp32", "bf16")
+CPU_THREADS = "1,all"
+CPU_ROUNDS = 5
 # `leanops bench` with no suite on a GPU: a few shapes of every family.
 HEADLINE = {
     "matmul": {"shapes": "llama-7b-quick", "batch": [1, 16, 2048]},
@@ -82,6 +91,31 @@ def _names(text: str) -> list[str]:
     return [v.strip() for v in text.split(",") if v.strip()]
 
 
+def _dtypes(text: str) -> list[str]:
+    names = _names(text)
+    bad = [d for d in names if d not in DTYPES]
+    if not names or bad:
+        raise argparse.ArgumentTypeError(f"expected one or more of {', '.join(sorted(DTYPES))} "
+                                         f"(comma-separated), got {text!r}")
+    return names
+
+
+def _threads(text: str) -> list[int]:
+    """'1,all' -> [1, every core torch may use]; duplicates dropped."""
+    out = []
+    for v in _names(text):
+        if v == "all":
+            out.append(os.cpu_count() or torch.get_num_threads())
+            continue
+        try:
+            out.append(int(v))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected thread counts or 'all' (comma-separated), got {text!r}") from None
+    if not out or min(out) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive thread counts or 'all', got {text!r}")
+    return list(dict.fromkeys(out))
+
+
 def cmd_info(args) -> int:
     import leanops
     from leanops.bench.energy import meter_for
@@ -103,16 +137,22 @@ def cmd_demo(args) -> int:
     from leanops.bench.report import format_table
 
     device = _device(args.device)
-    dtype = DTYPES[args.dtype] if args.dtype else None
+    dtype = DTYPES[args.dtype[0]] if args.dtype else None
     report = leanops.backends()
     print(f"leanops {leanops.__version__} demo: TinyLlama '{args.preset}' (random weights) on {device}")
     if device.type == "cuda":
         print(f"  GPU: {report['device']['gpu']} ({report['device']['capability']}); kernels: "
               + ", ".join(f"{b}={'yes' if report[b]['available'] else 'no'}" for b in ("cuda", "triton")))
     else:
-        print("  CPU: leanops runs its PyTorch reference kernels here; speed and energy numbers that "
-              "matter come from a GPU")
-    rows = run_model_comparison(args.preset, device, dtype, energy=not args.no_energy)
+        from leanops.bench.env import environment
+
+        cpu = report["cpu"]
+        kernels = (f"leanops CPU kernels ({cpu['isa']['active']})" if cpu["available"]
+                   else f"the PyTorch reference (no CPU kernels: {cpu['reason']})")
+        print(f"  CPU: {environment(device).get('cpu')}, {torch.get_num_threads()} threads; "
+              f"{kernels}; contenders interleaved over {CPU_ROUNDS} rounds")
+    rows = run_model_comparison(args.preset, device, dtype, energy=not args.no_energy,
+                                rounds=CPU_ROUNDS if device.type == "cpu" else 1)
     columns = [
         ("variant", "variant", ""),
         ("MB", "state_mb", ".1f"),
@@ -122,6 +162,7 @@ def cmd_demo(args) -> int:
         ("prefill ms", "prefill_ms", ".2f"),
         ("prefill x", "prefill_x", ".2f"),
         ("decode ms", "decode_ms", ".3f"),
+        ("decode tok/s", "decode_tok_s", ".1f"),
         ("decode x", "decode_x", ".2f"),
         ("prefill mJ/tok", "prefill_mj_per_tok", ".3f"),
         ("decode mJ/tok", "decode_mj_per_tok", ".2f"),
@@ -135,6 +176,10 @@ def cmd_demo(args) -> int:
     print("  x columns: dense / variant (higher is better). Logit error is vs the dense model; random")
     print("  weights with outlier channels amplify quantisation error more than trained models do.")
     print("  decode: one token per sequence at the prompt's context length, with a KV cache.")
+    slower = [r["variant"] for r in rows[1:] if r.get("decode_x") is not None and r["decode_x"] < 1.0]
+    if len(rows) > 1:
+        print("  decode vs dense: " + ("every quantised variant is at least as fast (>= 1.00x)" if not slower
+                                       else "SLOWER than dense: " + ", ".join(slower)))
     if not args.no_energy:
         reason = rows[0].get("energy_reason")
         print(f"  energy: {rows[0].get('energy_source') or 'not measured: ' + str(reason)}")
@@ -157,16 +202,21 @@ def _sizes(args, device: torch.device, suite: str) -> dict:
     if args.quick:
         return QUICK
     if device.type != "cuda":
-        return QUICK if suite == "all" else CPU
+        if suite == "all":
+            return QUICK
+        import leanops
+
+        return CPU_KERNELS if leanops.backends()["cpu"]["available"] else CPU
     return HEADLINE if suite == "all" else FULL
 
 
-def _matmul_cases(args, device, dtype, sizes, backends):
+def _matmul_cases(args, device, dtype, sizes, backends, dtypes=None, threads=None):
     from leanops.bench.matmul import PROVIDERS, suite_cases
 
     providers = _names(args.providers) if getattr(args, "providers", None) else PROVIDERS
     return suite_cases(_pick(args, "matmul", "shapes", sizes), _pick(args, "matmul", "batch", sizes), dtype,
-                       device, providers, backends, getattr(args, "group_size", None) or 128)
+                       device, providers, backends, getattr(args, "group_size", None) or 128,
+                       threads=threads, dtypes=dtypes)
 
 
 def _attention_cases(args, device, dtype, sizes, backends):
@@ -174,9 +224,12 @@ def _attention_cases(args, device, dtype, sizes, backends):
 
     providers = _names(args.providers) if getattr(args, "providers", None) else PROVIDERS
     causal = args.causal if getattr(args, "causal", None) is not None else sizes["attention"].get("causal", False)
+    passes = _names(args.passes) if getattr(args, "passes", None) else ("fwd",)
+    if not args.backends:
+        backends = None  # the suite's own default: on a CPU, the CPU path and the reference
     return attention_cases(_pick(args, "attention", "seqlen", sizes), _pick(args, "attention", "batch", sizes),
                            _pick(args, "attention", "heads", sizes), _pick(args, "attention", "head_dim", sizes),
-                           causal, dtype, device, providers, backends)
+                           causal, dtype, device, providers, backends, passes)
 
 
 def _model_cases(args, device, dtype, sizes, progress):
@@ -220,12 +273,21 @@ def cmd_bench(args) -> int:
         raise SystemExit(f"leanops: --save writes under {args.results_dir}/, which does not exist here "
                          "(run from the repository root or pass --results-dir)")
     sizes = _sizes(args, device, suite)
-    if device.type != "cuda" and not args.quick:
+    cpu_kernels = sizes is CPU_KERNELS
+    if device.type != "cuda" and not args.quick and not cpu_kernels:
         print("leanops bench: no GPU: the reference kernels run at small sizes (shape arguments override)")
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype_names = args.dtype or (list(CPU_MATMUL_DTYPES) if cpu_kernels and suite == "matmul" else None)
+    dtype = DTYPES[dtype_names[0]] if dtype_names else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if getattr(args, "threads", None) is not None and device.type != "cpu":
+        raise SystemExit("leanops bench: --threads sets torch's CPU thread count; this run is on "
+                         f"{device.type}")
+    threads = args.threads if getattr(args, "threads", None) is not None else (
+        _threads(CPU_THREADS) if cpu_kernels and suite == "matmul" else None)
     backends = _names(args.backends) if args.backends else default_backends(device)
     energy = args.energy if args.energy is not None else (suite in ("all", "model") or args.quick)
-    settings = Settings(energy=energy, energy_trials=args.energy_trials, graph=args.graph)
+    rounds = args.rounds if getattr(args, "rounds", None) is not None else (
+        CPU_ROUNDS if device.type == "cpu" and not args.quick else 1)
+    settings = Settings(energy=energy, energy_trials=args.energy_trials, graph=args.graph, rounds=rounds)
     if args.quick:  # a smoke test: short loops (the meter still enforces its own minimum)
         settings.energy_seconds, settings.idle_seconds = 0.1, 0.25
         settings.energy_trials = min(settings.energy_trials, 2)
@@ -249,7 +311,9 @@ def cmd_bench(args) -> int:
             for name in suites:
                 try:
                     if name == "matmul":
-                        cases = _matmul_cases(args, device, dtype, sizes, backends)
+                        cases = _matmul_cases(args, device, dtype, sizes, backends,
+                                              [DTYPES[d] for d in dtype_names] if dtype_names else None,
+                                              threads)
                     elif name == "attention":
                         cases = _attention_cases(args, device, dtype, sizes, backends)
                     else:
@@ -268,7 +332,8 @@ def cmd_bench(args) -> int:
         "suites": suites,
         "argv": sys.argv[1:],
         "settings": {**vars(settings), "dtype": str(dtype).replace("torch.", ""), "backends": backends,
-                     "quick": bool(args.quick or device.type != "cuda")},
+                     "dtypes": dtype_names, "threads": threads,
+                     "quick": bool(args.quick or (device.type != "cuda" and not cpu_kernels))},
         "energy": runner.energy_info(),
         "skipped": results.skipped,
         "failed": results.failed,
@@ -320,7 +385,14 @@ def _add_common(p: argparse.ArgumentParser, suppress: bool) -> None:
     p.add_argument("--quick", action="store_true", default=d(False),
                    help="tiny sizes, short loops: a smoke test that runs in seconds (what CI runs)")
     p.add_argument("--device", default=d("auto"), help="auto (default), cpu, cuda, cuda:1 ...")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=d(None), help="default: bf16 on GPU, fp32 on CPU")
+    p.add_argument("--dtype", type=_dtypes, default=d(None),
+                   help="bf16, fp16 or fp32; default bf16 on GPU, fp32 on CPU. The matmul suite takes "
+                        "several (e.g. fp32,bf16: each against its own dense baseline; the CPU default)")
+    p.add_argument("--threads", type=_threads, default=d(None),
+                   help="CPU: torch thread counts to run each case at, e.g. 1,all (the CPU matmul default)")
+    p.add_argument("--rounds", type=_positive, default=d(None),
+                   help="CPU: interleave the cases of each shape over this many rounds (default 5 on a "
+                        "CPU, 1 with --quick)")
     p.add_argument("--backends", default=d(None),
                    help="comma-separated leanops backends, each measured separately (default: all available)")
     p.add_argument("--energy", action=argparse.BooleanOptionalAction, default=d(None),
@@ -351,7 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="quantise the built-in TinyLlama and compare with dense")
     p.add_argument("--preset", default="demo", choices=["demo", "test"])
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1 ...")
-    p.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on GPU, fp32 on CPU")
+    p.add_argument("--dtype", type=_dtypes, help="bf16, fp16 or fp32 (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--no-energy", action="store_true", help="skip the energy loops (faster)")
     p.add_argument("--json", help="also write the rows to this JSON file")
     p.set_defaults(func=cmd_demo)
@@ -378,7 +450,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head-dim", type=_positive, help="head dimension (default 128)")
     p.add_argument("--causal", action=argparse.BooleanOptionalAction, default=None, help="causal mask (default: off)")
     p.add_argument("--providers", help="comma-separated subset: sdpa, sdpa-flash, sdpa-efficient, sdpa-cudnn, "
-                                       "sdpa-math, leanops (default: all)")
+                                       "sdpa-math, leanops, leanops-int8 (default: all)")
+    p.add_argument("--passes", help="comma-separated subset of fwd, bwd (the backward alone), train "
+                                    "(forward + backward) (default: fwd)")
 
     p = suites.add_parser("model", help="built-in models: dense vs int8 / int4 / 2:4 / fused attention")
     _add_common(p, suppress=True)

@@ -1,15 +1,20 @@
-"""Which kernels run: the three backends, how one is chosen, and the report of what is available.
+"""Which kernels run: the four backends, how one is chosen, and the report of what is available.
 
 Backends, fastest first:
   "cuda"       hand-written CUDA C++ kernels in the compiled extension leanops._C (CUDA tensors)
   "triton"     Triton kernels in leanops.triton (CUDA tensors; CPU tensors only under the Triton
                interpreter, TRITON_INTERPRET=1, which is how CI tests them)
-  "reference"  PyTorch math, any device: the CPU path and the ground truth the tests compare with
+  "cpu"        C++ CPU kernels in leanops._C (kernels/cpu/: AVX-512/VNNI where the CPU has it,
+               portable C++ elsewhere, BLAS for the large-M weight-only GEMMs) (CPU tensors)
+  "reference"  PyTorch math, any device: the definition of every op and the ground truth the
+               tests compare with; the CPU path of the ops without a "cpu" kernel
 
 With no backend forced, an op on CUDA tensors takes the first of cuda -> triton that has a kernel
-for it and supports the arguments; if neither can run it falls back to the reference with a
-one-time warning (never a silent slow path). `use_backend(name)` forces one, for tests and
-benchmarks; a forced backend that cannot run the call raises instead of falling back.
+for it and supports the arguments, and an op on CPU tensors takes "cpu" where the op has CPU
+kernels (never "triton", even under the interpreter: that is a test mode, reached by forcing
+it); where none can run it falls back to the reference with a one-time warning (never a silent
+slow path). `use_backend(name)` forces one, for tests and benchmarks; a forced backend that
+cannot run the call raises instead of falling back.
 
 The C++ kernels are registered under the private op namespace `leanops_C` (schemas in
 kernels/leanops_C.cpp); the public ops in namespace `leanops` are defined in Python
@@ -23,12 +28,13 @@ import contextvars
 import functools
 import importlib
 import importlib.util
-import os
 import warnings
 
 import torch
 
-BACKENDS = ("cuda", "triton", "reference")
+from leanops._env import triton_interpreter_active
+
+BACKENDS = ("cuda", "triton", "cpu", "reference")
 
 # None means "auto". A ContextVar rather than a global so threads and asyncio tasks that force a
 # backend for a benchmark do not leak it into each other.
@@ -69,8 +75,12 @@ class use_backend(contextlib.ContextDecorator):
     >>> with leanops.use_backend("triton"):
     ...     y = model(x)
 
-    `None` restores automatic choice. A forced backend that cannot run a call raises a
-    RuntimeError that says why, instead of falling back.
+    Arguments:
+        name: "cuda", "triton" or "reference", or None for automatic choice (cuda -> triton ->
+            reference). A forced backend that cannot run a call raises a RuntimeError that says
+            why, instead of falling back.
+
+    Raises: ValueError for any other name.
     """
 
     def __init__(self, name: str | None):
@@ -90,12 +100,6 @@ class use_backend(contextlib.ContextDecorator):
 
 def forced_backend() -> str | None:
     return _forced.get()
-
-
-def triton_interpreter_active() -> bool:
-    # Read at call time: Triton itself reads it when a @triton.jit function is defined, so it has
-    # to be set before leanops.triton is first imported (tests/conftest.py does).
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @functools.cache
@@ -181,6 +185,54 @@ def cuda_unavailable(device: torch.device, op: str | None = None) -> str | None:
     return _gpu_capability_error(index) or _arch_coverage_error(index)
 
 
+@functools.cache
+def _has_kernel(op: str, key: str) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"leanops_C::{op}", key)
+
+
+def cpu_unavailable(device: torch.device, op: str | None = None) -> str | None:
+    """Why the C++ CPU backend cannot run (op `op`) on `device`, or None if it can.
+
+    device: where the call's tensors are (only "cpu" qualifies).
+    op: a leanops_C op name, e.g. "int4_weight_mm"; None checks the extension only.
+    Returns None, or the reason as a sentence (extension missing, not CPU tensors, no CPU kernel
+    for `op`). Never raises.
+    """
+    if _C is None:
+        return _C_error
+    if device.type != "cpu":
+        return f"CPU kernels need CPU tensors, got {device.type} tensors"
+    if op is not None and not _has_kernel(op, "CPU"):
+        return f"leanops._C has no CPU kernel for {op}"
+    return None
+
+
+def cpu_isa() -> dict[str, str | None]:
+    """Which implementation of the CPU kernels runs.
+
+    Returns {"active": ..., "detected": ...}: the one in use (torch.ops.leanops_cpu.set_isa can
+    force "generic") and the best this CPU can run, each "avx512" (AVX-512 F/BW/DQ/VL + VNNI) or
+    "generic" (portable C++), or None when leanops._C is not loaded.
+    """
+    if _C is None:
+        return {"active": None, "detected": None}
+    return {"active": torch.ops.leanops_cpu.isa(), "detected": torch.ops.leanops_cpu.detected_isa()}
+
+
+def cpu_ops() -> list[str]:
+    """Ops for which the loaded extension registers a CPU kernel: sorted leanops_C op names
+    ([] without the extension)."""
+    if _C is None:
+        return []
+    return sorted(
+        {
+            s.name.split("::", 1)[1]
+            for s in torch._C._jit_get_all_schemas()
+            if s.name.startswith("leanops_C::") and _has_kernel(s.name.split("::", 1)[1], "CPU")
+        }
+    )
+
+
 def cuda_ops() -> list[str]:
     """Ops for which the loaded extension registers a CUDA kernel."""
     if _C is None or not getattr(_C, "with_cuda", False):
@@ -197,9 +249,10 @@ def cuda_ops() -> list[str]:
 def backends() -> dict[str, dict]:
     """What can run here and, where something cannot, why not.
 
-    Returns {"cuda": {...}, "triton": {...}, "reference": {...}, "device": {...}}; each backend
-    entry has "available" (bool) and "reason" (str or None), plus details such as versions and,
-    for "cuda", the ops with a compiled kernel.
+    Returns {"cuda": {...}, "triton": {...}, "cpu": {...}, "reference": {...}, "device": {...}};
+    each backend entry has "available" (bool) and "reason" (str or None), plus details such as
+    versions and, for "cuda" and "cpu", the ops with a compiled kernel (and for "cpu" which
+    implementation runs, see cpu_isa()).
     """
     gpu = torch.device("cuda") if torch.cuda.is_available() else None
     report: dict[str, dict] = {}
@@ -238,6 +291,13 @@ def backends() -> dict[str, dict]:
         "version": triton_version,
         "interpreter": triton_interpreter_active(),
     }
+    cpu_reason = cpu_unavailable(torch.device("cpu"))
+    report["cpu"] = {
+        "available": cpu_reason is None,
+        "reason": cpu_reason,
+        "isa": cpu_isa(),
+        "ops": cpu_ops(),
+    }
     report["reference"] = {"available": True, "reason": None}
     report["device"] = {
         "torch": torch.__version__,
@@ -254,9 +314,12 @@ def backends() -> dict[str, dict]:
 class OpBackends:
     """The kernels of one public op and the rule that picks one for a call.
 
-    `triton` and `cuda` are lazy references "module:function" so importing leanops never imports
-    Triton; `cuda` names an op in the leanops_C namespace. `cuda_supports` / `triton_supports`
-    take the call's arguments and return None or the reason that kernel cannot take them.
+    `triton` is a lazy reference "module:function" so importing leanops never imports Triton;
+    the "cuda" and "cpu" kernels are the op of the same name in the leanops_C namespace, on its
+    CUDA or CPU dispatch key. `cpu=True` says the op has CPU kernels: CPU calls then go to them
+    (and fall back to the reference with a warning if they cannot run); without, the reference
+    is the op's CPU path. `cuda_supports` / `triton_supports` / `cpu_supports` take the call's
+    arguments and return None or the reason that kernel cannot take them.
     """
 
     def __init__(
@@ -266,6 +329,8 @@ class OpBackends:
         triton: str | None = None,
         triton_supports=None,
         cuda_supports=None,
+        cpu: bool = False,
+        cpu_supports=None,
     ):
         self.name = name
         self.reference = reference
@@ -273,6 +338,9 @@ class OpBackends:
         self._triton_fn = None
         self.triton_supports = triton_supports
         self.cuda_supports = cuda_supports
+        self.has_cpu = cpu
+        self.cpu_supports = cpu_supports
+        self._native = None
         self._warned: set[str] = set()
 
     def triton(self):
@@ -284,6 +352,12 @@ class OpBackends:
     def cuda(self):
         return getattr(torch.ops.leanops_C, self.name)
 
+    def native(self):
+        """torch.ops.leanops_C.<name>: the C++ kernels (the dispatcher picks CUDA or CPU)."""
+        if self._native is None:
+            self._native = self.cuda()
+        return self._native
+
     def _why_not(self, backend: str, device: torch.device, args) -> str | None:
         if backend == "reference":
             return None
@@ -294,13 +368,21 @@ class OpBackends:
             if reason is None and self.triton_supports is not None:
                 reason = self.triton_supports(*args)
             return reason
+        if backend == "cpu":
+            if not self.has_cpu:
+                return f"leanops::{self.name} has no CPU kernel"
+            reason = cpu_unavailable(device, self.name)
+            if reason is None and self.cpu_supports is not None:
+                reason = self.cpu_supports(*args)
+            return reason
         reason = cuda_unavailable(device, self.name)
         if reason is None and self.cuda_supports is not None:
             reason = self.cuda_supports(*args)
         return reason
 
     def select(self, device: torch.device, args) -> str:
-        """The backend that runs this call: forced, or the first of cuda -> triton -> reference."""
+        """The backend that runs this call: forced, or the first of cuda -> triton -> reference
+        (CUDA tensors), cpu -> reference (CPU tensors, ops with CPU kernels)."""
         forced = _forced.get()
         if forced is not None:
             reason = self._why_not(forced, device, args)
@@ -310,10 +392,14 @@ class OpBackends:
                     f"{reason}"
                 )
             return forced
-        if device.type != "cuda":
+        if device.type == "cpu" and self.has_cpu:
+            candidates = ("cpu",)
+        elif device.type != "cuda":
             return "reference"
+        else:
+            candidates = ("cuda", "triton")
         reasons = []
-        for backend in ("cuda", "triton"):
+        for backend in candidates:
             reason = self._why_not(backend, device, args)
             if reason is None:
                 return backend
@@ -322,7 +408,8 @@ class OpBackends:
         if key not in self._warned:
             self._warned.add(key)
             warnings.warn(
-                f"leanops::{self.name} runs its slow PyTorch reference on CUDA tensors ({key})",
+                f"leanops::{self.name} runs its slow PyTorch reference on {device.type.upper()} "
+                f"tensors ({key})",
                 RuntimeWarning,
                 stacklevel=4,
             )
@@ -335,5 +422,5 @@ class OpBackends:
             return self.reference(*args)
         if backend == "triton":
             return self.triton()(*args)
-        return self.cuda()(*args)
+        return self.native()(*args)
 

@@ -400,3 +400,14 @@ def measure_energy(
         loop=loop,
         **{k: v for k, v in meter.conditions().items() if k in _CONDITIONS},
     )
+
+
+def energy_fields(fn: Callable[[], object], device: torch.device) -> dict:
+    """{"joules": energy per call of fn or None, "energy_reason": why it is None, or None}: a
+    measure_energy for one-off reports (the examples' step benchmarks), where a meter failing
+    part-way is reported in the row rather than raised."""
+    try:
+        e = measure_energy(fn, device)
+    except Exception as exc:
+        return {"joules": None, "energy_reason": f"{type(exc).__name__}: {exc}"}
+    return {"joules": e.joules_per_call, "energy_reason": e.reason}

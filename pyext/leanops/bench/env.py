@@ -40,6 +40,8 @@ def environment(device: torch.device) -> dict:
             pass
     else:
         info["cpu"] = _cpu_name()
+        info["cpu_kernels"] = leanops.backends()["cpu"]["isa"]["active"]  # avx512 / generic / None
+        info["cpu_threads"] = torch.get_num_threads()
     return info
 
 

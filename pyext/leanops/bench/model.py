@@ -253,15 +253,17 @@ def run_model_comparison(
     energy: bool = True,
     progress: Callable[[str], None] = print,
     settings: Settings | None = None,
+    rounds: int = 1,
 ) -> list[dict]:
     """TinyLlama dense vs each variant, one row per variant (prefill and decode side by side):
-    what `leanops demo` prints. Built on model_cases + the runner."""
+    what `leanops demo` prints. Built on model_cases + the runner; `rounds` > 1 (CPU) times the
+    variants of each phase interleaved over that many rounds."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # A GPU needs a real prompt to be busy; the CPU reference path only needs to show the numbers.
     b, s = prefill_shape or ((4, 256) if device.type == "cuda" else (1, 64))
     names = variants if variants is not None else list(VARIANTS)
     cases = model_cases("tiny-llama", preset, b, s, dtype, device, names, progress=lambda _: None)
-    settings = settings or Settings(energy=energy)
+    settings = settings or Settings(energy=energy, rounds=rounds)
     results = run_cases(cases, device, settings, None, progress=lambda _: None, title="demo")
     for failure in results.failed:
         raise RuntimeError(f"demo: {failure['provider']} {failure['op']} failed: {failure['error']}")

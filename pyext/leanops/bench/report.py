@@ -17,6 +17,8 @@ FORMAT = "leanops-bench/1"
 _CSV_METRICS = {
     "median_ms": ("ms", ("p20_ms", "p80_ms"), "p20-p80", "timing_method", None),
     "eager_median_ms": ("ms", None, "", "timing_method", None),
+    "cpu_ms": ("ms", None, "", "timing_method", None),
+    "cpu_speedup_vs_dense": ("x", None, "", "baseline", None),
     "tflops": ("TFLOP/s", None, "", None, None),
     "gbps": ("GB/s", None, "", None, None),
     "pct_of_roofline": ("%", None, "", "roofline_rate", "roofline_reason"),
@@ -65,6 +67,13 @@ def write_csv(path: str, rows: list[dict], env: dict) -> None:
     def cell(v):
         return "" if v is None or (isinstance(v, float) and not math.isfinite(v)) else v
 
+    def why_empty(metric, value, reason):
+        if isinstance(value, float) and not math.isfinite(value):  # CSV, like JSON, has no inf
+            if metric.endswith("sqnr_db") and value > 0:
+                return "infinite: the output equals the reference exactly"
+            return f"not finite ({value})"
+        return cell(reason) if value is None else ""
+
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(CSV_HEADER)
@@ -80,7 +89,7 @@ def write_csv(path: str, rows: list[dict], env: dict) -> None:
                             row["dtype"], row["shape"], metric, unit, cell(value), cell(low), cell(high),
                             spread if quantiles and low is not None else "",
                             cell(row.get(method)) if method else "",
-                            cell(row.get(reason)) if reason and value is None else "",
+                            why_empty(metric, value, row.get(reason) if reason else None),
                             device, env.get("driver") or "", versions, env.get("timestamp")])
 
 
@@ -108,9 +117,12 @@ KERNEL_COLUMNS = [
     ("op", "op", ""),
     ("provider", "provider", ""),
     ("shape", "shape", ""),
+    ("dtype", "dtype", ""),
     ("median us", "median_us", ".1f"),
     ("p20-p80 us", "spread_us", ""),
     ("t", "timing", ""),
+    ("cpu us", "cpu_us", ".1f"),
+    ("x (cpu)", "cpu_speedup_vs_dense", ".2f"),
     ("TFLOP/s", "tflops", ".2f"),
     ("GB/s", "gbps", ".0f"),
     ("% roof", "pct_of_roofline", ".0f"),
@@ -120,7 +132,6 @@ KERNEL_COLUMNS = [
     ("TFLOP/J", "tflop_per_joule", ".3f"),
     ("energy x", "energy_gain_vs_dense", ".2f"),
 ]
-MATMUL_COLUMNS = KERNEL_COLUMNS
 MODEL_COLUMNS = [
     ("op", "op", ""),
     ("variant", "provider", ""),
@@ -148,6 +159,7 @@ def _display(row: dict) -> dict:
         "timing": ("G" if timing.startswith("cuda graph") else "E!" if "failed" in timing
                    else "E" if timing.startswith("cuda events") else "C"),
         "mj_per_token": None if row.get("energy_joules_per_token") is None else row["energy_joules_per_token"] * 1e3,
+        "cpu_us": None if row.get("cpu_ms") is None else row["cpu_ms"] * 1e3,
     }
 
 
@@ -160,15 +172,13 @@ def table(rows: list[dict]) -> str:
     return "\n\n".join(parts)
 
 
-def matmul_table(rows: list[dict]) -> str:
-    return format_table([_display(r) for r in rows], KERNEL_COLUMNS)
-
-
 def footnotes(rows: list[dict], skipped: list[dict], failed: list[dict], energy: dict | None = None) -> str:
     """What the table's columns rest on: timing methods, energy source or why none, skips."""
     lines = ["x columns: dense baseline / this row, measured in the same run (higher is better). "
              "t: G = CUDA-graph replay, E = device events with L2 flushed, E! = graph capture failed "
-             "(eager figure kept), C = CPU wall clock."]
+             "(eager figure kept), C = CPU wall clock. cpu us: CPU time of the calling thread per call "
+             "(CPU runs; with one thread, the time the kernel ran whatever else loaded the machine), "
+             "x (cpu): the same ratio on it."]
     if energy is not None:
         if energy.get("source"):
             lines.append(f"energy: {energy['source']} [{energy['kind']}], idle {energy['idle_power_w']:.1f} W "

@@ -6,9 +6,11 @@ bytes of the ideal kernel, which measured ceiling bounds it, how to build random
 to call. The runner does the rest, the same way for every suite:
 
   warm-up call (compiles, autotunes) -> peak memory of one call (CUDA) -> timing (eager with L2
-  flushed; CUDA-graph replay for small launches, rotating input copies) -> energy (meter read
-  around >= 1 s loops, several trials, idle power subtracted) -> throughput, % of the measured
-  roofline, TFLOP/J, J/token -> ratios against the dense baseline of the same shape.
+  flushed; CUDA-graph replay for small launches, rotating input copies; on a CPU with
+  Settings.rounds > 1, the cases of one shape interleaved round by round, at the case's thread
+  count) -> energy (meter read around >= 1 s loops, several trials, idle power subtracted) ->
+  throughput, % of the measured roofline, TFLOP/J, J/token -> ratios against the dense baseline
+  of the same shape.
 
 Cases compare with the case marked `baseline=True` in their group (same family, dtype and shape),
 which each suite lists first. A case that cannot run here (a forced backend that does not
@@ -18,6 +20,7 @@ the reason; any other exception is a *failure*: both are reported, neither silen
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import itertools
 import math
@@ -38,7 +41,14 @@ from leanops.bench.energy import (
 )
 from leanops.bench.progress import PlainProgress, as_progress
 from leanops.bench.roofline import Ceilings
-from leanops.bench.timing import GRAPH_CUDA, Timing, cuda_graph_replayer, graph_calls_for, time_case
+from leanops.bench.timing import (
+    GRAPH_CUDA,
+    Timing,
+    cuda_graph_replayer,
+    graph_calls_for,
+    time_case,
+    time_interleaved,
+)
 
 
 @dataclass
@@ -61,6 +71,7 @@ class Case:
     extra: dict = field(default_factory=dict)  # suite-specific row fields (errors, sizes)
     skip: str | None = None  # why it cannot run here, known before running
     skip_on: tuple = ()  # exception types that mean "cannot run this shape here" (baselines)
+    threads: int | None = None  # CPU: torch.set_num_threads while it runs (None: as it is)
 
     @property
     def shape(self) -> str:
@@ -85,6 +96,7 @@ class Settings:
     warmup_ms: float = 25
     rep_ms: float = 100
     min_calls: int = 5  # CPU timing: at least this many calls (after a warm-up call)
+    rounds: int = 1  # CPU timing: > 1 interleaves the cases of a shape over this many rounds
 
 
 @dataclass
@@ -173,46 +185,94 @@ class Runner:
         results = Results()
         baselines: dict[tuple, dict] = {}
         self.progress.start(len(cases), title)
+        if self.device.type == "cpu" and self.settings.rounds > 1:
+            for group in _consecutive_groups(cases):
+                self._run_interleaved(group, results, baselines)
+            return results
         for case in cases:
-            where = {"suite": case.suite, "op": case.op, "provider": case.provider,
-                     "dtype": _dtype_name(case.dtype), "shape": case.shape}
-            if case.skip:
-                results.skipped.append({**where, "reason": case.skip})
-                self.progress.advance(case.label, f"skipped: {case.skip}")
+            if self._skipped(case, results):
                 continue
-            # Warnings say why a kernel was not used (SDPA) or that a slower path ran (leanops'
-            # fallback warning): they go into the skip reason or the row, never lost.
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                try:
-                    with leanops.use_backend(case.backend):
-                        row = self._measure(case)
-                    error = None
-                except Exception as exc:
-                    error = exc
-            said = list(dict.fromkeys(" ".join(str(w.message).split())[:300] for w in caught))
-            if error is not None:
-                exc = error
-                self._cleanup()
-                if cannot_run(case, exc):
-                    reason = _short(exc) + (f" [warnings: {' | '.join(said[:3])}]" if said else "")
-                    results.skipped.append({**where, "reason": reason})
-                    self.progress.advance(case.label, f"skipped: {reason}")
-                else:
-                    results.failed.append({**where, "error": _short(exc, 2000),
-                                           "traceback": "".join(traceback.format_exception(exc))})
-                    self.progress.advance(case.label, f"FAILED: {_short(exc)}")
+            with _num_threads(case.threads):
+                row, said = self._attempt(case, lambda c=case: self._measure(c), results)
+            if row is None:
                 continue
             self._cleanup()
-            row["warnings"] = said
-            for text in said:
-                self.progress.log(f"  warning ({case.label}): {text}")
-            if case.baseline:
-                baselines[case.group] = row
-            self._compare(row, baselines.get(case.group))
-            results.rows.append(row)
-            self.progress.advance(case.label, _summary(row))
+            self._add_row(case, row, said, results, baselines)
         return results
+
+    def _skipped(self, case: Case, results: Results) -> bool:
+        if case.skip:
+            results.skipped.append({**_where(case), "reason": case.skip})
+            self.progress.advance(case.label, f"skipped: {case.skip}")
+        return bool(case.skip)
+
+    def _attempt(self, case: Case, fn: Callable[[], object], results: Results) -> tuple[object, list[str]]:
+        """fn() with the case's backend forced: (its result, the warnings said), or (None, ...)
+        with the case recorded as skipped or failed. Warnings say why a kernel was not used
+        (SDPA) or that a slower path ran (leanops' fallback warning): they go into the skip
+        reason or the row, never lost."""
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                with leanops.use_backend(case.backend):
+                    value = fn()
+                error = None
+            except Exception as exc:
+                value, error = None, exc
+        said = list(dict.fromkeys(" ".join(str(w.message).split())[:300] for w in caught))
+        if error is not None:
+            self._report_error(case, error, said, results)
+        return value, said
+
+    def _add_row(self, case: Case, row: dict, said: list[str], results: Results, baselines: dict) -> None:
+        row["warnings"] = said
+        for text in said:
+            self.progress.log(f"  warning ({case.label}): {text}")
+        if case.baseline:
+            baselines[case.group] = row
+        self._compare(row, baselines.get(case.group))
+        results.rows.append(row)
+        self.progress.advance(case.label, _summary(row))
+
+    def _run_interleaved(self, group: list[Case], results: Results, baselines: dict) -> None:
+        """The cases of one shape (and thread count) on a CPU: each built and warmed up, then
+        timed round-robin (time_interleaved), then energy and the row, case by case."""
+        def build(case):
+            inputs = case.make_inputs()
+            case.fn(*inputs)  # warm-up: lazy init, caches
+            return inputs
+
+        ready = []  # (case, inputs, warnings said while building)
+        with _num_threads(group[0].threads):
+            for case in group:
+                if self._skipped(case, results):
+                    continue
+                inputs, said = self._attempt(case, lambda c=case: build(c), results)
+                if inputs is not None:
+                    ready.append((case, inputs, said))
+            if not ready:
+                return
+            s = self.settings
+            timings = time_interleaved(
+                [lambda c=c, i=i: c.fn(*i) for c, i, _ in ready], s.rounds, s.rep_ms,
+                s.min_calls, burst=lambda k: leanops.use_backend(ready[k][0].backend))
+            for (case, inputs, said), timing in zip(ready, timings, strict=True):
+                with leanops.use_backend(case.backend):
+                    energy = self._energy(timing, lambda c=case, i=inputs: c.fn(*i))
+                row = self._row(case, timing, energy, *self._peak_memory(case, inputs, lambda: None))
+                self._add_row(case, row, said, results, baselines)
+
+    def _report_error(self, case: Case, exc: BaseException, said: list, results: Results) -> None:
+        where = _where(case)
+        self._cleanup()
+        if cannot_run(case, exc):
+            reason = _short(exc) + (f" [warnings: {' | '.join(said[:3])}]" if said else "")
+            results.skipped.append({**where, "reason": reason})
+            self.progress.advance(case.label, f"skipped: {reason}")
+        else:
+            results.failed.append({**where, "error": _short(exc, 2000),
+                                   "traceback": "".join(traceback.format_exception(exc))})
+            self.progress.advance(case.label, f"FAILED: {_short(exc)}")
 
     def _cleanup(self) -> None:
         if self.device.type == "cuda":  # give the next case the GPU memory this one held
@@ -293,6 +353,8 @@ class Runner:
             "p80_ms": timing.p80_ms,
             "timing_method": timing.method,
             "eager_median_ms": timing.eager_median_ms,
+            "cpu_ms": timing.cpu_ms,
+            "threads": case.threads,
             "flops": case.flops,
             "min_bytes": case.min_bytes,
             "tflops": case.flops / seconds / 1e12,
@@ -330,6 +392,8 @@ class Runner:
         """Ratios against the dense baseline measured in the same run (None without one)."""
         row["baseline"] = base["provider"] if base else None
         row["speedup_vs_dense"] = base["median_ms"] / row["median_ms"] if base else None
+        cpu, base_cpu = row.get("cpu_ms"), (base or {}).get("cpu_ms")
+        row["cpu_speedup_vs_dense"] = base_cpu / cpu if cpu and base_cpu else None
         bj, j = (base or {}).get("energy_joules_per_call"), row.get("energy_joules_per_call")
         row["energy_gain_vs_dense"] = bj / j if bj and j else None
 
@@ -346,6 +410,36 @@ def _summary(row: dict) -> str:
     if row["timing_method"].startswith(GRAPH_CUDA):
         parts.append("graph")
     return ", ".join(parts)
+
+
+def _where(case: Case) -> dict:
+    return {"suite": case.suite, "op": case.op, "provider": case.provider,
+            "dtype": _dtype_name(case.dtype), "shape": case.shape}
+
+
+def _consecutive_groups(cases: list[Case]) -> list[list[Case]]:
+    """Runs of consecutive cases that compare with each other (same group and thread count)."""
+    groups: list[list[Case]] = []
+    for case in cases:
+        if groups and (groups[-1][0].group, groups[-1][0].threads) == (case.group, case.threads):
+            groups[-1].append(case)
+        else:
+            groups.append([case])
+    return groups
+
+
+@contextlib.contextmanager
+def _num_threads(threads: int | None):
+    """torch's intra-op thread count set to `threads` inside the block (None: unchanged)."""
+    if threads is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def run_cases(cases: list[Case], device: torch.device, settings: Settings | None = None,

@@ -3,7 +3,8 @@
 A subclass, so the constructor, the parameters (in_proj_weight or q/k/v_proj_weight,
 in_proj_bias, out_proj, bias_k/bias_v), the state_dict and isinstance checks are exactly
 torch's; only forward changes. The projections run as in torch; the attention itself runs
-`leanops.attention` (Triton flash-attention kernels on GPUs, the fp32 reference on CPU), with
+`leanops.attention` (Triton flash-attention kernels on GPUs, PyTorch's CPU flash-attention
+kernels on CPU: see leanops.ops.attention), with
 `attn_mask` / `key_padding_mask` merged into one additive bias and `is_causal` (with Sq == Sk and no
 padding mask) turned into the kernel's causal mode, as torch does with the hint.
 
@@ -13,6 +14,10 @@ warning naming the argument, never silently:
   need_weights=False), add_bias_kv / add_zero_attn, dropout > 0 in training, nested tensors,
   non-float dtypes, head dims above 256.
 A query row whose keys are all masked returns 0 here where torch returns NaN.
+
+`int8=True` runs `leanops.attention_int8` instead (int8 Q.K^T forward, int8 dV/dQ/dK backward:
+see leanops.ops.int8_attention), for inference and training alike; the masks and fallbacks are
+the same.
 """
 
 from __future__ import annotations
@@ -24,23 +29,42 @@ import torch.nn.functional as F
 from torch import nn
 
 from leanops.ops.attention import MAX_HEAD_DIM, attention
+from leanops.ops.int8_attention import attention_int8
+from leanops.quant.common import FLOAT_DTYPES
 
 
 class MultiheadAttention(nn.MultiheadAttention):
     """Drop-in torch.nn.MultiheadAttention (same constructor, forward and state_dict) whose
-    attention runs leanops' fused kernel; see the module docstring for what falls back."""
+    attention runs leanops' fused kernel; see the module docstring for what falls back.
+
+    The arguments are torch's (embed_dim, num_heads, dropout, bias, add_bias_kv, add_zero_attn,
+    kdim, vdim, batch_first, device, dtype), plus:
+    int8: keyword only, default False; True runs leanops.attention_int8 (int8 Q.K^T, trainable).
+    """
 
     _warned: set[str] = set()
 
+    def __init__(self, *args, int8: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.int8 = bool(int8)
+
+    def extra_repr(self) -> str:
+        return "int8=True" if self.int8 else ""
+
     @classmethod
-    def from_torch(cls, mha: nn.MultiheadAttention) -> MultiheadAttention:
-        """A leanops MultiheadAttention with mha's configuration and (shared) parameters."""
+    def from_torch(cls, mha: nn.MultiheadAttention, int8: bool = False) -> MultiheadAttention:
+        """A leanops MultiheadAttention with mha's configuration and (shared) parameters.
+
+        mha: the torch.nn.MultiheadAttention to copy (its parameters are shared, not copied).
+        int8: run leanops.attention_int8 (default False: leanops.attention).
+        Returns the new module, in mha's training mode.
+        """
         p = next(mha.parameters())
         new = cls(
             mha.embed_dim, mha.num_heads, dropout=mha.dropout,
             bias=mha.in_proj_bias is not None, add_bias_kv=mha.bias_k is not None,
             add_zero_attn=mha.add_zero_attn, kdim=mha.kdim, vdim=mha.vdim,
-            batch_first=mha.batch_first, device="meta", dtype=p.dtype,
+            batch_first=mha.batch_first, device="meta", dtype=p.dtype, int8=int8,
         )
         new.load_state_dict(mha.state_dict(), assign=True)
         new.train(mha.training)
@@ -56,7 +80,7 @@ class MultiheadAttention(nn.MultiheadAttention):
             return "dropout > 0 in training is not supported by the fused path"
         if query.is_nested or key.is_nested or value.is_nested:
             return "nested tensors are not supported by the fused path"
-        if query.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        if query.dtype not in FLOAT_DTYPES:
             return f"dtype {query.dtype} is not supported by the fused path"
         if self.head_dim > MAX_HEAD_DIM:
             return f"head dim {self.head_dim} > {MAX_HEAD_DIM} is not supported by the fused path"
@@ -121,7 +145,8 @@ class MultiheadAttention(nn.MultiheadAttention):
 
         causal = bool(is_causal) and key_padding_mask is None and lq == lk
         mask = None if causal else _merge_masks(attn_mask, key_padding_mask, b, h, lq, lk, q.dtype)
-        out = attention(q, k, v, attn_mask=mask, causal=causal)  # [B, H, Lq, D]
+        op = attention_int8 if self.int8 else attention
+        out = op(q, k, v, attn_mask=mask, causal=causal)  # [B, H, Lq, D]
         out = out.transpose(1, 2).reshape(b, lq, e)
         out = F.linear(out, self.out_proj.weight, self.out_proj.bias)
         if not batched:

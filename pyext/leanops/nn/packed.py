@@ -3,15 +3,30 @@ handling, bias, repr, and the serialisation spec that save_quantized / load_quan
 rebuild an empty layer of the right kind before loading its tensors.
 
 A subclass stores its packed weight tensors as buffers (so state_dict, .to(device) and
-safetensors see them) and the bias as a Parameter of the original layer's dtype, implements
+safetensors see them) and the bias as a Parameter of the original layer's dtype. These buffers
+are the only copy of the weight on every device: the CPU kernels (kernels/cpu/) read the stored
+layouts as they are, so no derived layout is built, cached or saved, and nothing is repacked per
+call (tests/test_cpu_backend.py checks it). A subclass implements
 `_matmul(x2d)` and `dequantized_weight()`, returns its constructor arguments from
-`format_args()`, and is registered with @register_packed_linear.
+`format_args()`, checks its format's stored values in `_check_format` (with the validators of
+leanops.quant / leanops.sparsity.sparse24), and is registered with @register_packed_linear.
+
+The kernels never check values per call (that would cost a pass over the weight, or a GPU
+synchronisation, on every forward), so every tensor that enters a layer from outside is checked
+once where it enters: load_state_dict checks the whole state a layer would hold before copying
+any of it (a layer is never left half loaded), and so does leanops.load_quantized for a whole
+model. To build a layer from packed tensors of your own, construct it empty and load_state_dict
+them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import nn
+
+from leanops.quant.common import FLOAT_DTYPES, ValueChecks, value_checks
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -77,6 +92,9 @@ class PackedLinear(nn.Module):
     def format_args(self) -> dict:
         return {}
 
+    def _spec_args(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.spec().items() if k != "type")
+
     def spec(self) -> dict:
         return {
             "type": type(self).__name__,
@@ -92,6 +110,123 @@ class PackedLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, format={self.format_description}, "
             f"dtype={_dtype_name(self.dtype)}"
+        )
+
+    # -- validation of stored tensors (load_state_dict, load_quantized) --
+    def _check_format(
+        self, state: Mapping[str, torch.Tensor], prefix: str, checks: ValueChecks
+    ) -> None:
+        """Subclasses: check the format's invariants on `state` (this layer's state_dict keys,
+        shapes and dtypes already match), naming tensors prefix + key, adding value checks to
+        `checks`."""
+        raise NotImplementedError
+
+    def _structure_errors(self, state: Mapping[str, object], prefix: str) -> list[str]:
+        """What is wrong with the keys, types, shapes and dtypes of `state` (this layer's own
+        state_dict keys -> tensors) for this layer; [] if nothing."""
+        own = self.state_dict(keep_vars=True)
+        errors = [
+            f"{prefix}{key} is missing" for key in own if key not in state
+        ] + [
+            f"{prefix}{key} is not a tensor of this layer (it holds {', '.join(sorted(own))})"
+            for key in state if key not in own
+        ]
+        for key, ref in own.items():
+            t = state.get(key)
+            if t is None:
+                continue
+            if not isinstance(t, torch.Tensor):
+                errors.append(f"{prefix}{key} must be a torch.Tensor, got {type(t).__name__}")
+            elif tuple(t.shape) != tuple(ref.shape) or t.dtype != ref.dtype:
+                errors.append(
+                    f"{prefix}{key} must be {_dtype_name(ref.dtype)} of shape {tuple(ref.shape)} "
+                    f"for {type(self).__name__}({self._spec_args()}), got "
+                    f"{_dtype_name(t.dtype)} of shape {tuple(t.shape)}"
+                )
+        return errors
+
+    def validate_state(
+        self,
+        state: Mapping[str, torch.Tensor] | None = None,
+        prefix: str = "",
+        checks: ValueChecks | None = None,
+    ) -> None:
+        """Check that `state` is a valid state for this layer, without changing anything.
+
+        state: this layer's state_dict keys -> tensors, each with exactly the shape and dtype of
+            the layer's own (a float tensor in another dtype is not cast here) and values that
+            keep the format's invariants (scales positive and finite, zero points in [0, 15],
+            2:4 metadata codes valid, ...); None: the layer's current tensors.
+        prefix: prepended to the keys in error messages (e.g. "layers.0.q_proj.").
+        checks: a leanops.quant.common.ValueChecks to add the value checks to, so that many
+            layers are checked with one GPU synchronisation (the caller runs it); None: they run
+            here.
+        Raises ValueError naming the tensor and what is allowed.
+        """
+        if state is None:
+            state = self.state_dict(keep_vars=True)
+        errors = self._structure_errors(state, prefix)
+        if errors:
+            raise ValueError("; ".join(errors))
+        with value_checks(checks) as checks:
+            self._check_format(state, prefix, checks)
+
+    def load_state_dict(
+        self, state_dict: Mapping[str, torch.Tensor], strict: bool = True, assign: bool = False
+    ):
+        """nn.Module.load_state_dict, all or nothing: every tensor is checked (keys with
+        `strict`, shapes, dtypes, the format's stored values; see validate_state) before any is
+        copied, so on an error the layer is exactly as it was. Float tensors of another float
+        dtype are cast as torch does (and checked after the cast); integer tensors must have
+        the layer's dtype. Raises RuntimeError for missing, unexpected or misshapen tensors (as
+        torch does), ValueError for invalid values. Returns torch's (missing_keys,
+        unexpected_keys)."""
+        if strict:
+            own = self.state_dict(keep_vars=True)
+            missing = [key for key in own if key not in state_dict]
+            unexpected = [key for key in state_dict if key not in own]
+            if missing or unexpected:
+                problems = [
+                    f"{what} key(s) in state_dict: {', '.join(map(repr, keys))}. "
+                    for what, keys in (("Missing", missing), ("Unexpected", unexpected)) if keys
+                ]
+                raise RuntimeError(
+                    f"Error(s) in loading state_dict for {type(self).__name__} (nothing was "
+                    f"loaded): {''.join(problems)}A {type(self).__name__}({self._spec_args()}) "
+                    f"holds {', '.join(own)}"
+                )
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        # Check everything this layer would hold after the load (the given tensors, and the
+        # current ones for keys not given) before copying any of it: shape or dtype problems go
+        # to error_msgs (load_state_dict raises RuntimeError, as torch does) with nothing of
+        # this layer copied; invalid values raise ValueError. Missing and unexpected keys are
+        # torch's business here (it only knows `strict` at the end; load_state_dict above
+        # checks them first when this layer is loaded on its own). Tensors on a GPU cost one
+        # synchronisation per layer, at load time only.
+        own = self.state_dict(keep_vars=True)
+        if any(prefix + key in state_dict for key in own):
+            assign = local_metadata.get("assign_to_params_buffers", False)
+            candidate = {}
+            for key, ref in own.items():
+                t = state_dict.get(prefix + key, ref)
+                if (
+                    not assign and isinstance(t, torch.Tensor) and t.dtype != ref.dtype
+                    and t.dtype in FLOAT_DTYPES and ref.dtype in FLOAT_DTYPES
+                ):
+                    t = t.to(ref.dtype)  # what copy_ will store: check the values as stored
+                candidate[key] = t
+            errors = self._structure_errors(candidate, prefix)
+            if errors:
+                error_msgs.extend(errors)
+                return
+            with value_checks(None) as checks:
+                self._check_format(candidate, prefix, checks)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
 
     @staticmethod
@@ -122,11 +257,35 @@ def register_packed_linear(cls: type[PackedLinear]) -> type[PackedLinear]:
     return cls
 
 
-def packed_linear_from_spec(spec: dict, device=None) -> PackedLinear:
-    """An empty layer (to be filled by load_state_dict) from PackedLinear.spec()."""
-    spec = dict(spec)
-    name = spec.pop("type")
+def packed_linear_from_spec(spec: Mapping, device=None) -> PackedLinear:
+    """An empty layer (to be filled by load_state_dict) from PackedLinear.spec().
+
+    spec: what spec() returns: "type" (a registered layer class name), "in_features",
+        "out_features", "bias", "dtype" ("float16", "bfloat16" or "float32") and the type's
+        format_args(); e.g. read from a checkpoint's metadata.
+    device: where the layer's tensors are allocated (None: torch's default; "meta": nowhere).
+    Returns the layer, holding a valid all-zero weight, whose spec() equals `spec`.
+    Raises ValueError saying what in `spec` is wrong (unknown type or dtype, missing, unknown or
+    ill-typed arguments, values the layer refuses).
+    """
+    if not isinstance(spec, Mapping):
+        raise ValueError(
+            f"a layer spec must be a dict (PackedLinear.spec()), got {type(spec).__name__}"
+        )
+    args = dict(spec)
+    name = args.pop("type", None)
     if name not in _LAYER_TYPES:
         raise ValueError(f"unknown leanops layer type {name!r}; known: {sorted(_LAYER_TYPES)}")
-    dtype = getattr(torch, spec.pop("dtype"))
-    return _LAYER_TYPES[name](**spec, device=device, dtype=dtype)
+    dtypes = {_dtype_name(d): d for d in FLOAT_DTYPES}
+    dtype_name = args.pop("dtype", None)
+    if dtype_name not in dtypes:
+        raise ValueError(f"spec dtype must be one of {sorted(dtypes)}, got {dtype_name!r}")
+    try:
+        layer = _LAYER_TYPES[name](**args, device=device, dtype=dtypes[dtype_name])
+    except (TypeError, ValueError) as exc:  # missing, unknown, ill-typed or refused arguments
+        raise ValueError(f"invalid {name} spec {dict(spec)}: {exc}") from None
+    if layer.spec() != dict(spec):
+        raise ValueError(
+            f"invalid {name} spec {dict(spec)}: the layer it builds has spec {layer.spec()}"
+        )
+    return layer

@@ -11,11 +11,28 @@ from leanops.nn.packed import PackedLinear, register_packed_linear
 from leanops.ops import int4_weight_mm, int8_dynamic_linear, int8_weight_mm
 from leanops.quant import int4 as int4_format
 from leanops.quant import int8 as int8_format
+from leanops.quant.common import require_positive_finite, value_checks
+
+
+def _check_int8_weight(state, prefix, checks) -> None:
+    """The per-channel int8 weight both int8 layers store (weight, weight_scale)."""
+    int8_format.check_int8_per_channel(
+        state["weight"], state["weight_scale"],
+        names=(prefix + "weight", prefix + "weight_scale"), checks=checks,
+    )
 
 
 @register_packed_linear
 class Int8Linear(PackedLinear):
-    """Dynamic W8A8 linear: int8 per-channel weights, per-token int8 activations at run time.
+    """Dynamic W8A8 linear: int8 per-channel weights, per-token int8 activations at run time
+    (leanops::int8_dynamic_linear). Build it with `from_linear` or leanops.quantize_; the
+    constructor makes an empty layer of the right shape (what load_quantized fills).
+
+    Arguments:
+        in_features, out_features: K and N of the weight [N, K], as nn.Linear.
+        bias: whether the layer has a bias Parameter [N] (in `dtype`).
+        device, dtype: where the buffers live and the bias's (and output's expected) dtype.
+        smoothquant: whether the layer has the SmoothQuant buffer `smooth` (default False).
 
     Buffers: weight int8 [out, in], weight_scale fp32 [out], and with smoothquant=True
     smooth fp32 [in], the per-input-channel multiplier (1/s) applied to activations inside the
@@ -45,11 +62,16 @@ class Int8Linear(PackedLinear):
             smoothquant=smoothing is not None, device=weight.device, dtype=weight.dtype,
         )
         if smoothing is not None:
-            if smoothing.shape != (linear.in_features,) or not bool((smoothing > 0).all()):
-                raise ValueError(
-                    f"smoothing must be a positive tensor of shape ({linear.in_features},), got "
-                    f"{tuple(smoothing.shape)}"
+            if not isinstance(smoothing, torch.Tensor) or smoothing.shape != (linear.in_features,):
+                got = (
+                    tuple(smoothing.shape) if isinstance(smoothing, torch.Tensor)
+                    else type(smoothing).__name__
                 )
+                raise ValueError(
+                    f"smoothing must be a tensor of shape ({linear.in_features},), got {got}"
+                )
+            with value_checks(None) as checks:
+                require_positive_finite(checks, smoothing, "smoothing")
             weight = weight.float() * smoothing.float().to(weight.device)[None, :]
             module.smooth.copy_(1.0 / smoothing.float())
         q, scale = int8_format.quantize_int8_per_channel(weight)
@@ -61,6 +83,11 @@ class Int8Linear(PackedLinear):
     def format_args(self):
         return {"smoothquant": self.smooth is not None}
 
+    def _check_format(self, state, prefix, checks):
+        _check_int8_weight(state, prefix, checks)
+        if self.smooth is not None:
+            require_positive_finite(checks, state["smooth"], prefix + "smooth")
+
     def _matmul(self, x2d):
         return int8_dynamic_linear(x2d, self.weight, self.weight_scale, self.smooth, self.bias)
 
@@ -71,7 +98,14 @@ class Int8Linear(PackedLinear):
 
 @register_packed_linear
 class Int8WeightOnlyLinear(PackedLinear):
-    """W8A16 linear: int8 per-channel weights, 16-bit (or fp32) activations.
+    """W8A16 linear: int8 per-channel weights, 16-bit (or fp32) activations
+    (leanops::int8_weight_mm). Build it with `from_linear` or leanops.quantize_; the
+    constructor makes an empty layer of the right shape.
+
+    Arguments:
+        in_features, out_features: K and N of the weight [N, K], as nn.Linear.
+        bias: whether the layer has a bias Parameter [N] (in `dtype`).
+        device, dtype: where the buffers live and the bias's (and output's expected) dtype.
 
     Buffers: weight int8 [out, in], weight_scale fp32 [out], and with input_scale=True
     input_scale fp32 [in] (the input is multiplied by it before the matmul: AWQ's 1/s).
@@ -90,7 +124,8 @@ class Int8WeightOnlyLinear(PackedLinear):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int8WeightOnlyLinear:
-        """Quantise `linear` by per-channel RTN."""
+        """Quantise `linear` (RTN per output channel, leanops.quant.int8) into a new layer on
+        its device, the bias copied. Raises ValueError for a non-finite or non-float weight."""
         return cls.from_weight(linear.weight, linear.bias)
 
     @classmethod
@@ -122,6 +157,9 @@ class Int8WeightOnlyLinear(PackedLinear):
     def format_args(self):
         return {"input_scale": True} if self.input_scale is not None else {}
 
+    def _check_format(self, state, prefix, checks):
+        _check_int8_weight(state, prefix, checks)
+
     def _matmul(self, x2d):
         return int8_weight_mm(x2d, self.weight, self.weight_scale, self.bias)
 
@@ -131,11 +169,24 @@ class Int8WeightOnlyLinear(PackedLinear):
 
 @register_packed_linear
 class Int4WeightOnlyLinear(PackedLinear):
-    """W4A16 linear: group-wise int4 weights in the layout of leanops.quant.int4.
+    """W4A16 linear: group-wise int4 weights in the layout of leanops.quant.int4
+    (leanops::int4_weight_mm). Build it with `from_linear` or leanops.quantize_; the
+    constructor makes an empty layer of the right shape.
+
+    Arguments:
+        in_features, out_features: K and N of the weight [N, K], as nn.Linear.
+        bias: whether the layer has a bias Parameter [N] (in `dtype`).
+        device, dtype: where the buffers live and the bias's (and output's expected) dtype;
+            the scales are stored in `dtype` too.
+        group_size: inputs per scale, a multiple of 32 dividing in_features (default 128);
+            in_features means one scale per output channel.
+        symmetric: True (default): codes -8..7 around a fixed zero point; False: a uint8 zero
+            point per group (weight_zero).
 
     Buffers: weight_packed uint8 [out, in/2], weight_scale [out, in/group_size] in `dtype`, if
     not symmetric weight_zero uint8 [out, in/group_size], and with input_scale=True input_scale
     fp32 [in] (the input is multiplied by it before the matmul: AWQ's 1/s).
+    Raises: ValueError if group_size is not a multiple of 32 dividing in_features.
     """
 
     def __init__(
@@ -176,8 +227,10 @@ class Int4WeightOnlyLinear(PackedLinear):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int = 128, symmetric: bool = False):
-        """Quantise `linear` by group-wise RTN (group_size: a multiple of 32 dividing
-        in_features; symmetric: a zero point per group (default) or the fixed zero point 8)."""
+        """Quantise `linear` (RTN per group of `group_size` inputs, leanops.quant.int4) into a new
+        layer on its device, scales in its weight's dtype, the bias copied. symmetric: False
+        (default) a zero point per group, True the fixed zero point 8. Raises ValueError for a
+        group size that does not divide in_features."""
         return cls.from_weight(linear.weight, linear.bias, group_size, symmetric)
 
     @classmethod
@@ -219,6 +272,13 @@ class Int4WeightOnlyLinear(PackedLinear):
     def format_args(self):
         args = {"group_size": self.group_size, "symmetric": self.symmetric}
         return {**args, "input_scale": True} if self.input_scale is not None else args
+
+    def _check_format(self, state, prefix, checks):
+        int4_format.check_int4(
+            state["weight_packed"], state["weight_scale"], state.get("weight_zero"), self.group_size,
+            names=(prefix + "weight_packed", prefix + "weight_scale", prefix + "weight_zero"),
+            checks=checks,
+        )
 
     def _matmul(self, x2d):
         return int4_weight_mm(

@@ -1,5 +1,5 @@
 """SparseLinear: a drop-in nn.Linear holding a 2:4-compressed weight (optionally with int4 kept
-values), in the layout of leanops.sparsity.format."""
+values), in the layout of leanops.sparsity.sparse24."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from torch import nn
 
 from leanops.nn.packed import PackedLinear, register_packed_linear
 from leanops.ops import sparse24_int4_mm, sparse24_mm
-from leanops.sparsity import format as sparse_format
+from leanops.sparsity import sparse24 as sparse_format
 from leanops.sparsity.masks import nm_mask
 
 KERNELS = ("leanops", "torch")
@@ -16,9 +16,19 @@ KERNELS = ("leanops", "torch")
 
 @register_packed_linear
 class SparseLinear(PackedLinear):
-    """2:4 sparse linear: W [out, in] keeps 2 of every 4 consecutive inputs.
+    """2:4 sparse linear: W [out, in] keeps 2 of every 4 consecutive inputs. Build it with
+    `from_linear` / `from_weight` or leanops.sparsify_; the constructor makes an empty layer.
 
-    Buffers (leanops.sparsity.format), group_size None: weight_values [out, in/2] in `dtype`,
+    Arguments:
+        in_features, out_features: K and N of the weight [N, K]; K a multiple of 8.
+        bias: whether the layer has a bias Parameter [N] (in `dtype`).
+        group_size: None (kept values in `dtype`) or g, a multiple of 64 dividing in_features
+            (kept values int4, one scale per g original inputs).
+        symmetric: int4 only: fixed zero point (True, default) or a uint8 zero per group.
+        kernel: "leanops" (default) or "torch" (below).
+        device, dtype: where the buffers live; the dtype of the kept values (or scales) and bias.
+
+    Buffers (leanops.sparsity.sparse24), group_size None: weight_values [out, in/2] in `dtype`,
     weight_meta uint8 [out, in/8]. group_size g (2:4 + int4): weight_values uint8 [out, in/4],
     weight_meta, weight_scale [out, in/g] in `dtype`, and if not symmetric weight_zero uint8
     [out, in/g].
@@ -97,11 +107,20 @@ class SparseLinear(PackedLinear):
         symmetric: bool = False,
         kernel: str = "leanops",
     ) -> SparseLinear:
-        """Compress `linear`. mask: bool [out, in] of the entries to keep (at most 2 of every 4
-        consecutive inputs), e.g. from Wanda or SparseGPT; None keeps the 2 largest |W| of every
-        4 (magnitude pruning; for an already 2:4 weight, exactly its nonzeros). group_size: None
-        (16-bit kept values) or a multiple of 64 (int4 kept values, leanops.quant.int4 RTN);
-        symmetric: int4 zero point 8 (True) or one per group (False, the default)."""
+        """Compress `linear` into a new layer on its device.
+
+        Arguments:
+            linear: the nn.Linear; its weight [out, in] is pruned by `mask`, not modified.
+            mask: bool [out, in] of the entries to keep (at most 2 of every 4 consecutive
+                inputs), e.g. from Wanda or SparseGPT; None keeps the 2 largest |W| of every 4
+                (magnitude pruning; for an already 2:4 weight, exactly its nonzeros).
+            group_size: None (kept values in the weight's dtype) or a multiple of 64 (int4 kept
+                values, leanops.quant.int4's RTN over each group's kept values).
+            symmetric: int4 only: False (default) a zero point per group, True the fixed 8.
+            kernel: as the constructor's.
+
+        Raises: ValueError for a mask that keeps more than 2 of 4, in_features not a multiple of
+        8, or a group size that does not fit."""
         return cls.from_weight(linear.weight, linear.bias, mask, group_size, symmetric, kernel)
 
     @classmethod
@@ -116,9 +135,10 @@ class SparseLinear(PackedLinear):
         scales: torch.Tensor | None = None,
         zeros: torch.Tensor | None = None,
     ) -> SparseLinear:
-        """from_linear for a bare weight [out, in] (and bias [out] or None). scales and zeros
+        """from_linear for a bare weight: `weight` [out, in] float, `bias` [out] or None;
+        mask, group_size, symmetric and kernel as in from_linear. scales and zeros
         [out, in/group_size] (int4 only): the grid to encode the kept values on (see
-        leanops.sparsity.format.compress_24_int4), default RTN's."""
+        leanops.sparsity.sparse24.compress_24_int4), default RTN's."""
         from leanops.quant.common import check_float_matrix
 
         weight = weight.detach()
@@ -147,6 +167,21 @@ class SparseLinear(PackedLinear):
 
     def format_args(self):
         return {"group_size": self.group_size, "symmetric": self.symmetric, "kernel": self.kernel}
+
+    def _check_format(self, state, prefix, checks):
+        keys = ("weight_values", "weight_scale", "weight_zero", "weight_meta")
+        names = {key: prefix + key for key in keys}
+        if self.group_size is None:
+            sparse_format.check_24(
+                state["weight_values"], state["weight_meta"],
+                names=(names["weight_values"], names["weight_meta"]), checks=checks,
+            )
+        else:
+            sparse_format.check_24_int4(
+                state["weight_values"], state["weight_scale"], state.get("weight_zero"),
+                state["weight_meta"], self.group_size,
+                names=tuple(names.values()), checks=checks,
+            )
 
     def _matmul(self, x2d):
         if self.kernel == "torch":
@@ -200,9 +235,6 @@ class SparseLinear(PackedLinear):
         return state
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # Metadata enters here from files: refuse invalid group codes with a clear error.
-        meta = state_dict.get(prefix + "weight_meta")
-        if isinstance(meta, torch.Tensor) and meta.dtype == torch.uint8 and meta.dim() == 2:
-            sparse_format.check_meta(meta, f"{prefix}weight_meta")
+        # PackedLinear checks the metadata codes (and everything else) before loading.
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._torch_weight = None

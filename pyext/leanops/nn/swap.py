@@ -7,8 +7,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-import torch
 from torch import nn
+
+from leanops.quant import int4 as int4_format
+from leanops.quant.common import FLOAT_DTYPES
+from leanops.quant.config import Int4WeightOnlyConfig, QuantConfig
 
 logger = logging.getLogger("leanops")
 
@@ -35,8 +38,21 @@ def why_not_swappable(name: str, linear: nn.Linear, mha_children: set[str]) -> s
     w = linear.weight
     if w.is_meta:
         return "its weight is on the meta device (not materialised)"
-    if w.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+    if w.dtype not in FLOAT_DTYPES:
         return f"weight dtype {w.dtype} is not float16/bfloat16/float32"
+    return None
+
+
+def format_unsupported(linear: nn.Linear, config: QuantConfig) -> str | None:
+    """Why the kernels of `config` cannot take `linear` (beyond the generic reasons above), or
+    None: today only int4's group size, which must divide in_features. quantize_ and
+    leanops.qat.prepare_ both ask it, so QAT never prepares a layer it could not convert."""
+    if isinstance(config, Int4WeightOnlyConfig):
+        group_size = config.group_size_for(linear.in_features)
+        try:
+            int4_format.check_group_size(group_size, linear.in_features)
+        except ValueError as exc:
+            return f"int4: {exc}"
     return None
 
 

@@ -1,7 +1,12 @@
-"""Autograd shared by the matmuls with a frozen quantised weight (W8A16, W4A16, dynamic W8A8):
-only the activation x (input 0) and the bias have gradients, grad_x = grad_out @ W with W the
-dense weight the forward multiplied by, rebuilt in backward from the packed tensors (nothing dense
-is kept alive between forward and backward)."""
+"""Autograd formulas shared by several ops.
+
+register_weight_only_autograd: the matmuls with a frozen quantised weight (W8A16, W4A16, dynamic
+W8A8, 2:4): only the activation x (input 0) and the bias have gradients, grad_x = grad_out @ W
+with W the dense weight the forward multiplied by, rebuilt in backward from the packed tensors
+(nothing dense is kept alive between forward and backward).
+
+register_inference_only: ops without a backward, which must say so when asked for one instead of
+silently returning no gradient."""
 
 from __future__ import annotations
 
@@ -38,5 +43,21 @@ def register_weight_only_autograd(op: str, weight_indices, bias_index: int, dens
         if ctx.bias_dtype is not None:
             grads[bias_index] = grad.sum(0).to(ctx.bias_dtype)
         return tuple(grads)
+
+    torch.library.register_autograd(f"leanops::{op}", backward, setup_context=setup_context)
+
+
+def register_inference_only(op: str) -> None:
+    """Make leanops::<op> raise NotImplementedError when called on inputs that require grad
+    (outside torch.no_grad / inference_mode), naming the op and the trainable alternative."""
+
+    def setup_context(ctx, inputs, output):
+        raise NotImplementedError(
+            f"leanops.{op} is inference only (no backward): call it under torch.no_grad() / "
+            "torch.inference_mode(), or use leanops.attention for training"
+        )
+
+    def backward(ctx, *grads):  # never reached: setup_context raises first
+        raise NotImplementedError(f"leanops.{op} is inference only")
 
     torch.library.register_autograd(f"leanops::{op}", backward, setup_context=setup_context)

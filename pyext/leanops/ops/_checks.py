@@ -6,8 +6,12 @@ from __future__ import annotations
 
 import torch
 
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+from leanops.quant.common import FLOAT_DTYPES
+
 UINT8 = (torch.uint8,)
+# The largest M the CUDA C++ GEMMs launch (their cuda_supports rules route larger M elsewhere):
+# gridDim.y, one block row per 128-row tile of their large-M configs, is at most 65535.
+CUDA_GEMM_MAX_M = 65535 * 128
 
 
 def _names(dtypes) -> str:

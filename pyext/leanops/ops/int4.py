@@ -4,6 +4,9 @@ The packed layout is documented in leanops.quant.int4. Numerics every backend fo
 reference below is the definition): the dense weight W = (q - z) * s is formed in the scales'
 dtype (one rounding), converted to x's dtype, and multiplied with fp32 accumulation; then
 out = (acc + bias) rounded once to x's dtype.
+
+CPU kernels (the "cpu" backend, kernels/cpu/) dequantise exactly as the reference (a 16-entry
+table per group holds the rounded values) and differ only in the order of the fp32 sum.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import torch
 from leanops.dispatch import OpBackends
 from leanops.ops._autograd import register_weight_only_autograd
 from leanops.ops._checks import (
+    CUDA_GEMM_MAX_M,
     FLOAT_DTYPES,
     UINT8,
     check_group_quant_args,
@@ -20,6 +24,7 @@ from leanops.ops._checks import (
     check_tensor,
 )
 from leanops.ops._library import register
+from leanops.ops._reference import linear_reference
 from leanops.quant import int4 as int4_format
 
 
@@ -44,10 +49,7 @@ def _check_int4_weight_mm(x, w_packed, scales, zeros, group_size, bias=None):
 
 def _int4_weight_mm_reference(x, w_packed, scales, zeros, group_size, bias=None):
     w = int4_format.dequantize_int4(w_packed, scales, zeros, group_size).to(x.dtype)
-    out = x.float() @ w.float().t()
-    if bias is not None:
-        out = out + bias.float()
-    return out.to(x.dtype)
+    return linear_reference(x, w, bias)
 
 
 def _int4_weight_mm_cuda_supports(x, w_packed, scales, zeros, group_size, bias=None):
@@ -57,6 +59,8 @@ def _int4_weight_mm_cuda_supports(x, w_packed, scales, zeros, group_size, bias=N
         return f"the CUDA kernel takes float16/bfloat16 x, got {x.dtype}"
     if scales.dtype != x.dtype:
         return f"the CUDA kernel needs scales in x's dtype ({x.dtype}), got {scales.dtype}"
+    if x.shape[0] > CUDA_GEMM_MAX_M:  # gridDim.y = ceil(M / 128) row tiles of the large config
+        return f"the CUDA kernel takes M up to {CUDA_GEMM_MAX_M}, got M = {x.shape[0]}"
     if w_packed.data_ptr() % 16 != 0:  # cp.async copies 16-byte units; a fresh tensor is aligned
         return "the CUDA kernel needs w_packed's data 16-byte aligned (it is a view at an odd offset)"
     return None
@@ -67,6 +71,7 @@ _int4_weight_mm_backends = OpBackends(
     reference=_int4_weight_mm_reference,
     triton="leanops.triton.int4_weight_mm:int4_weight_mm",
     cuda_supports=_int4_weight_mm_cuda_supports,
+    cpu=True,
 )
 
 
@@ -107,10 +112,26 @@ def int4_weight_mm(
     group_size: int,
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """W4A16 matmul: x @ W.T + bias with W the int4 weight dequantised group-wise, in x's dtype.
+    """W4A16 matmul: out = x @ W.T + bias, W[n, k] = (q - z) * s of group k // group_size formed
+    in the scales' dtype, then converted to x's dtype; fp32 accumulation, rounded once to x's
+    dtype. Differentiable in x and bias (the weight is frozen).
 
-    x [M, K] float16/bfloat16/float32 (any strides); w_packed uint8 [N, K/2], scales [N, K/g],
-    zeros uint8 [N, K/g] or None (symmetric): the layout of leanops.quant.int4. group_size is a
-    multiple of 32 dividing K. Differentiable w.r.t. x and bias (the weight is frozen).
+    Arguments:
+        x: [M, K] float16, bfloat16 or float32, any strides.
+        w_packed: uint8 [N, K/2], contiguous: two codes per byte, column 2j in the low nibble
+            (the layout of leanops.quant.int4).
+        scales: [N, K/group_size] float, contiguous.
+        zeros: None (symmetric: the zero point is 8) or uint8 [N, K/group_size], contiguous.
+        group_size: a multiple of 32 dividing K (K itself: one scale per output channel).
+        bias: None or [N] float, contiguous.
+
+    Returns: [M, N] in x's dtype.
+
+    Raises: ValueError naming the argument for a wrong shape, dtype, layout, group size or
+    device.
+
+    On a CPU the dense weight is formed exactly as the reference forms it; only the order of
+    the fp32 sum differs (blocked 16-lane sums for M <= 4, BLAS on dequantised tiles above):
+    an fp32 rounding difference, about K * 2^-24 * sum |x * W| at worst.
     """
     return torch.ops.leanops.int4_weight_mm.default(x, w_packed, scales, zeros, group_size, bias)

@@ -7,16 +7,27 @@ Numerics every backend follows (the reference below is the definition):
   int8_weight_mm  acc = x @ w.T with w converted exactly to x's dtype and fp32 accumulation;
                   out = (acc * w_scale[n] + bias[n]) rounded once to x's dtype.
   quantize_per_token_int8   see leanops.quant.int8.quantize_per_token_int8.
+
+CPU kernels (the "cpu" backend, kernels/cpu/): quantize_per_token_int8, int8_mm and
+int8_dynamic_linear are bit-exact with the references (exact integer sums, the same fp32
+epilogue); int8_weight_mm differs from its reference only in the order of its fp32 sum.
 """
 
 from __future__ import annotations
 
 import torch
 
-from leanops.dispatch import OpBackends
+from leanops.dispatch import OpBackends, forced_backend
 from leanops.ops._autograd import register_weight_only_autograd
-from leanops.ops._checks import FLOAT_DTYPES, check_out_dtype, check_same_device, check_tensor
+from leanops.ops._checks import (
+    CUDA_GEMM_MAX_M,
+    FLOAT_DTYPES,
+    check_out_dtype,
+    check_same_device,
+    check_tensor,
+)
 from leanops.ops._library import register
+from leanops.ops._reference import linear_reference
 from leanops.quant import int8 as int8_format
 
 INT8 = (torch.int8,)
@@ -45,6 +56,7 @@ _quantize_per_token_backends = OpBackends(
     "quantize_per_token_int8",
     reference=_quantize_per_token_reference,
     triton="leanops.triton.quantize:quantize_per_token_int8",
+    cpu=True,
 )
 
 
@@ -71,10 +83,21 @@ def _quantize_per_token_fake(x, smooth=None):
 def quantize_per_token_int8(
     x: torch.Tensor, smooth: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantise each row of x [M, K] to int8 with its own fp32 scale: (q [M, K], scale [M]).
+    """Quantise each row (token) of x to int8 with its own fp32 scale, symmetric RTN:
+    scale = max(amax|row| / 127, FLT_MIN), q = round-half-even(x / scale) in [-127, 127]
+    (leanops.quant.int8). Inference only: the int8 outputs carry no gradient.
 
-    `smooth` [K], if given, multiplies x per column first (SmoothQuant's 1/s), fused in the same
-    pass on GPU. Rows with NaN/Inf get scale NaN. Inference only (int8 outputs carry no gradient).
+    Arguments:
+        x: [M, K] float16, bfloat16 or float32, any strides, K >= 1.
+        smooth: None or [K] float, contiguous: multiplies x per column first (SmoothQuant's
+            1 / s), fused into the same pass on a GPU.
+
+    Returns: (q int8 [M, K], scale fp32 [M]). A row holding NaN or Inf (after smooth) gets scale
+    NaN and all-zero codes, so the NaN reaches the matmul's output instead of vanishing.
+
+    Raises: ValueError naming the argument for a wrong shape, dtype or device.
+
+    Every backend (CPU kernels included) is bit-exact with the reference.
     """
     return torch.ops.leanops.quantize_per_token_int8.default(x, smooth)
 
@@ -122,6 +145,8 @@ def _int8_mm_cuda_supports(a, b, a_scale, b_scale, bias=None, out_dtype=None):
         return f"the CUDA kernel needs K to be a multiple of 16, got K = {k}"
     if k > INT8_MM_CUDA_MAX_K:
         return f"the CUDA kernel's int32 accumulation is bounded to K <= {INT8_MM_CUDA_MAX_K}, got K = {k}"
+    if a.shape[0] > CUDA_GEMM_MAX_M:  # gridDim.y = ceil(M / 128) row tiles of the large config
+        return f"the CUDA kernel takes M up to {CUDA_GEMM_MAX_M}, got M = {a.shape[0]}"
     if b.data_ptr() % 16 != 0:  # cp.async copies 16-byte units; a fresh tensor is aligned
         return "the CUDA kernel needs b's data 16-byte aligned (it is a view at an odd offset)"
     return None
@@ -132,6 +157,7 @@ _int8_mm_backends = OpBackends(
     reference=_int8_mm_reference,
     triton="leanops.triton.int8_mm:int8_mm",
     cuda_supports=_int8_mm_cuda_supports,
+    cpu=True,
 )
 
 
@@ -185,10 +211,24 @@ def int8_mm(
     bias: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """W8A8 matmul with the dequantisation fused: (a @ b.T) * a_scale[:, None] * b_scale + bias.
+    """W8A8 matmul with the dequantisation fused: out = (a @ b.T) * a_scale[:, None] *
+    b_scale[None, :] + bias, the products summed exactly in int32 and the epilogue in fp32 in
+    that order, rounded once to out_dtype. Differentiable only in bias.
 
-    a int8 [M, K] (any strides), b int8 [N, K] contiguous, a_scale [M] (per token), b_scale [N]
-    (per output channel), bias [N] or None; the output [M, N] has out_dtype (default bfloat16).
+    Arguments:
+        a: int8 [M, K], any strides (the activation codes, e.g. from quantize_per_token_int8).
+        b: int8 [N, K], contiguous (the weight codes, one row per output channel).
+        a_scale: [M] float, contiguous: one scale per row of a (per token).
+        b_scale: [N] float, contiguous: one scale per output channel.
+        bias: None or [N] float, contiguous.
+        out_dtype: float16, bfloat16 or float32; None means bfloat16.
+
+    Returns: [M, N] in out_dtype.
+
+    Raises: ValueError naming the argument for a wrong shape, dtype, layout or device.
+
+    On a CPU (VNNI u8 x s8 dot products, or portable C++) the result is bit-exact with the
+    reference: exact integer sums for any K, then the same fp32 epilogue.
     """
     return torch.ops.leanops.int8_mm.default(a, b, a_scale, b_scale, bias, out_dtype)
 
@@ -212,16 +252,14 @@ def _check_int8_weight_mm(x, w, w_scale, bias=None):
 
 
 def _int8_weight_mm_reference(x, w, w_scale, bias=None):
-    out = (x.float() @ w.float().t()) * w_scale.float()
-    if bias is not None:
-        out = out + bias.float()
-    return out.to(x.dtype)
+    return linear_reference(x, w, bias, col_scale=w_scale)
 
 
 _int8_weight_mm_backends = OpBackends(
     "int8_weight_mm",
     reference=_int8_weight_mm_reference,
     triton="leanops.triton.int8_weight_mm:int8_weight_mm",
+    cpu=True,
 )
 
 
@@ -256,10 +294,24 @@ register_weight_only_autograd(
 def int8_weight_mm(
     x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """W8A16 matmul: x @ (w * w_scale[:, None]).T + bias, output in x's dtype.
+    """W8A16 matmul: out = (x @ w.T) * w_scale[None, :] + bias, w converted exactly to x's dtype,
+    fp32 accumulation, rounded once to x's dtype. Differentiable in x and bias (the weight is
+    frozen).
 
-    x [M, K] float16/bfloat16/float32 (any strides), w int8 [N, K] contiguous, w_scale [N].
-    Differentiable w.r.t. x and bias (the weight is frozen).
+    Arguments:
+        x: [M, K] float16, bfloat16 or float32, any strides.
+        w: int8 [N, K], contiguous (RTN per output channel, leanops.quant.int8).
+        w_scale: [N] float, contiguous.
+        bias: None or [N] float, contiguous.
+
+    Returns: [M, N] in x's dtype.
+
+    Raises: ValueError naming the argument for a wrong shape, dtype, layout or device.
+
+    On a CPU the products x * w are formed exactly as the reference forms them (w converted
+    exactly, fp32 accumulation) and only the order of the fp32 sum differs (blocked 16-lane sums
+    for M <= 4, BLAS on dequantised tiles above): an fp32 rounding difference, about
+    K * 2^-24 * sum |x * w| at worst; 16-bit outputs are almost always bit-identical.
     """
     return torch.ops.leanops.int8_weight_mm.default(x, w, w_scale, bias)
 
@@ -280,10 +332,23 @@ def _check_int8_dynamic_linear(x, w, w_scale, smooth=None, bias=None):
         check_same_device("leanops.int8_dynamic_linear", x=x, smooth=smooth)
 
 
-def _int8_dynamic_linear_impl(x, w, w_scale, smooth=None, bias=None):
-    _check_int8_dynamic_linear(x, w, w_scale, smooth, bias)
+def _int8_dynamic_linear_composed(x, w, w_scale, smooth=None, bias=None):
     q, q_scale = torch.ops.leanops.quantize_per_token_int8.default(x, smooth)
     return torch.ops.leanops.int8_mm.default(q, w, q_scale, w_scale, bias, x.dtype)
+
+
+# Only the CPU backend has this layer as one kernel (quantising straight into the GEMM's
+# operand, one op call); everywhere else it is the two ops, each dispatched on its own.
+_int8_dynamic_linear_backends = OpBackends(
+    "int8_dynamic_linear", reference=_int8_dynamic_linear_composed, cpu=True
+)
+
+
+def _int8_dynamic_linear_impl(x, w, w_scale, smooth=None, bias=None):
+    _check_int8_dynamic_linear(x, w, w_scale, smooth, bias)
+    if x.device.type == "cpu" and forced_backend() in (None, "cpu"):
+        return _int8_dynamic_linear_backends(x, w, w_scale, smooth, bias)
+    return _int8_dynamic_linear_composed(x, w, w_scale, smooth, bias)
 
 
 register(
@@ -320,10 +385,21 @@ def int8_dynamic_linear(
     smooth: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The dynamic W8A8 linear layer: quantise x per token (after multiplying by `smooth`), then
-    int8_mm with w [N, K] int8 and w_scale [N]; output in x's dtype.
+    """The dynamic W8A8 linear layer as one op: quantize_per_token_int8(x, smooth), then
+    int8_mm with the int8 weight, out_dtype x's dtype.
 
-    Gradients: x gets the straight-through estimate grad @ (W * smooth) and bias its sum; the
-    int8 weight is frozen.
+    Arguments:
+        x: [M, K] float16, bfloat16 or float32, any strides.
+        w: int8 [N, K], contiguous; w_scale: [N] float, contiguous (per output channel).
+        smooth: None or [K] float, contiguous: SmoothQuant's 1 / s, applied to x before its
+            quantisation (the weight was quantised as W * s).
+        bias: None or [N] float, contiguous.
+
+    Returns: [M, N] in x's dtype. Gradients: x gets the straight-through estimate
+    grad @ (W * smooth) (the rounding itself has none) and bias its sum; the weight is frozen.
+
+    Raises: ValueError naming the argument for a wrong shape, dtype, layout or device.
+
+    On a CPU it runs as one fused kernel, bit-exact with the two ops.
     """
     return torch.ops.leanops.int8_dynamic_linear.default(x, w, w_scale, smooth, bias)

@@ -14,8 +14,8 @@ matmuls run in int8 (the SwitchBack recipe, Wortsman et al., 2023) while the wei
                per-element spread that int8 loses, and SwitchBack keeps this product 16-bit)
   grad bias    db = sum over rows of dy
 
-Every quantisation is leanops::quantize_per_token_int8 (its CUDA / Triton kernels on a GPU) and
-every int8 product is leanops::int8_mm (Triton on a GPU), with the exact integer accumulation and
+Every quantisation is leanops::quantize_per_token_int8 and every int8 product is
+leanops::int8_mm (their CUDA or Triton kernels on a GPU), with the exact integer accumulation and
 fp32 epilogue those ops define; the output and dx are rounded once to x's dtype. The weight
 quantisation is the per-row one of quantize_per_token_int8, which equals the RTN per-channel
 format of leanops.quant.int8 except that an all-zero row gets scale FP32_TINY instead of 1 (its

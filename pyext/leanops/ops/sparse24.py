@@ -1,7 +1,7 @@
 """2:4 sparse op family: leanops::sparse24_mm (16-bit activations x 2:4 weights) and
 leanops::sparse24_int4_mm (the kept values also int4, group-wise).
 
-The compressed layout is documented in leanops.sparsity.format. Numerics every backend follows
+The compressed layout is documented in leanops.sparsity.sparse24. Numerics every backend follows
 (the references below are the definition):
   sparse24_mm       W = decompress_24(values, meta) exactly (values' dtype), converted to x's
                     dtype; acc = x @ W.T with fp32 accumulation; out = (acc + bias) rounded once
@@ -24,6 +24,10 @@ Backends (cuda -> triton -> reference, see leanops.dispatch):
                     `_sparse24_int4_mm_cuda_supports` says why not otherwise and the call goes
                     to Triton (fp32 x, scales in another dtype, K % 64 != 0). "triton": every
                     dtype and K.
+
+On CPU tensors both take the "cpu" backend (kernels/cpu/): the dense weight is formed exactly as
+the references form it (kept values placed by the metadata rule, int4 through a table of the
+rounded values) and only the order of the fp32 sum differs.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import torch
 from leanops.dispatch import OpBackends
 from leanops.ops._autograd import register_weight_only_autograd
 from leanops.ops._checks import (
+    CUDA_GEMM_MAX_M,
     FLOAT_DTYPES,
     UINT8,
     check_group_quant_args,
@@ -40,7 +45,8 @@ from leanops.ops._checks import (
     check_tensor,
 )
 from leanops.ops._library import register
-from leanops.sparsity import format as sparse_format
+from leanops.ops._reference import linear_reference
+from leanops.sparsity import sparse24 as sparse_format
 
 
 def _check_k(op, x):
@@ -85,10 +91,7 @@ def _check_sparse24_mm(x, values, meta, bias=None):
 
 def _sparse24_mm_reference(x, values, meta, bias=None):
     w = sparse_format.decompress_24(values, meta).to(x.dtype)
-    out = x.float() @ w.float().t()
-    if bias is not None:
-        out = out + bias.float()
-    return out.to(x.dtype)
+    return linear_reference(x, w, bias)
 
 
 # What leanops_C::sparse24_mm takes (its binding checks the same and raises otherwise).
@@ -104,12 +107,12 @@ def _cuda_unsupported(x, n, name, operand):
     if operand.dtype != x.dtype:
         return f"the CUDA kernel needs {name} in x's dtype ({x.dtype}), got {operand.dtype}"
     k = x.shape[1]
-    if k % _CUDA_K_MULTIPLE != 0:
-        return f"the CUDA kernel needs K a multiple of {_CUDA_K_MULTIPLE}, got K = {k}"
+    if k == 0 or k % _CUDA_K_MULTIPLE != 0:  # K = 0: the binding refuses; the others return bias
+        return f"the CUDA kernel needs K a positive multiple of {_CUDA_K_MULTIPLE}, got K = {k}"
     if k > 1 << 30 or n > 1 << 30:
         return f"the CUDA kernel takes K and N up to 2^30, got K = {k}, N = {n}"
-    if x.shape[0] > 65535 * 128:
-        return f"the CUDA kernel takes M up to {65535 * 128}, got M = {x.shape[0]}"
+    if x.shape[0] > CUDA_GEMM_MAX_M:
+        return f"the CUDA kernel takes M up to {CUDA_GEMM_MAX_M}, got M = {x.shape[0]}"
     return None
 
 
@@ -123,6 +126,7 @@ _sparse24_mm_backends = OpBackends(
     reference=_sparse24_mm_reference,
     triton="leanops.triton.sparse24_mm:sparse24_mm",
     cuda_supports=_sparse24_mm_cuda_supports,
+    cpu=True,
 )
 
 
@@ -157,11 +161,23 @@ register_weight_only_autograd(
 def sparse24_mm(
     x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """x @ W.T + bias with W the 2:4 weight (values, meta) decompressed, output in x's dtype.
+    """2:4 sparse matmul: out = x @ W.T + bias, W the 2:4 weight (values, meta) decompressed
+    exactly and converted to x's dtype; fp32 accumulation, rounded once to x's dtype.
+    Differentiable in x and bias (the compressed weight is frozen).
 
-    x [M, K] float16/bfloat16/float32 (any strides), K a multiple of 8; values [N, K/2] float
-    (contiguous), meta uint8 [N, K/8] (contiguous): the layout of leanops.sparsity.format.
-    Differentiable w.r.t. x and bias (the compressed weight is frozen).
+    Arguments:
+        x: [M, K] float16, bfloat16 or float32, any strides; K a multiple of 8.
+        values: [N, K/2] float, contiguous: the two kept entries of every group of 4 inputs.
+        meta: uint8 [N, K/8], contiguous: their in-group indices, two groups per byte (the
+            layout of leanops.sparsity.sparse24; codes are not re-checked per call).
+        bias: None or [N] float, contiguous.
+
+    Returns: [M, N] in x's dtype.
+
+    Raises: ValueError naming the argument for a wrong shape, dtype, layout or device.
+
+    On a CPU only the order of the fp32 sum differs from the reference (an fp32 rounding
+    difference).
     """
     return torch.ops.leanops.sparse24_mm.default(x, values, meta, bias)
 
@@ -193,10 +209,7 @@ def _check_sparse24_int4_mm(x, values, meta, scales, zeros, group_size, bias=Non
 
 def _sparse24_int4_mm_reference(x, values, meta, scales, zeros, group_size, bias=None):
     w = sparse_format.decompress_24_int4(values, scales, zeros, meta, group_size).to(x.dtype)
-    out = x.float() @ w.float().t()
-    if bias is not None:
-        out = out + bias.float()
-    return out.to(x.dtype)
+    return linear_reference(x, w, bias)
 
 
 def _sparse24_int4_mm_cuda_supports(x, values, meta, scales, zeros, group_size, bias=None):
@@ -211,6 +224,7 @@ _sparse24_int4_mm_backends = OpBackends(
     reference=_sparse24_int4_mm_reference,
     triton="leanops.triton.sparse24_mm:sparse24_int4_mm",
     cuda_supports=_sparse24_int4_mm_cuda_supports,
+    cpu=True,
 )
 
 
@@ -257,12 +271,28 @@ def sparse24_int4_mm(
     group_size: int,
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """2:4 + int4 matmul: x @ W.T + bias, W the 2:4 weight whose kept values are int4 group-wise.
+    """2:4 + int4 matmul: out = x @ W.T + bias, W the 2:4 weight whose kept values are int4
+    group-wise ((q - z) * s in the scales' dtype, placed by meta, converted to x's dtype); fp32
+    accumulation, rounded once to x's dtype. Differentiable in x and bias.
 
-    x [M, K] float16/bfloat16/float32, K a multiple of 8; values uint8 [N, K/4] (int4 codes of
-    the K/2 kept values, leanops.quant.int4 packing); meta uint8 [N, K/8]; scales [N, K/g];
-    zeros uint8 [N, K/g] or None (symmetric); group_size g a multiple of 64 dividing K, counted
-    in original input columns. Differentiable w.r.t. x and bias.
+    Arguments:
+        x: [M, K] float16, bfloat16 or float32, any strides; K a multiple of 8.
+        values: uint8 [N, K/4], contiguous: int4 codes of the K/2 kept values, two per byte
+            (leanops.quant.int4's packing).
+        meta: uint8 [N, K/8], contiguous (leanops.sparsity.sparse24).
+        scales: [N, K/group_size] float, contiguous.
+        zeros: None (symmetric: zero point 8) or uint8 [N, K/group_size], contiguous.
+        group_size: a multiple of 64 dividing K, counted in original input columns (each group
+            keeps group_size / 2 values).
+        bias: None or [N] float, contiguous.
+
+    Returns: [M, N] in x's dtype.
+
+    Raises: ValueError naming the argument for a wrong shape, dtype, layout, group size or
+    device.
+
+    On a CPU only the order of the fp32 sum differs from the reference (an fp32 rounding
+    difference).
     """
     return torch.ops.leanops.sparse24_int4_mm.default(
         x, values, meta, scales, zeros, group_size, bias

@@ -10,9 +10,12 @@ real formats use (leanops.ops.fake_quant), so after convert_ the model's forward
 forward to rounding. Gradients are straight-through; learnable_scales=True trains the scales
 (LSQ) and convert_ stores the learnt ones. Everything is a torch.library op with a fake kernel and
 registered autograd, so QAT models compile with torch.compile(fullgraph=True).
+
+This package holds the whole-model workflow (api.py); QATLinear itself is a drop-in module and
+lives, like every one, in leanops.nn (re-exported here).
 """
 
+from leanops.nn.qat import QATLinear
 from leanops.qat.api import convert_, prepare_
-from leanops.qat.linear import QATLinear
 
 __all__ = ["QATLinear", "convert_", "prepare_"]

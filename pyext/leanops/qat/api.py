@@ -9,9 +9,8 @@ from collections.abc import Callable
 
 from torch import nn
 
-from leanops.api import format_unsupported
-from leanops.nn.swap import FilterFn, replace_module, select_linears
-from leanops.qat.linear import QAT_CONFIGS, QATLinear
+from leanops.nn.qat import QAT_CONFIGS, QATLinear
+from leanops.nn.swap import FilterFn, format_unsupported, replace_module, select_linears
 from leanops.quant.config import Int8DynamicConfig, QuantConfig
 from leanops.quant.smoothquant import collect_activation_amax, smoothing_factors
 

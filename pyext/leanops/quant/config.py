@@ -135,6 +135,7 @@ class Int4WeightOnlyConfig(_WeightAlgorithm):
             raise ValueError(f"symmetric must be a bool, got {self.symmetric!r}")
 
     def group_size_for(self, in_features: int) -> int:
+        """The group size used for a layer of `in_features` inputs (-1 means in_features)."""
         return in_features if self.group_size == -1 else self.group_size
 
 

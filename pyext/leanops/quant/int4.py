@@ -14,15 +14,24 @@ divides K; g == K is per-channel), with G = K // g groups per row:
 
 The product is computed in the scales' dtype: (q - z) is a small integer and exact there, so it
 is a single rounding, identical in every kernel. Packing along K keeps a row's bytes contiguous
-for the dot-product loop; the CUDA tensor-core kernels may repack this once at load time into a
-shuffled layout of their own, but this is the format that is stored and passed around.
+for the dot-product loop; every kernel, Triton and CUDA alike, reads this stored layout as it
+is (the CUDA tensor-core kernel dequantises in registers, with no repacked copy).
 """
 
 from __future__ import annotations
 
 import torch
 
-from leanops.quant.common import check_float_matrix, div_exact, safe_scale
+from leanops.quant.common import (
+    FLOAT_DTYPES,
+    ValueChecks,
+    check_float_matrix,
+    div_exact,
+    require_at_most,
+    require_positive_finite,
+    safe_scale,
+    value_checks,
+)
 
 SYMMETRIC_ZERO = 8
 QMAX = 15
@@ -39,6 +48,57 @@ def check_group_size(group_size: int, in_features: int, name: str = "group_size"
         raise ValueError(
             f"in_features (K={in_features}) must be divisible by {name}={group_size}"
         )
+
+
+def check_int4(
+    w_packed: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    group_size: int,
+    *,
+    names: tuple[str, str, str] = ("w_packed", "scales", "zeros"),
+    checks: ValueChecks | None = None,
+) -> None:
+    """Check that (w_packed, scales, zeros) is a valid int4 weight in the layout above, as stored
+    (a file, a state_dict): what the kernels assume and never check per call.
+
+    w_packed: uint8 [N, K // 2]; every byte is two valid codes.
+    scales: float16 / bfloat16 / float32 [N, K // group_size], positive and finite.
+    zeros: None (symmetric) or uint8 [N, K // group_size] with codes in [0, 15].
+    group_size: a positive multiple of 32 dividing K.
+    names: how the three tensors are named in errors (e.g. "layers.0.q_proj.weight_scale").
+    checks: a leanops.quant.common.ValueChecks to add the value checks to (the caller runs it);
+        None: they run here.
+    Raises TypeError / ValueError naming the tensor and what is allowed.
+    """
+    pname, sname, zname = names
+    for t, name in ((w_packed, pname), (scales, sname)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if w_packed.dtype != torch.uint8 or w_packed.dim() != 2:
+        raise ValueError(
+            f"{pname} must be uint8 [N, K/2], got {w_packed.dtype} {tuple(w_packed.shape)}"
+        )
+    n, k = w_packed.shape[0], w_packed.shape[1] * 2
+    check_group_size(group_size, k)
+    shape = (n, k // group_size)
+    if scales.dtype not in FLOAT_DTYPES or tuple(scales.shape) != shape:
+        raise ValueError(
+            f"{sname} must be float16, bfloat16 or float32 of shape {shape} (one per group of "
+            f"{group_size} inputs of {pname}), got {scales.dtype} {tuple(scales.shape)}"
+        )
+    if zeros is not None:
+        if not isinstance(zeros, torch.Tensor):
+            raise TypeError(f"{zname} must be a torch.Tensor or None, got {type(zeros).__name__}")
+        if zeros.dtype != torch.uint8 or tuple(zeros.shape) != shape:
+            raise ValueError(
+                f"{zname} must be uint8 of shape {shape} or None (symmetric), got "
+                f"{zeros.dtype} {tuple(zeros.shape)}"
+            )
+    with value_checks(checks) as checks:
+        require_positive_finite(checks, scales, sname)
+        if zeros is not None:
+            require_at_most(checks, zeros, zname, QMAX)
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
@@ -131,10 +191,10 @@ def quantize_int4(
         if not isinstance(scales, torch.Tensor) or tuple(scales.shape) != shape:
             got = tuple(scales.shape) if isinstance(scales, torch.Tensor) else type(scales).__name__
             raise ValueError(f"scales must be a tensor of shape {shape}, got {got}")
-        if scales.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        if scales.dtype not in FLOAT_DTYPES:
             raise ValueError(f"scales must be float16, bfloat16 or float32, got {scales.dtype}")
-        if not bool((torch.isfinite(scales) & (scales > 0)).all()):
-            raise ValueError("scales must be positive and finite everywhere")
+        with value_checks(None) as checks:
+            require_positive_finite(checks, scales, "scales")
         scales = scales.detach()
     if zeros is not None:
         shape = (n, k // group_size)

@@ -13,7 +13,7 @@ KERNELS = ("leanops", "torch")
 @dataclass(frozen=True)
 class SemiSparseConfig:
     """2:4 structured sparsity: prune every selected nn.Linear to 2 of every 4 inputs and swap in
-    a SparseLinear holding the compressed weight (leanops.sparsity.format).
+    a SparseLinear holding the compressed weight (leanops.sparsity.sparse24).
 
     method: how the kept entries are chosen (leanops.sparsity.pruning): "magnitude" (|W|, no
         data), "wanda" (|W| * ||X_j||, needs calibrate=) or "sparsegpt" (OBS solver that also

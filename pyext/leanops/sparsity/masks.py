@@ -49,8 +49,3 @@ def is_nm_sparse(w: torch.Tensor, n: int = 2, m: int = 4) -> bool:
     if w.dim() != 2 or w.shape[1] % m != 0:
         return False
     return bool(((w != 0).reshape(w.shape[0], -1, m).sum(-1) <= n).all())
-
-
-def nm_counts(w: torch.Tensor, m: int = 4) -> torch.Tensor:
-    """Nonzeros per group of m consecutive inputs: int64 [N, K/m]."""
-    return (w != 0).reshape(w.shape[0], -1, m).sum(-1)

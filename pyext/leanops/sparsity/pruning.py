@@ -14,7 +14,8 @@
               blocks sequentially, feeding each the outputs of the already pruned ones); the
               solver (leanops.quant.obs) is GPTQ's, which can quantise in the same pass.
 
-Everything here works on one weight at a time; leanops.sparsity.api drives it over a model.
+Everything here works on one weight at a time; leanops.prune_ and leanops.sparsify_ (in
+leanops.api) drive it over a model.
 """
 
 from __future__ import annotations

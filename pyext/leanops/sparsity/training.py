@@ -105,7 +105,7 @@ def enable_sparse_training(
     """Register a SparseMask on the weight of every nn.Linear that filter_fn(module, name)
     accepts (all by default); return the names of those layers.
 
-    sr_ste=False: fixed masks: masks[name] where given (e.g. from leanops.sparsity.prune_), else
+    sr_ste=False: fixed masks: masks[name] where given (e.g. from leanops.prune_), else
     the N:M magnitude mask of the current weight (for a pruned weight: its nonzero pattern).
     Pruned entries are zeroed now. sr_ste=True: dynamic masks with SR-STE gradients (`decay`).
     Layers whose in_features is not a multiple of m are skipped and logged.

@@ -31,8 +31,10 @@ import torch
 import triton
 import triton.language as tl
 
-from leanops.triton import _common as C
-from leanops.triton.attention import _scores, seq_bucket
+from leanops._layout import empty_like_layout
+from leanops.triton import _common as common
+from leanops.triton._common import seq_bucket
+from leanops.triton.attention_kernels import finalize, online_softmax_update, scores
 
 
 @triton.jit
@@ -43,12 +45,11 @@ def _decode_kernel(
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
     stride_tb,
-    H_KV, GROUP, SQ, seqlen_k, head_dim, page_size, rows_total,
+    H_KV, GROUP, SQ, seqlen_k, head_dim, head_dim_v, page_size, rows_total,
     SK_BUCKET,
     HAS_SEQLENS: tl.constexpr, PAGED: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, EVEN_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -68,6 +69,8 @@ def _decode_kernel(
     h64 = hk64 * GROUP + (r // SQ).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < head_dim
+    offs_dv = tl.arange(0, BLOCK_DV)  # the value head dim (Dv may differ from D)
+    dv_ok = offs_dv < head_dim_v
     q = tl.load(Q + b64 * stride_qb + h64[:, None] * stride_qh + i.to(tl.int64)[:, None] * stride_qs
                 + offs_d[None, :], mask=r_ok[:, None] & d_ok[None, :], other=0.0)
 
@@ -85,7 +88,7 @@ def _decode_kernel(
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     offs_n = tl.arange(0, BLOCK_N)
     for n0 in range(start, end, BLOCK_N):
         cols = n0 + offs_n
@@ -99,38 +102,28 @@ def _decode_kernel(
             v_off = b64 * stride_vb + cols.to(tl.int64) * stride_vs
         k = tl.load(K + hk64 * stride_kh + k_off[None, :] + offs_d[:, None],
                     mask=c_ok[None, :] & d_ok[:, None], other=0.0)
-        v = tl.load(V + hk64 * stride_vh + v_off[:, None] + offs_d[None, :],
-                    mask=c_ok[:, None] & d_ok[None, :], other=0.0)
+        v = tl.load(V + hk64 * stride_vh + v_off[:, None] + offs_dv[None, :],
+                    mask=c_ok[:, None] & dv_ok[None, :], other=0.0)
         qk = tl.dot(q, k, input_precision=DOT_PRECISION)
-        s, _t = _scores(qk, qk, i[:, None], cols[None, :], SQ, k_len, diag, sm_scale, softcap,
-                        window_left, window_right, False, HAS_SOFTCAP, True, WINDOW_LEFT,
-                        WINDOW_RIGHT, False)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_use[:, None])
-        alpha = tl.math.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
-        m_i = m_new
+        s, _t = scores(qk, qk, i[:, None], cols[None, :], SQ, k_len, diag, sm_scale, softcap,
+                       window_left, window_right, False, HAS_SOFTCAP, True, WINDOW_LEFT,
+                       WINDOW_RIGHT, False)
+        acc, l_i, m_i = online_softmax_update(acc, l_i, m_i, s, v, True, False, DOT_PRECISION)
 
-    empty = l_i == 0.0
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"),
-                   (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
-    # workspace [B * Hkv, n_splits, rows_total, head_dim] / [..., rows_total], contiguous
+    out, lse = finalize(acc, l_i, m_i)
+    # workspace [B * Hkv, n_splits, rows_total, head_dim_v] / [..., rows_total], contiguous
     row64 = (pid_bh.to(tl.int64) * n_splits + split) * rows_total + r
-    tl.store(WsO + row64[:, None] * head_dim + offs_d[None, :], out,
-             mask=r_ok[:, None] & d_ok[None, :])
+    tl.store(WsO + row64[:, None] * head_dim_v + offs_dv[None, :], out,
+             mask=r_ok[:, None] & dv_ok[None, :])
     tl.store(WsL + row64, lse, mask=r_ok)
 
 
 @triton.jit
 def _reduce_kernel(
     WsO, WsL, Out, Lse, n_splits,
-    H_KV, GROUP, SQ, rows_total, head_dim,
+    H_KV, GROUP, SQ, rows_total, head_dim_v,
     stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_ls,
-    SPLITS_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
+    SPLITS_PAD: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     r = tl.program_id(1)
@@ -144,14 +137,14 @@ def _reduce_kernel(
     m = tl.max(lse_s, 0)
     m_use = tl.where(m == float("-inf"), 0.0, m)
     w = tl.exp(lse_s - m_use)  # splits that saw no key: lse -inf, weight 0
-    offs_d = tl.arange(0, BLOCK_D)
-    o = tl.load(WsO + row64[:, None] * head_dim + offs_d[None, :],
-                mask=s_ok[:, None] & (offs_d < head_dim)[None, :], other=0.0)
+    offs_d = tl.arange(0, BLOCK_DV)
+    o = tl.load(WsO + row64[:, None] * head_dim_v + offs_d[None, :],
+                mask=s_ok[:, None] & (offs_d < head_dim_v)[None, :], other=0.0)
     tot = tl.sum(w, 0)
     out = tl.sum(w[:, None] * o, 0) / tl.where(tot == 0.0, 1.0, tot)
     lse = tl.where(tot == 0.0, float("-inf"), m_use + tl.log(tl.where(tot == 0.0, 1.0, tot)))
     tl.store(Out + b64 * stride_ob + h64 * stride_oh + i64 * stride_os + offs_d,
-             out.to(Out.dtype.element_ty), mask=offs_d < head_dim)
+             out.to(Out.dtype.element_ty), mask=offs_d < head_dim_v)
     tl.store(Lse + b64 * stride_lb + h64 * stride_lh + i64 * stride_ls, lse)
 
 
@@ -159,8 +152,8 @@ def _reduce_kernel(
 # Configs: memory bound, so the knobs are bytes in flight per program: BLOCK_N keys per tile and
 # the pipeline depth. 4 warps (the 16-64 packed rows give each warp a 16-row MMA slab).
 
-CONFIGS = [C.config(num_warps=4, num_stages=s, BLOCK_N=bn) for bn in (32, 64, 128) for s in (2, 3, 4)]
-INTERPRETER_CONFIG = C.config(num_warps=4, num_stages=1, BLOCK_N=16)
+CONFIGS = [common.config(num_warps=4, num_stages=s, BLOCK_N=bn) for bn in (32, 64, 128) for s in (2, 3, 4)]
+INTERPRETER_CONFIG = common.config(num_warps=4, num_stages=1, BLOCK_N=16)
 INTERPRETER_SPLITS = 3  # exercises the reduce, uneven chunks and empty splits
 MAX_SPLITS = 64
 MIN_TILES_PER_SPLIT = 4
@@ -169,31 +162,44 @@ MAX_DECODE_SQ = 16
 
 
 @functools.lru_cache(maxsize=1024)
-def _kept(block_d, block_m, elem, sk_bucket, device):
-    _, smem = C.device_limits(device)
+def _kept(block_d, block_dv, block_m, elem, sk_bucket, device):
+    # K (BLOCK_D) and V (BLOCK_DV) tiles per stage, the packed Q rows once; the register rules
+    # take the wider of the two head dims (with D = Dv, the rules as first written)
+    _, smem = common.device_limits(device)
+    wide = max(block_d, block_dv)
     kept = []
     for idx, c in enumerate(CONFIGS):
         bn = c.kwargs["BLOCK_N"]
-        if c.num_stages * 2 * bn * block_d * elem + block_m * block_d * elem > smem:
+        if c.num_stages * bn * (block_d + block_dv) * elem + block_m * block_d * elem > smem:
             continue
         if bn > max(32, sk_bucket):
             continue
-        if block_m * block_d > 2048 * c.num_warps or bn * block_d > 128 * 128:
+        if block_m * wide > 2048 * c.num_warps or bn * wide > 128 * 128:
             continue
         kept.append(idx)
     return frozenset(kept or [0])
 
 
+def _kept_for(args):
+    q = args["Q"]
+    return _kept(args["BLOCK_D"], args["BLOCK_DV"], args["BLOCK_M"], q.element_size(),
+                 args["SK_BUCKET"], q.device)
+
+
 def _keep(cfg, args):
     if args.get("_hard_only"):
         return True
-    q = args["Q"]
-    return CONFIGS.index(cfg) in _kept(args["BLOCK_D"], args["BLOCK_M"], q.element_size(),
-                                       args["SK_BUCKET"], q.device)
+    return CONFIGS.index(cfg) in _kept_for(args)
 
 
-_tuned = C.autotune(CONFIGS, key=["BLOCK_D", "BLOCK_M", "SK_BUCKET", "PAGED", "HAS_SEQLENS",
-                                  "HAS_SOFTCAP", "WINDOW_LEFT", "WINDOW_RIGHT"],
+def _default(args):
+    """Without autotuning: the kept config closest to 64-key tiles with 3 stages."""
+    kept = _kept_for(args)
+    return common.closest_config([CONFIGS[i] for i in sorted(kept)], {"BLOCK_N": 64}, stages=3)
+
+
+_tuned = common.autotune(CONFIGS, key=["BLOCK_D", "BLOCK_DV", "BLOCK_M", "SK_BUCKET", "PAGED",
+                                  "HAS_SEQLENS", "HAS_SOFTCAP", "WINDOW_LEFT", "WINDOW_RIGHT"],
                     keep=_keep)(_decode_kernel)
 
 
@@ -206,9 +212,9 @@ def use_decode_path(q, k, bias, varlen, sq, sk) -> bool:
 
 
 def num_splits_for(programs: int, max_k: int, device: torch.device) -> int:
-    if C.interpreter():
+    if common.interpreter():
         return INTERPRETER_SPLITS
-    sms, _ = C.device_limits(device)
+    sms, _ = common.device_limits(device)
     by_sms = triton.cdiv(2 * sms, max(programs, 1))
     by_len = max(1, max_k // (MIN_TILES_PER_SPLIT * 64))
     return max(1, min(by_sms, by_len, MAX_SPLITS))
@@ -216,7 +222,7 @@ def num_splits_for(programs: int, max_k: int, device: torch.device) -> int:
 
 def decode_into(out, lse, q, k_cache, v_cache, cache_seqlens, block_table, scale, wl, wr, softcap,
                 cfg=None, num_splits=None):
-    """Write attention of q [B, Hq, Sq, D] over the cache into out (q's shape) and lse
+    """Write attention of q [B, Hq, Sq, D] over the cache into out [B, Hq, Sq, Dv] and lse
     [B, Hq, Sq] (any strides)."""
     if q.stride(-1) != 1:
         q = q.contiguous()
@@ -225,16 +231,17 @@ def decode_into(out, lse, q, k_cache, v_cache, cache_seqlens, block_table, scale
     if v_cache.stride(-1) != 1:
         v_cache = v_cache.contiguous()
     batch, hq, sq, d = q.shape
-    hkv = k_cache.shape[1]
+    hkv, dv = k_cache.shape[1], v_cache.shape[3]
     group = hq // hkv
     rows = group * sq
-    block_m = max(16, C.next_power_of_2(rows))
-    block_d = max(16, C.next_power_of_2(d))
+    block_m = max(16, common.next_power_of_2(rows))
+    block_d = max(16, common.next_power_of_2(d))
+    block_dv = max(16, common.next_power_of_2(dv))
     paged = block_table is not None
     page_size = k_cache.shape[2] if paged else 1
     max_k = block_table.shape[1] * page_size if paged else k_cache.shape[2]
     splits = num_splits or num_splits_for(batch * hkv, max_k, q.device)
-    ws_o = torch.empty((batch * hkv, splits, rows, d), dtype=torch.float32, device=q.device)
+    ws_o = torch.empty((batch * hkv, splits, rows, dv), dtype=torch.float32, device=q.device)
     ws_l = torch.empty((batch * hkv, splits, rows), dtype=torch.float32, device=q.device)
     dummy = ws_l
     args = dict(
@@ -247,28 +254,23 @@ def decode_into(out, lse, q, k_cache, v_cache, cache_seqlens, block_table, scale
         stride_kb=k_cache.stride(0), stride_kh=k_cache.stride(1), stride_ks=k_cache.stride(2),
         stride_vb=v_cache.stride(0), stride_vh=v_cache.stride(1), stride_vs=v_cache.stride(2),
         stride_tb=block_table.stride(0) if paged else 0,
-        H_KV=hkv, GROUP=group, SQ=sq, seqlen_k=k_cache.shape[2], head_dim=d, page_size=page_size,
-        rows_total=rows, SK_BUCKET=seq_bucket(max_k),
+        H_KV=hkv, GROUP=group, SQ=sq, seqlen_k=k_cache.shape[2], head_dim=d, head_dim_v=dv,
+        page_size=page_size, rows_total=rows, SK_BUCKET=seq_bucket(max_k),
         HAS_SEQLENS=cache_seqlens is not None, PAGED=paged, HAS_SOFTCAP=softcap > 0,
-        WINDOW_LEFT=wl >= 0, WINDOW_RIGHT=wr >= 0, EVEN_D=block_d == d,
-        DOT_PRECISION=C.dot_precision(q.dtype), BLOCK_D=block_d, BLOCK_M=block_m,
+        WINDOW_LEFT=wl >= 0, WINDOW_RIGHT=wr >= 0, DOT_PRECISION=common.dot_precision(q.dtype),
+        BLOCK_D=block_d, BLOCK_DV=block_dv, BLOCK_M=block_m,
     )
     grid = (batch * hkv, splits)
-    if cfg is None and C.interpreter():
-        cfg = INTERPRETER_CONFIG
-    elif cfg is None and not C.autotune_enabled():
-        kept = sorted(_kept(block_d, block_m, q.element_size(), args["SK_BUCKET"], q.device))
-        cfg = min((CONFIGS[i] for i in kept),
-                  key=lambda c: (abs(c.kwargs["BLOCK_N"] - 64), abs(c.num_stages - 3)))
-    with C.device_guard(q):
+    cfg = common.launch_config(cfg, INTERPRETER_CONFIG, lambda: _default(args))
+    with common.device_guard(q):
         if cfg is not None:
-            _decode_kernel[grid](**args, **C.config_kwargs(cfg))
+            _decode_kernel[grid](**args, **common.config_kwargs(cfg))
         else:
             _tuned[grid](**args)
         _reduce_kernel[(batch * hkv, rows)](
-            ws_o, ws_l, out, lse, splits, hkv, group, sq, rows, d,
+            ws_o, ws_l, out, lse, splits, hkv, group, sq, rows, dv,
             out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
-            lse.stride(2), SPLITS_PAD=max(2, C.next_power_of_2(splits)), BLOCK_D=block_d,
+            lse.stride(2), SPLITS_PAD=max(2, common.next_power_of_2(splits)), BLOCK_DV=block_dv,
             num_warps=4,
         )
     return out, lse
@@ -276,7 +278,7 @@ def decode_into(out, lse, q, k_cache, v_cache, cache_seqlens, block_table, scale
 
 def attention_decode(q, k_cache, v_cache, cache_seqlens, block_table, scale, wl, wr, softcap):
     """Triton kernels of leanops::attention_decode (arguments validated by the op)."""
-    out = torch.empty_like(q)
+    out = empty_like_layout(q, (*q.shape[:-1], v_cache.shape[-1]))
     lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
     decode_into(out, lse, q, k_cache, v_cache, cache_seqlens, block_table, scale, wl, wr, softcap)
     return out

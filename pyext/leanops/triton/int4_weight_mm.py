@@ -13,8 +13,14 @@ import torch
 import triton
 import triton.language as tl
 
-from leanops.triton import _common as C
-from leanops.triton._common import k_slice, store_partial, store_tile, tile_ids
+from leanops.triton import _common as common
+from leanops.triton import _matmul as matmul
+from leanops.triton._matmul import (
+    dequantize_int4,
+    matmul_epilogue,
+    matmul_prologue,
+    unpack_nibbles,
+)
 
 
 @triton.jit
@@ -31,66 +37,37 @@ def _int4_weight_mm_kernel(
     # scale (and zero) per weight row per tile, a [BLOCK_N] vector instead of a gather. K is a
     # multiple of the group size, hence of BLOCK_K: no K tail, no K mask.
     tl.static_assert(GROUP_SIZE % BLOCK_K == 0)
-    pid_m, pid_n = tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    k_first, k_end = k_slice(tl.program_id(1), K, BLOCK_K, SPLIT_K)
-
-    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
+    offs_m, offs_n, rm, rn, offs_k, k0, k_first, k_end, x_ptrs, x_step = matmul_prologue(
+        x_ptr, M, N, K, stride_xm, stride_xk, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, SPLIT_K)
     offs_kp = tl.arange(0, BLOCK_K // 2)
-    # Edge tiles re-read row 0 (unmasked, vectorised loads); the store mask drops those rows.
-    rm = tl.where(offs_m < M, offs_m, 0)
-    rn = tl.where(offs_n < N, offs_n, 0)
     groups = K // GROUP_SIZE  # scales / zeros are [N, groups] contiguous
-    k0 = k_first.to(tl.int64) * BLOCK_K
-    x_ptrs = x_ptr + rm[:, None] * stride_xm + (k0 + offs_k)[None, :] * stride_xk
     # The packed tile as the [BLOCK_K/2, BLOCK_N] operand layout of x @ W.T (bytes contiguous
     # along K within a weight row).
     w_ptrs = w_ptr + rn[None, :] * stride_wn + (k0 // 2 + offs_kp)[:, None]
     sz_ptrs = rn * groups  # row starts in scales / zeros
-    x_step = tl.cast(stride_xk, tl.int64) * BLOCK_K
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for t in range(k_first, k_end):
         x = tl.load(x_ptrs)
         packed = tl.load(w_ptrs)
-        # Nibbles back to codes in K order: join puts (low, high) of byte j side by side in a new
-        # last axis, the permute moves that axis next to j, and the reshape flattens (j, 2) into
-        # k = 2j + {0, 1} (the unpacking of Triton's own int4 mixed-matmul test).
-        lo = packed & 0xF
-        hi = packed >> 4
-        q = tl.reshape(tl.permute(tl.join(lo, hi), (0, 2, 1)), (BLOCK_K, BLOCK_N))
+        q = unpack_nibbles(packed, BLOCK_K, BLOCK_N)
         g = (t * BLOCK_K) // GROUP_SIZE
-        s = tl.load(scales_ptr + sz_ptrs + g)
-        if HAS_ZEROS:
-            z = tl.load(zeros_ptr + sz_ptrs + g).to(tl.int8)
-        else:
-            z = tl.full((BLOCK_N,), 8, dtype=tl.int8)
-        # (q - z) is an integer in [-15, 15], exact in every float dtype; the product with the
-        # scale is then the format's single rounding, done in the scales' dtype as the reference
-        # does, and the conversion to x's dtype is the reference's second step.
-        w = ((q.to(tl.int8) - z[None, :]).to(s.dtype) * s[None, :]).to(x.dtype)
+        # The conversion to x's dtype is the reference's second rounding step.
+        w = dequantize_int4(q, scales_ptr, zeros_ptr, sz_ptrs, g, HAS_ZEROS, BLOCK_N).to(x.dtype)
         acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
         x_ptrs += x_step
         w_ptrs += BLOCK_K // 2
 
-    if SPLIT_K == 1:
-        out = acc
-        if HAS_BIAS:
-            out = out + tl.load(bias_ptr + rn).to(tl.float32)[None, :]
-        store_tile(out_ptr, out, offs_m, offs_n, M, N, stride_om, stride_on)
-    else:
-        store_partial(ws_ptr, acc, offs_m, offs_n, M, N, stride_ws_s)
+    matmul_epilogue(out_ptr, ws_ptr, bias_ptr, bias_ptr, bias_ptr, acc, offs_m, offs_n, rm, rn,
+                    M, N, stride_om, stride_on, stride_ws_s, False, False, HAS_BIAS, SPLIT_K)
 
-
-_kernel = _int4_weight_mm_kernel
 
 # BLOCK_K 32..256 filtered by the group size (it must divide it): g = 32 streams 16 bytes of
 # packed weight per row per tile, g >= 128 can use 64-128 byte runs.
-FAMILY = C.matmul_family(
-    _kernel, small_block_ks=(32, 64, 128, 256), large_block_ks=(32, 64),
-    x_bytes=C.x_element_bytes, w_bytes=0.5, ws_dtype=torch.float32,
-    key=("M_BUCKET", "N", "K", "GROUP_SIZE"), valid=C.group_size_divides_block_k,
+FAMILY = matmul.matmul_family(
+    _int4_weight_mm_kernel, small_block_ks=(32, 64, 128, 256), large_block_ks=(32, 64),
+    x_bytes=matmul.x_element_bytes, w_bytes=0.5, ws_dtype=torch.float32,
+    key=("M_BUCKET", "N", "K", "GROUP_SIZE"), valid=matmul.group_size_divides_block_k,
 )
 
 
@@ -98,7 +75,7 @@ def _launch(x, w_packed, scales, zeros, group_size, bias=None, cfg=None):
     M, K = x.shape
     N = w_packed.shape[0]
     out = torch.empty((M, N), device=x.device, dtype=x.dtype)
-    return C.run_matmul(
+    return matmul.run_matmul(
         FAMILY,
         (x, w_packed, scales, scales if zeros is None else zeros, scales if bias is None else bias),
         out, M, N, K,
@@ -107,7 +84,7 @@ def _launch(x, w_packed, scales, zeros, group_size, bias=None, cfg=None):
             "HAS_ZEROS": zeros is not None,
             "HAS_BIAS": bias is not None,
             "GROUP_SIZE": int(group_size),
-            "DOT_PRECISION": C.dot_precision(x.dtype),
+            "DOT_PRECISION": common.dot_precision(x.dtype),
         },
         epilogue={"bias": bias},
         cfg=cfg,

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from leanops.triton import _common as C
+from leanops.triton import _common as common
 
 # torch.finfo(torch.float32).tiny, the reference's clamp (2**-126, exact in fp32)
 FLT_MIN = tl.constexpr(1.1754943508222875e-38)
@@ -108,17 +108,17 @@ def _launch(x, smooth=None, block_k=None, single_pass=None):
     q = torch.empty((M, K), device=x.device, dtype=torch.int8)
     scale = torch.empty((M,), device=x.device, dtype=torch.float32)
     if block_k is None:
-        full = C.next_power_of_2(K)
+        full = common.next_power_of_2(K)
         single_pass = full <= MAX_SINGLE_PASS
         block_k = full if single_pass else TWO_PASS_BLOCK
     elif single_pass is None:
         single_pass = block_k >= K
-    with C.device_guard(x):
+    with common.device_guard(x):
         _quantize_per_token_kernel[(M,)](
             x, x if smooth is None else smooth, q, scale,
             K, x.stride(0), x.stride(1), q.stride(0),
             HAS_SMOOTH=smooth is not None, BLOCK_K=block_k, SINGLE_PASS=single_pass,
-            num_warps=_num_warps(block_k), **C.LAUNCH_OPTIONS,
+            num_warps=_num_warps(block_k), **common.LAUNCH_OPTIONS,
         )
     return q, scale
 

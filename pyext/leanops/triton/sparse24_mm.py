@@ -1,7 +1,7 @@
 """2:4 sparse matmuls in Triton, decompressing the weight on the fly (the portable path; the
 sparse tensor cores are for the CUDA kernels): out = (x @ W.T + bias) rounded once to x's dtype.
 
-  sparse24_mm       W from (values [N, K/2], meta uint8 [N, K/8]) (leanops.sparsity.format)
+  sparse24_mm       W from (values [N, K/2], meta uint8 [N, K/8]) (leanops.sparsity.sparse24)
   sparse24_int4_mm  the kept values int4 group-wise first ((q - z) * s in the scales' dtype)
 
 The compressed weight is streamed as stored, so HBM traffic for it is 1.125 bytes per dense
@@ -13,7 +13,7 @@ join/permute/reshape (the nibble trick of the int4 kernel), and fed to tl.dot as
 The MMA therefore does the dense 2MNK work: the win over dense is bytes (decode), not FLOPs.
 
 The launcher skeleton (decode split-K / prefill tiles, autotuning, the reduce) is the one of the
-other matmuls: leanops.triton._common.run_matmul.
+other matmuls: leanops.triton._matmul.run_matmul.
 """
 
 from __future__ import annotations
@@ -22,23 +22,20 @@ import torch
 import triton
 import triton.language as tl
 
-from leanops.triton import _common as C
-from leanops.triton._common import k_slice, store_partial, store_tile, tile_ids
-
-
-@triton.jit
-def _group_codes(meta, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-    """meta bytes [BLOCK_K/8, BLOCK_N] -> group codes [BLOCK_K/4, BLOCK_N] in K order (low nibble
-    = even group)."""
-    lo = meta & 0xF
-    hi = meta >> 4
-    return tl.reshape(tl.permute(tl.join(lo, hi), (0, 2, 1)), (BLOCK_K // 4, BLOCK_N))
+from leanops.triton import _common as common
+from leanops.triton import _matmul as matmul
+from leanops.triton._matmul import (
+    dequantize_int4,
+    matmul_epilogue,
+    matmul_prologue,
+    unpack_nibbles,
+)
 
 
 @triton.jit
 def _expand_24(kept, codes, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     """kept values [BLOCK_K/2, BLOCK_N] (2 per group, K order) and group codes [BLOCK_K/4,
-    BLOCK_N] -> the dense tile [BLOCK_K, BLOCK_N] (the rule of leanops.sparsity.format)."""
+    BLOCK_N] -> the dense tile [BLOCK_K, BLOCK_N] (the rule of leanops.sparsity.sparse24)."""
     G: tl.constexpr = BLOCK_K // 4
     v0, v1 = tl.split(tl.permute(tl.reshape(kept, (G, 2, BLOCK_N)), (0, 2, 1)))
     i0 = codes & 3
@@ -65,23 +62,13 @@ def _sparse24_mm_kernel(
 ):
     # K is a multiple of 8 (the op checks it), so a ragged last K tile still ends on a meta byte:
     # the masks below cut x, values and meta at the same column.
-    pid_m, pid_n = tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    k_first, k_end = k_slice(tl.program_id(1), K, BLOCK_K, SPLIT_K)
-
-    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
+    offs_m, offs_n, rm, rn, offs_k, k0, k_first, k_end, x_ptrs, x_step = matmul_prologue(
+        x_ptr, M, N, K, stride_xm, stride_xk, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, SPLIT_K)
     offs_v = tl.arange(0, BLOCK_K // 2)
     offs_g = tl.arange(0, BLOCK_K // 8)
-    # Edge tiles re-read row 0 (unmasked, vectorised loads); the store mask drops those rows.
-    rm = tl.where(offs_m < M, offs_m, 0)
-    rn = tl.where(offs_n < N, offs_n, 0)
-    k0 = k_first.to(tl.int64) * BLOCK_K
-    x_ptrs = x_ptr + rm[:, None] * stride_xm + (k0 + offs_k)[None, :] * stride_xk
     # values / meta rows read as the [*, BLOCK_N] operand layout of x @ W.T (contiguous along K).
     v_ptrs = values_ptr + rn[None, :] * stride_vn + (k0 // 2 + offs_v)[:, None]
     m_ptrs = meta_ptr + rn[None, :] * stride_mn + (k0 // 8 + offs_g)[:, None]
-    x_step = tl.cast(stride_xk, tl.int64) * BLOCK_K
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for t in range(k_first, k_end):
@@ -95,20 +82,15 @@ def _sparse24_mm_kernel(
             kept = tl.load(v_ptrs, mask=offs_v[:, None] < k_left // 2, other=0.0)
             # Missing meta bytes read as code 0 (i0 = i1 = 0) over zero values: zero weights.
             meta = tl.load(m_ptrs, mask=offs_g[:, None] < k_left // 8, other=0)
-        codes = _group_codes(meta, BLOCK_K, BLOCK_N)
+        codes = unpack_nibbles(meta, BLOCK_K // 4, BLOCK_N)
         w = _expand_24(kept.to(x.dtype), codes, BLOCK_K, BLOCK_N)
         acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
         x_ptrs += x_step
         v_ptrs += BLOCK_K // 2
         m_ptrs += BLOCK_K // 8
 
-    if SPLIT_K == 1:
-        out = acc
-        if HAS_BIAS:
-            out = out + tl.load(bias_ptr + rn).to(tl.float32)[None, :]
-        store_tile(out_ptr, out, offs_m, offs_n, M, N, stride_om, stride_on)
-    else:
-        store_partial(ws_ptr, acc, offs_m, offs_n, M, N, stride_ws_s)
+    matmul_epilogue(out_ptr, ws_ptr, bias_ptr, bias_ptr, bias_ptr, acc, offs_m, offs_n, rm, rn,
+                    M, N, stride_om, stride_on, stride_ws_s, False, False, HAS_BIAS, SPLIT_K)
 
 
 @triton.jit
@@ -125,54 +107,33 @@ def _sparse24_int4_mm_kernel(
     # so a K tile's BLOCK_K/2 kept values lie in one quantisation group: one scale (and zero) per
     # weight row per tile. K is a multiple of GROUP_SIZE, hence of BLOCK_K: no K tail.
     tl.static_assert(GROUP_SIZE % BLOCK_K == 0)
-    pid_m, pid_n = tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    k_first, k_end = k_slice(tl.program_id(1), K, BLOCK_K, SPLIT_K)
-
-    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
+    offs_m, offs_n, rm, rn, offs_k, k0, k_first, k_end, x_ptrs, x_step = matmul_prologue(
+        x_ptr, M, N, K, stride_xm, stride_xk, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, SPLIT_K)
     offs_p = tl.arange(0, BLOCK_K // 4)  # packed bytes: 2 codes of kept values each
     offs_g = tl.arange(0, BLOCK_K // 8)
-    rm = tl.where(offs_m < M, offs_m, 0)
-    rn = tl.where(offs_n < N, offs_n, 0)
     groups = K // GROUP_SIZE  # scales / zeros are [N, groups] contiguous
-    k0 = k_first.to(tl.int64) * BLOCK_K
-    x_ptrs = x_ptr + rm[:, None] * stride_xm + (k0 + offs_k)[None, :] * stride_xk
     v_ptrs = values_ptr + rn[None, :] * stride_vn + (k0 // 4 + offs_p)[:, None]
     m_ptrs = meta_ptr + rn[None, :] * stride_mn + (k0 // 8 + offs_g)[:, None]
     sz_ptrs = rn * groups
-    x_step = tl.cast(stride_xk, tl.int64) * BLOCK_K
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for t in range(k_first, k_end):
         x = tl.load(x_ptrs)
         packed = tl.load(v_ptrs)
         meta = tl.load(m_ptrs)
-        # int4 codes of the kept values, in kept (K) order: the unpacking of int4_weight_mm.
-        q = tl.reshape(tl.permute(tl.join(packed & 0xF, packed >> 4), (0, 2, 1)),
-                       (BLOCK_K // 2, BLOCK_N))
+        # int4 codes of the kept values, in kept (K) order, dequantised as int4_weight_mm's.
+        q = unpack_nibbles(packed, BLOCK_K // 2, BLOCK_N)
         g = (t * BLOCK_K) // GROUP_SIZE
-        s = tl.load(scales_ptr + sz_ptrs + g)
-        if HAS_ZEROS:
-            z = tl.load(zeros_ptr + sz_ptrs + g).to(tl.int8)
-        else:
-            z = tl.full((BLOCK_N,), 8, dtype=tl.int8)
-        # (q - z) is an integer in [-15, 15], exact in every float dtype; times the scale is the
-        # format's single rounding (in the scales' dtype), then x's dtype, as the reference.
-        kept = ((q.to(tl.int8) - z[None, :]).to(s.dtype) * s[None, :]).to(x.dtype)
-        w = _expand_24(kept, _group_codes(meta, BLOCK_K, BLOCK_N), BLOCK_K, BLOCK_N)
+        kept = dequantize_int4(q, scales_ptr, zeros_ptr, sz_ptrs, g, HAS_ZEROS, BLOCK_N)
+        kept = kept.to(x.dtype)
+        w = _expand_24(kept, unpack_nibbles(meta, BLOCK_K // 4, BLOCK_N), BLOCK_K, BLOCK_N)
         acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
         x_ptrs += x_step
         v_ptrs += BLOCK_K // 4
         m_ptrs += BLOCK_K // 8
 
-    if SPLIT_K == 1:
-        out = acc
-        if HAS_BIAS:
-            out = out + tl.load(bias_ptr + rn).to(tl.float32)[None, :]
-        store_tile(out_ptr, out, offs_m, offs_n, M, N, stride_om, stride_on)
-    else:
-        store_partial(ws_ptr, acc, offs_m, offs_n, M, N, stride_ws_s)
+    matmul_epilogue(out_ptr, ws_ptr, bias_ptr, bias_ptr, bias_ptr, acc, offs_m, offs_n, rm, rn,
+                    M, N, stride_om, stride_on, stride_ws_s, False, False, HAS_BIAS, SPLIT_K)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,8 +151,8 @@ def _w_bytes(args) -> float:
     return args["values_ptr"].element_size() / 2 + 1 / 8
 
 
-FAMILY = C.matmul_family(
-    _kernel, small_block_ks=(64, 128, 256), large_block_ks=(32, 64), x_bytes=C.x_element_bytes,
+FAMILY = matmul.matmul_family(
+    _kernel, small_block_ks=(64, 128, 256), large_block_ks=(32, 64), x_bytes=matmul.x_element_bytes,
     w_bytes=_w_bytes, ws_dtype=torch.float32,
 )
 
@@ -200,12 +161,12 @@ def _launch(x, values, meta, bias=None, cfg=None):
     M, K = x.shape
     N = values.shape[0]
     out = torch.empty((M, N), device=x.device, dtype=x.dtype)
-    return C.run_matmul(
+    return matmul.run_matmul(
         FAMILY,
         (x, values, meta, values if bias is None else bias),
         out, M, N, K,
         (x.stride(0), x.stride(1), values.stride(0), meta.stride(0), out.stride(0), out.stride(1)),
-        meta={"HAS_BIAS": bias is not None, "DOT_PRECISION": C.dot_precision(x.dtype)},
+        meta={"HAS_BIAS": bias is not None, "DOT_PRECISION": common.dot_precision(x.dtype)},
         epilogue={"bias": bias},
         cfg=cfg,
     )
@@ -219,14 +180,12 @@ def sparse24_mm(x, values, meta, bias=None):
 # ---------------------------------------------------------------------------------------------
 # sparse24_int4_mm: configs and launcher
 
-_int4_kernel = _sparse24_int4_mm_kernel
-
 # BLOCK_K must divide the group size (a multiple of 64): as int4_weight_mm. Weight bytes per
 # dense entry: a quarter byte of codes plus an eighth of a meta byte.
-INT4_FAMILY = C.matmul_family(
-    _int4_kernel, small_block_ks=(32, 64, 128, 256), large_block_ks=(32, 64),
-    x_bytes=C.x_element_bytes, w_bytes=0.375, ws_dtype=torch.float32,
-    key=("M_BUCKET", "N", "K", "GROUP_SIZE"), valid=C.group_size_divides_block_k,
+INT4_FAMILY = matmul.matmul_family(
+    _sparse24_int4_mm_kernel, small_block_ks=(32, 64, 128, 256), large_block_ks=(32, 64),
+    x_bytes=matmul.x_element_bytes, w_bytes=0.375, ws_dtype=torch.float32,
+    key=("M_BUCKET", "N", "K", "GROUP_SIZE"), valid=matmul.group_size_divides_block_k,
 )
 
 
@@ -234,7 +193,7 @@ def _launch_int4(x, values, meta, scales, zeros, group_size, bias=None, cfg=None
     M, K = x.shape
     N = values.shape[0]
     out = torch.empty((M, N), device=x.device, dtype=x.dtype)
-    return C.run_matmul(
+    return matmul.run_matmul(
         INT4_FAMILY,
         (x, values, meta, scales, scales if zeros is None else zeros,
          scales if bias is None else bias),
@@ -244,7 +203,7 @@ def _launch_int4(x, values, meta, scales, zeros, group_size, bias=None, cfg=None
             "HAS_ZEROS": zeros is not None,
             "HAS_BIAS": bias is not None,
             "GROUP_SIZE": int(group_size),
-            "DOT_PRECISION": C.dot_precision(x.dtype),
+            "DOT_PRECISION": common.dot_precision(x.dtype),
         },
         epilogue={"bias": bias},
         cfg=cfg,

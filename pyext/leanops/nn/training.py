@@ -16,6 +16,9 @@ class Int8TrainingLinear(nn.Linear):
     optimizers, state_dict, DDP and FSDP see a plain linear layer; the input must have the
     weight's dtype (cast the model, e.g. model.to(torch.bfloat16); autocast does not reach
     custom ops).
+
+    Arguments: nn.Linear's (in_features, out_features, bias, device, dtype); `from_linear`
+    wraps an existing layer's parameters instead, which is what leanops.quantize_ does.
     """
 
     @classmethod

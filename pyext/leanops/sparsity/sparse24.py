@@ -71,8 +71,8 @@ from __future__ import annotations
 import torch
 
 from leanops.quant import int4 as int4_format
+from leanops.quant.common import FLOAT_DTYPES, ValueChecks, first_bad, value_checks
 
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 GROUP = 4  # inputs per group
 KEPT = 2  # entries stored per group
 K_MULTIPLE = 8  # one meta byte = two groups of 4 inputs
@@ -115,18 +115,101 @@ def _check_2d(t, name, dtypes=None):
         raise ValueError(f"{name} must have dtype {names}; got {t.dtype}")
 
 
-def check_meta(meta: torch.Tensor, name: str = "meta") -> None:
-    """ValueError unless every 4-bit code of `meta` is one of the six valid ones (i0 < i1)."""
+def check_meta(meta: torch.Tensor, name: str = "meta", *, checks: ValueChecks | None = None) -> None:
+    """ValueError unless every 4-bit code of `meta` (uint8, 2-D) is one of the six valid ones
+    (i0 < i1). checks: a leanops.quant.common.ValueChecks to add the value check to (the caller
+    runs it); None: it runs here."""
     _check_2d(meta, name, (torch.uint8,))
-    codes = meta_codes(meta)
-    bad = ~((codes & 3) < (codes >> 2))
-    if bool(bad.any()):
-        n, g = (int(i) for i in bad.nonzero()[0])
-        raise ValueError(
-            f"{name} holds {int(bad.sum())} invalid group code(s) (first: row {n}, group {g}, "
+
+    def bad():
+        codes = meta_codes(meta)
+        return ~((codes & 3) < (codes >> 2))
+
+    def message():
+        codes, invalid = meta_codes(meta), bad()
+        n, g = (int(i) for i in invalid.nonzero()[0])
+        return (
+            f"{name} holds {int(invalid.sum())} invalid group code(s) (first: row {n}, group {g}, "
             f"code {int(codes[n, g]):#x}); valid codes have i0 < i1: "
             f"{', '.join(hex(c) for c in VALID_CODES)}"
         )
+
+    with value_checks(checks) as checks:
+        checks.require(bad(), message)
+
+
+def _check_meta_shape(meta, name, n: int, k: int, of: str) -> None:
+    _check_2d(meta, name, (torch.uint8,))
+    if tuple(meta.shape) != (n, k // K_MULTIPLE):
+        raise ValueError(
+            f"{name} must be uint8 [N, K/8] = ({n}, {k // K_MULTIPLE}) for {of}, got "
+            f"{tuple(meta.shape)}"
+        )
+
+
+def check_24(
+    values: torch.Tensor,
+    meta: torch.Tensor,
+    *,
+    names: tuple[str, str] = ("values", "meta"),
+    checks: ValueChecks | None = None,
+) -> None:
+    """Check that (values, meta) is a valid 2:4 compressed weight, as stored (a file, a
+    state_dict): what the kernels assume and never check per call.
+
+    values: float16 / bfloat16 / float32 [N, K // 2], finite (compress_24 only takes finite
+        weights), K a positive multiple of 8.
+    meta: uint8 [N, K // 8], every group code valid (check_meta).
+    names: how the two tensors are named in errors (e.g. "layers.0.q_proj.weight_values").
+    checks: a leanops.quant.common.ValueChecks to add the value checks to (the caller runs it);
+        None: they run here.
+    Raises TypeError / ValueError naming the tensor and what is allowed.
+    """
+    vname, mname = names
+    _check_2d(values, vname, FLOAT_DTYPES)
+    n, k = values.shape[0], values.shape[1] * KEPT
+    check_in_features(k, f"2 x {vname}.shape[1]")
+    _check_meta_shape(meta, mname, n, k, f"{vname} of shape {tuple(values.shape)} (= [N, K/2])")
+
+    def nonfinite():
+        return ~torch.isfinite(values)
+
+    with value_checks(checks) as checks:
+        checks.require(nonfinite(), lambda: f"{vname} must be finite; {first_bad(values, nonfinite())}")
+        check_meta(meta, mname, checks=checks)
+
+
+def check_24_int4(
+    values: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    meta: torch.Tensor,
+    group_size: int,
+    *,
+    names: tuple[str, str, str, str] = ("values", "scales", "zeros", "meta"),
+    checks: ValueChecks | None = None,
+) -> None:
+    """Check that (values, scales, zeros, meta) is a valid 2:4 + int4 weight, as stored.
+
+    values: uint8 [N, K // 4], int4 codes of the kept values (every byte is valid).
+    scales: float16 / bfloat16 / float32 [N, K // group_size], positive and finite.
+    zeros: None (symmetric) or uint8 [N, K // group_size] with codes in [0, 15].
+    meta: uint8 [N, K // 8], every group code valid (check_meta).
+    group_size: a positive multiple of 64 dividing K (check_int4_group_size).
+    names: how the four tensors are named in errors; checks: as for check_24.
+    Raises TypeError / ValueError naming the tensor and what is allowed.
+    """
+    vname, sname, zname, mname = names
+    _check_2d(values, vname, (torch.uint8,))
+    n, k = values.shape[0], values.shape[1] * 4
+    check_in_features(k, f"4 x {vname}.shape[1]")
+    check_int4_group_size(group_size, k)
+    _check_meta_shape(meta, mname, n, k, f"{vname} of shape {tuple(values.shape)} (= [N, K/4])")
+    with value_checks(checks) as checks:
+        int4_format.check_int4(
+            values, scales, zeros, group_size // 2, names=(vname, sname, zname), checks=checks
+        )
+        check_meta(meta, mname, checks=checks)
 
 
 # ---------------------------------------------------------------------------------------------

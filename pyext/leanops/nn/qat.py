@@ -9,6 +9,7 @@ from torch import nn
 
 from leanops.nn.packed import PackedLinear
 from leanops.nn.quantized import Int4WeightOnlyLinear, Int8Linear, Int8WeightOnlyLinear
+from leanops.nn.sparse import SparseLinear
 from leanops.ops.fake_quant import (
     fake_quantize_int4,
     fake_quantize_int8_per_channel,
@@ -23,6 +24,7 @@ from leanops.quant.config import (
     Int8WeightOnlyConfig,
     QuantConfig,
 )
+from leanops.sparsity.masks import is_nm_sparse
 
 QAT_CONFIGS = (Int8DynamicConfig, Int8WeightOnlyConfig, Int4WeightOnlyConfig)
 
@@ -42,6 +44,14 @@ class QATLinear(nn.Linear):
 
     `weight` is read through attribute access every forward, so a parametrization on it (e.g.
     leanops.sparsity.enable_sparse_training's 2:4 SparseMask) applies before quantisation.
+
+    Arguments (of the constructor; leanops.qat.prepare_ and `from_linear` wrap an existing
+    layer instead):
+        in_features, out_features, bias, device, dtype: as nn.Linear's.
+        config: Int8DynamicConfig, Int8WeightOnlyConfig or Int4WeightOnlyConfig (required; a
+            TypeError otherwise); int4's group size must divide in_features (ValueError).
+        learnable_scales: train the scales (LSQ) as the Parameter weight_scale (default False).
+        smoothing: Int8DynamicConfig only: SmoothQuant's s [in_features], positive, or None.
     """
 
     def __init__(
@@ -108,8 +118,9 @@ class QATLinear(nn.Linear):
         smoothing: torch.Tensor | None = None,
     ) -> QATLinear:
         """Wrap `linear`'s own weight and bias Parameters (shared, not copied: an optimizer built
-        before the swap keeps updating them). Learnable scales start at the RTN scales, so the
-        first forward is the same with or without them."""
+        before the swap keeps updating them) with the fake quantisation of `config`.
+        learnable_scales and smoothing as the constructor's; learnable scales start at the RTN
+        scales, so the first forward is the same with or without them."""
         module = cls(
             linear.in_features, linear.out_features, bias=False, config=config, device="meta",
             dtype=linear.weight.dtype,
@@ -181,8 +192,6 @@ class QATLinear(nn.Linear):
             return f"2:4 + int4 needs a group size that is a multiple of 64, got {self.group_size}"
         if self.in_features % 8 != 0:
             return f"2:4 layers need in_features divisible by 8, got {self.in_features}"
-        from leanops.sparsity.masks import is_nm_sparse
-
         if not is_nm_sparse(self.weight.detach(), 2, 4):
             return "the weight is not 2:4 sparse (train it with leanops.sparsity.enable_sparse_training)"
         return None
@@ -201,8 +210,6 @@ class QATLinear(nn.Linear):
             reason = self.why_not_sparse_24()
             if reason is not None:
                 raise ValueError(f"convert(sparse_24=True): {reason}")
-            from leanops.nn.sparse import SparseLinear
-
             w = self.weight.detach()
             out = SparseLinear.from_weight(
                 w, self.bias, w != 0, group_size=self.group_size, symmetric=self.config.symmetric

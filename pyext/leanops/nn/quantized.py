@@ -105,6 +105,7 @@ class Int8WeightOnlyLinear(PackedLinear):
     Arguments:
         in_features, out_features: K and N of the weight [N, K], as nn.Linear.
         bias: whether the layer has a bias Parameter [N] (in `dtype`).
+        input_scale: whether the layer has the buffer input_scale (AWQ's 1/s; default False).
         device, dtype: where the buffers live and the bias's (and output's expected) dtype.
 
     Buffers: weight int8 [out, in], weight_scale fp32 [out], and with input_scale=True
@@ -180,8 +181,9 @@ class Int4WeightOnlyLinear(PackedLinear):
             the scales are stored in `dtype` too.
         group_size: inputs per scale, a multiple of 32 dividing in_features (default 128);
             in_features means one scale per output channel.
-        symmetric: True (default): codes -8..7 around a fixed zero point; False: a uint8 zero
-            point per group (weight_zero).
+        symmetric: False (default, as from_linear and Int4WeightOnlyConfig): a uint8 zero point
+            per group (weight_zero); True: codes -8..7 around the fixed zero point 8.
+        input_scale: whether the layer has the buffer input_scale (AWQ's 1/s; default False).
 
     Buffers: weight_packed uint8 [out, in/2], weight_scale [out, in/group_size] in `dtype`, if
     not symmetric weight_zero uint8 [out, in/group_size], and with input_scale=True input_scale
@@ -190,7 +192,7 @@ class Int4WeightOnlyLinear(PackedLinear):
     """
 
     def __init__(
-        self, in_features, out_features, bias=True, group_size=128, symmetric=True,
+        self, in_features, out_features, bias=True, group_size=128, symmetric=False,
         input_scale=False, device=None, dtype=None,
     ):
         super().__init__(in_features, out_features, bias, device, dtype)

@@ -24,7 +24,8 @@ class SparseLinear(PackedLinear):
         bias: whether the layer has a bias Parameter [N] (in `dtype`).
         group_size: None (kept values in `dtype`) or g, a multiple of 64 dividing in_features
             (kept values int4, one scale per g original inputs).
-        symmetric: int4 only: fixed zero point (True, default) or a uint8 zero per group.
+        symmetric: int4 only: a uint8 zero point per group (False, the default, as from_linear)
+            or the fixed zero point 8 (True).
         kernel: "leanops" (default) or "torch" (below).
         device, dtype: where the buffers live; the dtype of the kept values (or scales) and bias.
 
@@ -42,7 +43,7 @@ class SparseLinear(PackedLinear):
     """
 
     def __init__(
-        self, in_features, out_features, bias=True, group_size=None, symmetric=True,
+        self, in_features, out_features, bias=True, group_size=None, symmetric=False,
         kernel="leanops", device=None, dtype=None,
     ):
         super().__init__(in_features, out_features, bias, device, dtype)

@@ -27,10 +27,9 @@ from __future__ import annotations
 
 import torch
 
-from leanops.quant import grid
+from leanops.quant import grid, obs
 from leanops.quant import int4 as int4_format
 from leanops.quant import int8 as int8_format
-from leanops.quant import obs
 from leanops.quant.common import check_float_matrix
 
 BLOCKSIZE = 128

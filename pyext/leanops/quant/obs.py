@@ -57,7 +57,6 @@ def inverse_hessian_cholesky(
     """
     if not (damp > 0):
         raise ValueError(f"damp must be positive, got {damp!r}")
-    k = h.shape[0]
     scale = float(h.diagonal().mean())
     flipped = torch.empty_like(h) if workspace is None else workspace
     _flip_into(h, flipped)

@@ -8,6 +8,7 @@ weight-only paths form the dense weight exactly as the reference does (checked b
 multiplying with one-hot rows) and are held to the 2x rule for their fp32 sums.
 """
 
+import os
 import warnings
 
 import leanops
@@ -349,6 +350,45 @@ def test_set_isa_names_the_allowed_values():
     if CPU_ISA.detected_isa() != "avx512":
         with pytest.raises(ValueError, match="cannot run 'avx512'"):
             CPU_ISA.set_isa("avx512")
+
+
+@pytest.fixture
+def threads():
+    """torch.set_num_threads for the test, restored after."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs two CPUs")
+def test_the_kernels_split_over_torch_threads(threads):
+    """The kernels' at::parallel_for really runs on torch's threads (an extension built without
+    OpenMP runs every chunk on the calling thread, and ignored set_num_threads)."""
+    threads(2)
+    assert CPU_ISA.threads_used(64) == 2
+    threads(1)
+    assert CPU_ISA.threads_used(64) == 1
+    with pytest.raises(ValueError, match="chunks must be >= 1"):
+        CPU_ISA.threads_used(0)
+
+
+@pytest.mark.parametrize("m", [1, 9])
+def test_results_do_not_depend_on_the_thread_count(isa, threads, m):
+    """The split is over outputs and rows, never over K: every thread count gives the same bits."""
+    w = torch.randn(1000, 512)
+    x = torch.randn(m, 512)
+    q, scale = quantize_int8_per_channel(w)
+    packed, scales, zeros = quantize_int4(w, 128, False)
+    outs = []
+    for n in (1, 2):
+        threads(n)
+        outs.append((
+            on_cpu(ops.int8_weight_mm, x, q, scale, None),
+            on_cpu(ops.int4_weight_mm, x, packed, scales, zeros, 128, None),
+            on_cpu(ops.int8_dynamic_linear, x, q, scale, None),
+        ))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
 
 
 def test_private_kernels_check_their_arguments():

@@ -5,7 +5,8 @@
 // because torch.ops.leanops_C.* is callable directly and a bad pointer in a kernel is a crash.
 //
 // Also defines the namespace leanops_cpu: isa() / detected_isa() / set_isa(name), which
-// implementation runs (tests run both on one machine, `leanops info` reports it).
+// implementation runs (tests run both on one machine, `leanops info` reports it), and
+// threads_used(chunks), how many threads the kernels' split really runs on.
 //
 // Per call, nothing of the weight is repacked or copied: the kernels read the stored layouts
 // (leanops.quant.int4, leanops.sparsity.format) as they are. Only activations are converted:
@@ -13,10 +14,12 @@
 // u8 codes for the W8A8 ones.
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -396,6 +399,20 @@ std::string set_isa(const std::string& name) {
   return previous;
 }
 
+// How many threads an at::parallel_for over `chunks` chunks of one item ran on: the kernels'
+// split, as compiled into this library (without OpenMP at build time it is always 1).
+int64_t threads_used(int64_t chunks) {
+  TORCH_CHECK_VALUE(chunks >= 1, "leanops_cpu::threads_used: chunks must be >= 1, got ", chunks);
+  std::vector<std::atomic<int>> seen(at::get_num_threads());
+  at::parallel_for(0, chunks, 1, [&](int64_t, int64_t) {
+    const int t = at::get_thread_num();
+    if (t >= 0 && t < static_cast<int>(seen.size())) seen[t].store(1);
+  });
+  int64_t n = 0;
+  for (auto& s : seen) n += s.load();
+  return n;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(leanops_C, CPU, m) {
@@ -414,4 +431,5 @@ TORCH_LIBRARY(leanops_cpu, m) {
   m.def("isa() -> str", isa);
   m.def("detected_isa() -> str", detected_isa);
   m.def("set_isa(str name) -> str", set_isa);
+  m.def("threads_used(int chunks) -> int", threads_used);
 }

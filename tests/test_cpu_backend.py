@@ -387,7 +387,7 @@ def test_results_do_not_depend_on_the_thread_count(isa, threads, m):
             on_cpu(ops.int4_weight_mm, x, packed, scales, zeros, 128, None),
             on_cpu(ops.int8_dynamic_linear, x, q, scale, None),
         ))
-    for a, b in zip(*outs):
+    for a, b in zip(*outs, strict=True):
         assert torch.equal(a, b)
 
 

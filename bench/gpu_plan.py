@@ -101,6 +101,8 @@ COMPILES_PER_TEST = {
     "tests/test_attention_cuda.py::test_masks_forward_and_backward": 4,
     "tests/test_attention_cuda.py::test_varlen_backward": 4,
     "tests/test_attention_cuda.py::test_decode_with_window_and_softcap": 2,
+    "tests/test_attention_cuda.py::test_value_head_dim_other_than_qk": 4,
+    "tests/test_attention_cuda.py::test_decode_value_head_dim_other_than_qk": 2,
     # int8 attention: quantiser (Q, K), forward; backward: quantiser (dO), preprocess, dK/dV, dQ
     "tests/test_attention_cuda.py::test_sanitize_small": 7,
     "tests/test_attention_cuda.py::test_int8_backward_matches_the_definition": 7,

@@ -143,15 +143,18 @@ def test_varlen_matches_padded(no_autotune):
 
 
 def _paged(k, v, page):
-    """The dense caches k, v [B, Hkv, S, D] as a paged cache: pages [B*S/page, Hkv, page, D] in a
-    random order, and the block table [B, S/page] that finds them."""
-    b, hkv, s, d = k.shape
+    """The dense caches k [B, Hkv, S, D], v [B, Hkv, S, Dv] as a paged cache: pages
+    [B*S/page, Hkv, page, D or Dv] in a random order, and the block table [B, S/page] that finds
+    them."""
+    b, hkv, s, _ = k.shape
     table = torch.randperm(b * s // page, device=k.device, dtype=torch.int32).view(b, s // page)
-    kp = torch.empty(b * s // page, hkv, page, d, device=k.device, dtype=k.dtype)
-    vp = torch.empty_like(kp)
-    kp[table.long()] = k.view(b, hkv, s // page, page, d).transpose(1, 2)
-    vp[table.long()] = v.view(b, hkv, s // page, page, d).transpose(1, 2)
-    return kp, vp, table
+
+    def pages(x):
+        out = torch.empty(b * s // page, hkv, page, x.shape[-1], device=x.device, dtype=x.dtype)
+        out[table.long()] = x.view(b, hkv, s // page, page, x.shape[-1]).transpose(1, 2)
+        return out
+
+    return pages(k), pages(v), table
 
 
 @pytest.mark.parametrize("paged", [False, True])
@@ -278,7 +281,7 @@ def run_general(q, k, v, attn_mask=None, causal=False, window=None, softcap=None
     bias = A._mask_to_bias(attn_mask, q, k)
     sc = softcap or 0.0
     leaves = [t.clone().requires_grad_(grad) for t in (q, k, v)]
-    do = torch.randn_like(q)
+    do = torch.randn(q.shape[:-1] + v.shape[-1:], device=q.device, dtype=q.dtype)  # like out
     with leanops.use_backend("triton"), poisoned_memory():
         out = leanops.attention(*leaves, attn_mask=attn_mask, causal=causal, window=window,
                                 softcap=softcap)
@@ -376,6 +379,42 @@ def test_decode_with_window_and_softcap(no_autotune, paged):
         o64, _ = A.reference_attention(q[i : i + 1].double(), kk.double(), vv.double(), None,
                                        scale, wl, wr, softcap, dtype=torch.float64)
         ob, _ = A.reference_attention(q[i : i + 1], kk, vv, None, scale, wl, wr, softcap,
+                                      dtype=torch.bfloat16)
+        assert_2x(out[i : i + 1], o64, ob, torch.bfloat16, f"batch {i}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("d,dv", [(192, 128), (64, 128)], ids=["d192-dv128", "d64-dv128"])
+def test_value_head_dim_other_than_qk(no_autotune, dtype, d, dv):
+    """Dv != D (DeepSeek's multi-head latent attention: 192/128), GQA, ragged lengths: forward
+    and backward (the split BLOCK_D / BLOCK_DV tiles) against float64."""
+    q = torch.randn(2, 8, 300, d, device=DEV, dtype=dtype)
+    k = torch.randn(2, 2, 333, d, device=DEV, dtype=dtype)
+    v = torch.randn(2, 2, 333, dv, device=DEV, dtype=dtype)
+    out, grads = run_general(q, k, v, causal=True)
+    assert out.shape == (2, 8, 300, dv) and grads[2].shape == v.shape
+
+
+@pytest.mark.parametrize("paged", [False, True])
+def test_decode_value_head_dim_other_than_qk(no_autotune, paged):
+    b, hq, hkv, sq, d, dv, s = 3, 16, 4, 2, 192, 128, 4096
+    scale = d**-0.5
+    q = torch.randn(b, hq, sq, d, device=DEV, dtype=torch.bfloat16)
+    k = torch.randn(b, hkv, s, d, device=DEV, dtype=torch.bfloat16)
+    v = torch.randn(b, hkv, s, dv, device=DEV, dtype=torch.bfloat16)
+    lens = torch.tensor([s, sq, 1000], device=DEV, dtype=torch.int32)
+    kp, vp, table = _paged(k, v, 64) if paged else (k, v, None)
+    with leanops.use_backend("triton"), poisoned_memory():
+        out = leanops.attention_decode(q, kp, vp, lens, table)
+    torch.cuda.synchronize()
+    assert out.shape == (b, hq, sq, dv)
+    wl, wr = A.normalize_window(True, None)
+    for i in range(b):
+        n = int(lens[i])
+        kk, vv = k[i : i + 1, :, :n], v[i : i + 1, :, :n]
+        o64, _ = A.reference_attention(q[i : i + 1].double(), kk.double(), vv.double(), None,
+                                       scale, wl, wr, 0.0, dtype=torch.float64)
+        ob, _ = A.reference_attention(q[i : i + 1], kk, vv, None, scale, wl, wr, 0.0,
                                       dtype=torch.bfloat16)
         assert_2x(out[i : i + 1], o64, ob, torch.bfloat16, f"batch {i}")
 

@@ -87,11 +87,6 @@ def test_pytest_steps_stay_within_their_budgets(counts):
             f"take ~{estimate:.0f} s > its {s.budget_s} s timeout")
 
 
-def test_the_cuda_kernel_step_compiles_no_triton_kernel(counts):
-    c = counts["default/cuda_kernels"]
-    assert c["compiles"] == 0 and P.TIERS["default"][2].max_compiles == 0
-
-
 def test_plan_prints_every_tier_with_budgets():
     proc = subprocess.run(["bash", "bench/gpu_check.sh", "--plan"], cwd=REPO, capture_output=True,
                           text=True, timeout=60)

@@ -25,25 +25,29 @@ def _int8_weight_args(m=3, n=10, k=50, dtype=torch.float32, bias=True):
     return (torch.randn(m, k, dtype=dtype), w, s, torch.randn(n, dtype=dtype) if bias else None)
 
 
+# case -> (the public op, its arguments): the shape of every OPCHECK_CASES (tests/test_attention.py,
+# test_sparse_ops.py; tests/test_opcheck_cuda.py runs them all on CUDA)
 OPCHECK_CASES = {
-    "int8_mm": lambda: _int8_mm_args(),
-    "int8_mm_nobias_default_dtype": lambda: _int8_mm_args(bias=False)[:4],
-    "int8_weight_mm": lambda: _int8_weight_args(),
-    "int8_weight_mm_grad": lambda: tuple(
+    "int8_mm": ("int8_mm", lambda: _int8_mm_args()),
+    "int8_mm_nobias_default_dtype": ("int8_mm", lambda: _int8_mm_args(bias=False)[:4]),
+    "int8_weight_mm": ("int8_weight_mm", lambda: _int8_weight_args()),
+    "int8_weight_mm_grad": ("int8_weight_mm", lambda: tuple(
         t.requires_grad_() if i in (0, 3) else t for i, t in enumerate(_int8_weight_args())
-    ),
-    "int4_weight_mm_asym": lambda: _int4_args(),
-    "int4_weight_mm_sym_grad": lambda: tuple(
+    )),
+    "int4_weight_mm_asym": ("int4_weight_mm", lambda: _int4_args()),
+    "int4_weight_mm_sym_grad": ("int4_weight_mm", lambda: tuple(
         t.requires_grad_() if i == 0 else t for i, t in enumerate(_int4_args(symmetric=True, bias=False))
+    )),
+    "quantize_per_token_int8": ("quantize_per_token_int8", lambda: (torch.randn(6, 40),)),
+    "quantize_per_token_int8_smooth": (
+        "quantize_per_token_int8", lambda: (torch.randn(6, 40), torch.rand(40) + 0.5)
     ),
-    "quantize_per_token_int8": lambda: (torch.randn(6, 40),),
-    "quantize_per_token_int8_smooth": lambda: (torch.randn(6, 40), torch.rand(40) + 0.5),
-    "int8_dynamic_linear": lambda: (
+    "int8_dynamic_linear": ("int8_dynamic_linear", lambda: (
         torch.randn(4, 50, requires_grad=True),
         *quantize_int8_per_channel(torch.randn(9, 50)),
         torch.rand(50) + 0.5,
         torch.randn(9, requires_grad=True),
-    ),
+    )),
 }
 
 
@@ -52,10 +56,9 @@ OPCHECK_CASES = {
 def test_opcheck(case, backend, request):
     if backend == "triton":
         request.getfixturevalue("interpreter")  # Triton on CPU tensors: interpreter only
-    name = case.split("_nobias")[0].split("_grad")[0].split("_asym")[0].split("_sym")[0].split("_smooth")[0]
-    op = getattr(torch.ops.leanops, name).default
+    name, args = OPCHECK_CASES[case]
     with leanops.use_backend(backend):
-        torch.library.opcheck(op, OPCHECK_CASES[case]())
+        torch.library.opcheck(getattr(torch.ops.leanops, name).default, args())
 
 
 def test_int8_mm_reference_is_exact_integer_math_then_fp32_epilogue():

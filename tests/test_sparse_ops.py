@@ -37,11 +37,13 @@ def _grad(args, *indices):
     return tuple(t.requires_grad_() if i in indices else t for i, t in enumerate(args))
 
 
-OPCHECK_CASES = {
-    "sparse24_mm_nobias_fp16": lambda: _sparse_args(dtype=torch.float16, bias=False)[:3],
-    "sparse24_mm_grad": lambda: _grad(_sparse_args(), 0, 3),
-    "sparse24_int4_mm_asym": lambda: _int4_args(),
-    "sparse24_int4_mm_sym_grad": lambda: _grad(_int4_args(symmetric=True, g=128, bias=False), 0),
+OPCHECK_CASES = {  # case -> (the public op, its arguments), as in tests/test_ops.py
+    "sparse24_mm_nobias_fp16": ("sparse24_mm", lambda: _sparse_args(dtype=torch.float16, bias=False)[:3]),
+    "sparse24_mm_grad": ("sparse24_mm", lambda: _grad(_sparse_args(), 0, 3)),
+    "sparse24_int4_mm_asym": ("sparse24_int4_mm", lambda: _int4_args()),
+    "sparse24_int4_mm_sym_grad": (
+        "sparse24_int4_mm", lambda: _grad(_int4_args(symmetric=True, g=128, bias=False), 0)
+    ),
 }
 
 
@@ -50,10 +52,9 @@ OPCHECK_CASES = {
 def test_opcheck(case, backend, request):
     if backend == "triton":
         request.getfixturevalue("interpreter")
-    name = "sparse24_int4_mm" if case.startswith("sparse24_int4_mm") else "sparse24_mm"
-    op = getattr(torch.ops.leanops, name).default
+    name, args = OPCHECK_CASES[case]
     with leanops.use_backend(backend):
-        torch.library.opcheck(op, OPCHECK_CASES[case]())
+        torch.library.opcheck(getattr(torch.ops.leanops, name).default, args())
 
 
 def test_references_are_dense_math_on_the_decompressed_weight():

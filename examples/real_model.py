@@ -272,7 +272,7 @@ def apply_variant(model, spec, calib_texts, qat_data=None, qat_steps=0):
     def calibrate(m):
         m.encode(calib_texts, batch_size=len(calib_texts), convert_to_tensor=True, show_progress_bar=False)
 
-    if getattr(config, "algorithm", "rtn") in ("awq", "gptq", "awq+gptq") and kind == "quantize":
+    if getattr(config, "needs_calibration", False) and kind == "quantize":
         # GPTQ fits K x K statistics per layer: these variants calibrate on 512 sentences of the
         # standard library's docstrings (~14k tokens), one at a time, instead.
         calibrate = per_sentence(stdlib_sentences(CALIBRATION_SENTENCES))

@@ -84,13 +84,7 @@ def quantize_(
             "sample inputs through the model, e.g. calibrate=lambda m: m(sample_batch)"
         )
 
-    calibrated = getattr(config, "algorithm", "rtn") != "rtn"
-    if calibrated and config.needs_calibration and calibrate is None:
-        raise ValueError(
-            f"algorithm={config.algorithm!r} needs calibrate=, a callable that runs sample "
-            "inputs through the model, e.g. calibrate=lambda m: m(sample_batch)"
-        )
-
+    calibrated = getattr(config, "algorithm", "rtn") != "rtn"  # leanops.ptq (it checks calibrate)
     targets = select_linears(
         model, filter_fn, "quantize_", why_not=lambda name, linear: format_unsupported(linear, config)
     )

@@ -157,7 +157,7 @@ def quantize_model_(
     _warn_few_tokens(targets, grams, algorithm)
     for index, stage in enumerate(stages):
         if sequential and index > 0:
-            grams = {}
+            grams = {}  # frees the previous set's statistics before the next are gathered
             live = {name: model.get_submodule(name) for name in stage}
             grams, _ = calibration.collect_grams(model, live, calibrate, purpose)
         for name in stage:

@@ -151,5 +151,4 @@ def clip_int4(
     groups = w.detach().float().reshape(n, k // group_size, group_size)
     blocks = grid.hessian_blocks(hessian.float(), group_size)
     scales, zeros = grid.search_int4_grid(groups, symmetric, scale_dtype, blocks)
-    w_hat = grid.int4_fake(groups, scales, zeros).reshape(n, k).to(scale_dtype)
-    return w_hat, scales, None if zeros is None else zeros.to(torch.uint8)
+    return grid.on_grid(groups, scales, zeros, scale_dtype)

@@ -128,8 +128,9 @@ def _check(w, hessian, damp, blocksize):
 
 
 def _prepared(w, hessian, damp, act_order, group_size=None):
-    """(W fp32 in processing order, U, the Hessian's diagonal blocks [K / g, g, g] of the
-    original order if group_size else None, permutation or None). Two K x K buffers at most."""
+    """(W fp32 in the original column order, U in processing order, the Hessian's diagonal
+    blocks [K / g, g, g] of the original order if group_size else None, permutation or None: the
+    caller permutes W, after any fit that needs the original order). Two K x K buffers at most."""
     W = w.detach().float().clone()
     H, dead = obs.prepare_hessian(hessian, W)
     W[:, dead] = 0.0
@@ -137,7 +138,6 @@ def _prepared(w, hessian, damp, act_order, group_size=None):
     perm, work = None, None
     if act_order:
         perm = torch.argsort(H.diagonal(), descending=True, stable=True)
-        W = W[:, perm]
         work = torch.empty_like(H)
         torch.index_select(H, 0, perm, out=work)
         torch.index_select(work, 1, perm, out=H)
@@ -179,11 +179,8 @@ def gptq_int4(
         n, k, group_size, symmetric, scale_dtype, W.device, importance, clip_search, order=perm
     )
     if act_order:
-        original = torch.empty_like(W)
-        original[:, perm] = W
-        quantizer.fit_all(original)
-        del original
-        W, _ = obs.solve(W, U, blocksize, quantize=quantizer)
+        quantizer.fit_all(W)  # static groups: every group's grid from the original order
+        W, _ = obs.solve(W[:, perm], U, blocksize, quantize=quantizer)
         W = W[:, torch.argsort(perm)]
     else:
         W, _ = obs.solve(W, U, blocksize, quantize=quantizer, fit=quantizer.fit, span=group_size)
@@ -209,6 +206,8 @@ def gptq_int8(
     """
     _check(w, hessian, damp, blocksize)
     W, U, _, perm = _prepared(w, hessian, damp, act_order)
+    if perm is not None:
+        W = W[:, perm]
     if scale is None:
         scale = int8_format.int8_channel_scale(w.detach().float())
     s = scale.float().to(W.device)

@@ -64,24 +64,19 @@ def hqq_int4(
         raise ValueError(f"beta must be > 0 and kappa >= 1, got beta={beta!r}, kappa={kappa!r}")
     scale_dtype = scale_dtype or w.dtype
     groups = w.detach().float().reshape(n, k // group_size, group_size)
-    # Groups are independent: rows are solved a chunk at a time (~1 MB per fp32 temporary) so
-    # the ~20 elementwise passes of each step run in cache instead of from memory.
-    rows = max(1, _CHUNK_ELEMENTS // k)
-    parts = [_hqq_rows(groups[r : r + rows], symmetric, iters, p, beta, kappa, scale_dtype)
-             for r in range(0, n, rows)]
+    # Groups are independent: rows are solved a chunk at a time so the ~20 elementwise passes of
+    # each step run in cache instead of from memory.
+    parts = [_hqq_rows(groups[rows], symmetric, iters, p, beta, kappa, scale_dtype)
+             for rows in grid.row_chunks(n, k)]
     scales = torch.cat([s for s, _ in parts])
     zeros = None if symmetric else torch.cat([z for _, z in parts])
-    w_hat = grid.int4_fake(groups, scales, zeros).reshape(n, k).to(scale_dtype)
-    return w_hat, scales, None if zeros is None else zeros.to(torch.uint8)
-
-
-_CHUNK_ELEMENTS = 1 << 18
+    return grid.on_grid(groups, scales, zeros, scale_dtype)
 
 
 def _hqq_rows(groups, symmetric, iters, p, beta, kappa, scale_dtype):
     """The best (scales, zeros fp32 or None) of groups [n, G, g] (fp32) over the steps."""
     scales, zeros = grid.int4_grid(groups, symmetric, scale_dtype)
-    best = best_scales = best_zeros = None
+    best = None
     for step in range(iters + 1):
         # The codes of the current grid serve both its loss and the next update.
         s32 = scales.float()[..., None]
@@ -90,15 +85,8 @@ def _hqq_rows(groups, symmetric, iters, p, beta, kappa, scale_dtype):
         d = q - z
         rec = (d * s32).to(scale_dtype).float()  # exactly the format's dequantised weight
         err = groups - rec
-        loss = err.pow(2).sum(-1)
-        if best is None:
-            best, best_scales, best_zeros = loss, scales, zeros
-        else:
-            better = loss < best
-            best = torch.where(better, loss, best)
-            best_scales = torch.where(better, scales, best_scales)
-            if zeros is not None:
-                best_zeros = torch.where(better, zeros, best_zeros)
+        cand = (err.pow(2).sum(-1), scales, zeros)
+        best = cand if best is None else grid.keep_better(best, cand)
         if step == iters:
             break
         target = groups - shrink_lp(err / s32, beta, p) * s32
@@ -112,4 +100,4 @@ def _hqq_rows(groups, symmetric, iters, p, beta, kappa, scale_dtype):
         fitted = torch.where((den > 0) & (fitted > 0), fitted, scales.float())
         scales = safe_scale(fitted, scale_dtype)
         beta *= kappa
-    return best_scales, best_zeros
+    return best[1:]

@@ -459,6 +459,24 @@ def test_packed_load_state_dict_refuses_invalid_values_and_changes_nothing(kind)
     assert_load_refused(target, state, ValueError, rf"^{key} must be (positive and )?finite")
 
 
+@pytest.mark.parametrize("cls", [Int4WeightOnlyLinear, Int8WeightOnlyLinear])
+@pytest.mark.parametrize("bad", [float("nan"), -2.0, 0.0])
+def test_a_stored_input_scale_is_checked_like_a_built_one(cls, bad):
+    """AWQ's input_scale (1/s) must be positive and finite when a layer is loaded too, not only
+    when it is built (from_weight refuses the same tensor)."""
+    w = torch.randn(24, 128)
+    source = cls.from_weight(w, input_scale=torch.rand(128) + 0.5)
+    state = {k: v.clone() for k, v in source.state_dict().items()}
+    state["input_scale"][5] = bad
+    target = cls.from_weight(w, input_scale=torch.ones(128))
+    match = r"^input_scale must be positive and finite everywhere; 1 element\(s\), the first at index \(5,\)"
+    assert_load_refused(target, state, ValueError, match)
+    with pytest.raises(ValueError, match=match):
+        target.validate_state(state)
+    with pytest.raises(ValueError, match=match):
+        cls.from_weight(w, input_scale=state["input_scale"])
+
+
 @pytest.mark.parametrize("kind", sorted(LAYERS))
 def test_packed_load_state_dict_with_a_wrong_shape_changes_nothing(kind):
     """torch reports a size mismatch only after copying the layer's other tensors; a packed

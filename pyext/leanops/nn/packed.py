@@ -26,7 +26,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from leanops.quant.common import FLOAT_DTYPES, ValueChecks, value_checks
+from leanops.quant.common import FLOAT_DTYPES, ValueChecks, require_positive_finite, value_checks
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -121,6 +121,15 @@ class PackedLinear(nn.Module):
         `checks`."""
         raise NotImplementedError
 
+    def _check_stored_values(
+        self, state: Mapping[str, torch.Tensor], prefix: str, checks: ValueChecks
+    ) -> None:
+        """The format's invariants (_check_format), and what every packed layer may carry: an
+        input_scale (AWQ's 1/s), positive and finite."""
+        self._check_format(state, prefix, checks)
+        if state.get("input_scale") is not None:
+            require_positive_finite(checks, state["input_scale"], prefix + "input_scale")
+
     def _structure_errors(self, state: Mapping[str, object], prefix: str) -> list[str]:
         """What is wrong with the keys, types, shapes and dtypes of `state` (this layer's own
         state_dict keys -> tensors) for this layer; [] if nothing."""
@@ -169,7 +178,7 @@ class PackedLinear(nn.Module):
         if errors:
             raise ValueError("; ".join(errors))
         with value_checks(checks) as checks:
-            self._check_format(state, prefix, checks)
+            self._check_stored_values(state, prefix, checks)
 
     def load_state_dict(
         self, state_dict: Mapping[str, torch.Tensor], strict: bool = True, assign: bool = False
@@ -224,7 +233,7 @@ class PackedLinear(nn.Module):
                 error_msgs.extend(errors)
                 return
             with value_checks(None) as checks:
-                self._check_format(candidate, prefix, checks)
+                self._check_stored_values(candidate, prefix, checks)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
@@ -243,8 +252,8 @@ class PackedLinear(nn.Module):
                 raise ValueError(
                     f"input_scale must have shape ({module.in_features},), got {tuple(input_scale.shape)}"
                 )
-            if not bool((torch.isfinite(input_scale) & (input_scale > 0)).all()):
-                raise ValueError("input_scale must be positive and finite everywhere")
+            with value_checks(None) as checks:
+                require_positive_finite(checks, input_scale, "input_scale")
             module.input_scale.copy_(input_scale.detach().float())
 
 

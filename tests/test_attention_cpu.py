@@ -21,6 +21,7 @@ import pytest
 import torch
 from attention_checks import run_decode, run_dense, run_varlen
 from leanops.ops import attention as A
+from leanops.ops import decode_attention as D
 
 run_cpu = functools.partial(run_dense, None)  # None: the automatic choice, the CPU path here
 
@@ -115,6 +116,7 @@ def _spy(monkeypatch):
 
     monkeypatch.setattr(A, "_cpu_flash", spy_flash)
     monkeypatch.setattr(A, "reference_attention", spy_reference)
+    monkeypatch.setattr(D, "reference_attention", spy_reference)  # decode's own binding of it
     return seen
 
 

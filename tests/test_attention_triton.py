@@ -309,5 +309,6 @@ def test_default_configs_without_autotuning_are_kept_ones():
             for kind, configs in (("fwd", T.FWD_CONFIGS), ("dkdv", T.DKDV_CONFIGS), ("dq", T.DQ_CONFIGS)):
                 cfg = T._default(kind, args)
                 assert configs.index(cfg) in T._kept(kind, bd, 2, 4096, 4096, torch.device("cpu"), has_bias)
-    assert TD._kept(128, 128, 16, 2, 32768, torch.device("cpu"))
-    assert TD._kept(256, 128, 16, 2, 32768, torch.device("cpu"))
+    # more than the fallback {0} (_kept never returns an empty set)
+    assert len(TD._kept(128, 128, 16, 2, 32768, torch.device("cpu"))) > 1
+    assert len(TD._kept(256, 128, 16, 2, 32768, torch.device("cpu"))) > 1

@@ -254,9 +254,14 @@ def test_quantize_with_an_algorithm_swaps_packed_layers_and_round_trips(algorith
     # (down_proj): no layer of a TinyLlama carries a scale.
     assert not any(m.input_scale is not None for m in layers.values())
     assert torch.equal(model.norm.weight, dense.norm.weight) != algorithm.startswith("awq")
+    rtn = copy.deepcopy(dense)
+    leanops.quantize_(rtn, leanops.Int4WeightOnlyConfig(group_size=32, symmetric=False))
     with torch.no_grad():
         sqnr = leanops.quant.sqnr_db(dense(tokens), model(tokens))
-    assert sqnr > 12, sqnr  # RTN g32 asym: ~11-13 dB on this random-weight model
+        rtn_sqnr = leanops.quant.sqnr_db(dense(tokens), rtn(tokens))
+    # better than RTN on the calibration tokens (measured: RTN 14.4 dB, HQQ 16.0, AWQ 18.8,
+    # GPTQ 25.5, AWQ+GPTQ 28.5 dB on this random-weight model)
+    assert sqnr > rtn_sqnr, (sqnr, rtn_sqnr)
     path = tmp_path / "m.safetensors"
     leanops.save_quantized(model, path)
     fresh = tiny_llama("test")  # AWQ's folds live in the float norms: saved with the model

@@ -6,7 +6,6 @@
 // that runs on older CPUs.
 
 #include <cstdint>
-#include <cstring>
 
 #include "cpu_kernels.h"
 
@@ -117,21 +116,6 @@ inline __m512 round_to(__m512 v, Dtype dtype) {
   }
 }
 
-inline float scalar_float(const void* p, Dtype dtype, int64_t i) {
-  switch (dtype) {
-    case Dtype::kFloat16:
-      return _cvtsh_ss(static_cast<const uint16_t*>(p)[i]);
-    case Dtype::kBFloat16: {
-      const uint32_t bits = static_cast<uint32_t>(static_cast<const uint16_t*>(p)[i]) << 16;
-      float f;
-      std::memcpy(&f, &bits, 4);
-      return f;
-    }
-    default:
-      return static_cast<const float*>(p)[i];
-  }
-}
-
 inline __mmask16 first_lanes(int64_t count) {
   return count >= 16 ? static_cast<__mmask16>(0xFFFF)
                      : static_cast<__mmask16>((1u << (count > 0 ? count : 0)) - 1);
@@ -143,7 +127,7 @@ inline __mmask16 first_lanes(int64_t count) {
 // scales' dtype, then to x's dtype (leanops.quant.int4's definition); vpermps looks codes up.
 inline __m512 int4_table(const Weight& w, int64_t n, int64_t group) {
   const int64_t at = n * (w.k / w.group_size) + group;
-  const float s = scalar_float(w.scales, w.scales_dtype, at);
+  const float s = load_as_float(w.scales, w.scales_dtype, at);
   const float z = static_cast<float>(w.zeros ? w.zeros[at] : 8);
   const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   const __m512 v = _mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps(z)), _mm512_set1_ps(s));

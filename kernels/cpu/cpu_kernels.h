@@ -139,9 +139,6 @@ void int8_gemm(const uint8_t* a_u8, int64_t lda, const int8_t* b, int64_t k, con
 
 }  // namespace avx512
 
-// The scalar dense-weight element W[n, k] by the reference rule (tails and tests).
-float weight_at(const Weight& w, int64_t n, int64_t k);
-
 // fp32 -> the nearest value of dtype (round half to even; NaN stays NaN), as torch converts.
 float round_to(float v, Dtype dtype);
 float load_as_float(const void* p, Dtype dtype, int64_t i);

@@ -38,7 +38,7 @@ Isa cpu_best() {
   return Isa::kGeneric;
 }
 
-Isa g_active = cpu_best();
+Isa g_active = detected_isa();  // cpuid once (detected_isa keeps it)
 
 }  // namespace
 
@@ -165,14 +165,6 @@ int64_t segment_length(const Weight& w) {
 }
 
 }  // namespace
-
-float weight_at(const Weight& w, int64_t n, int64_t k) {
-  float seg[32];
-  const int64_t k0 = k & ~int64_t{7};  // a whole 2:4 metadata byte; int4 columns come in pairs
-  const int64_t k1 = std::min(k0 + 8, w.k);
-  dequantize_segment(w, n, k0, k1, seg);
-  return seg[k - k0];
-}
 
 // ------------------------------------------------------------------------------ the kernels
 

@@ -177,9 +177,7 @@ def cuda_unavailable(device: torch.device, op: str | None = None) -> str | None:
         return "leanops._C was built without a CUDA toolkit (CppExtension): no CUDA kernels"
     if device.type != "cuda":
         return f"CUDA kernels need CUDA tensors, got {device.type} tensors"
-    if op is not None and not torch._C._dispatch_has_kernel_for_dispatch_key(
-        f"leanops_C::{op}", "CUDA"
-    ):
+    if op is not None and not _has_kernel(op, "CUDA"):
         return f"leanops._C has no CUDA kernel for {op}"
     index = _device_index(device)
     return _gpu_capability_error(index) or _arch_coverage_error(index)
@@ -219,31 +217,24 @@ def cpu_isa() -> dict[str, str | None]:
     return {"active": torch.ops.leanops_cpu.isa(), "detected": torch.ops.leanops_cpu.detected_isa()}
 
 
+def _ops_with_kernel(key: str) -> list[str]:
+    """Sorted leanops_C op names with a kernel for dispatch key `key` ("CPU", "CUDA")."""
+    names = {s.name.split("::", 1)[1] for s in torch._C._jit_get_all_schemas()
+             if s.name.startswith("leanops_C::")}
+    return sorted(n for n in names if _has_kernel(n, key))
+
+
 def cpu_ops() -> list[str]:
     """Ops for which the loaded extension registers a CPU kernel: sorted leanops_C op names
     ([] without the extension)."""
-    if _C is None:
-        return []
-    return sorted(
-        {
-            s.name.split("::", 1)[1]
-            for s in torch._C._jit_get_all_schemas()
-            if s.name.startswith("leanops_C::") and _has_kernel(s.name.split("::", 1)[1], "CPU")
-        }
-    )
+    return [] if _C is None else _ops_with_kernel("CPU")
 
 
 def cuda_ops() -> list[str]:
     """Ops for which the loaded extension registers a CUDA kernel."""
     if _C is None or not getattr(_C, "with_cuda", False):
         return []
-    names = []
-    for schema in torch._C._jit_get_all_schemas():
-        if schema.name.startswith("leanops_C::") and torch._C._dispatch_has_kernel_for_dispatch_key(
-            schema.name, "CUDA"
-        ):
-            names.append(schema.name.split("::", 1)[1])
-    return sorted(set(names))
+    return _ops_with_kernel("CUDA")
 
 
 def backends() -> dict[str, dict]:
@@ -340,7 +331,6 @@ class OpBackends:
         self.cuda_supports = cuda_supports
         self.has_cpu = cpu
         self.cpu_supports = cpu_supports
-        self._native = None
         self._warned: set[str] = set()
 
     def triton(self):
@@ -349,14 +339,10 @@ class OpBackends:
             self._triton_fn = getattr(importlib.import_module(module), fn)
         return self._triton_fn
 
-    def cuda(self):
-        return getattr(torch.ops.leanops_C, self.name)
-
     def native(self):
-        """torch.ops.leanops_C.<name>: the C++ kernels (the dispatcher picks CUDA or CPU)."""
-        if self._native is None:
-            self._native = self.cuda()
-        return self._native
+        """torch.ops.leanops_C.<name>: the C++ kernels (the dispatcher picks CUDA or CPU; torch
+        caches the op on its namespace after the first lookup)."""
+        return getattr(torch.ops.leanops_C, self.name)
 
     def _why_not(self, backend: str, device: torch.device, args) -> str | None:
         if backend == "reference":

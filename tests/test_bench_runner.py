@@ -45,19 +45,22 @@ class FakeClock:
     runner's arithmetic is tested exactly, whatever else the machine is doing (real sleeps
     overshoot under load, by milliseconds, and a 2 ms vs 4 ms ratio then drifts far off 0.5)."""
 
-    def __init__(self):
+    def __init__(self, cpu_fraction=1.0):
         self.now = 1000.0
+        self.cpu = 0.0
+        self.cpu_fraction = cpu_fraction  # of each case's duration spent on the thread's CPU
 
     def perf_counter(self):
         return self.now
 
-    def thread_time(self):  # the CPU loop also reads the thread's CPU time; a case is all CPU here
-        return self.now
+    def thread_time(self):  # the CPU loop also reads the thread's CPU time
+        return self.cpu
 
-    def sleeper(self, seconds):
+    def sleeper(self, seconds, then=None):
         def fn(x):
             self.now += seconds
-            return x
+            self.cpu += seconds * self.cpu_fraction
+            return x if then is None else then(x)
         return fn
 
 
@@ -285,22 +288,27 @@ def test_time_interleaved_runs_the_contenders_round_robin():
         timing.time_interleaved(fns, rounds=0)
 
 
-def test_cpu_cases_of_a_shape_are_interleaved_at_their_thread_count():
-    seen = []
+def test_cpu_cases_of_a_shape_are_interleaved_at_their_thread_count(monkeypatch):
+    clock = FakeClock(cpu_fraction=0.25)
+    monkeypatch.setattr(timing, "time", clock)
+    seen = {1: [], 2: []}
 
-    def record(x):
-        seen.append(torch.get_num_threads())
-        return x
+    def record(shape):
+        def fn(x):
+            seen[shape].append(torch.get_num_threads())
+            return x
+        return fn
 
     before = torch.get_num_threads()
-    cases = [case("dense", 0.004, baseline=True, threads=1), case("fast", 0.002, threads=1),
-             case("dense", 0.001, shape=2, baseline=True, fn=record, threads=2)]
+    cases = [case("dense", 0.004, baseline=True, threads=1, fn=clock.sleeper(0.004, record(1))),
+             case("fast", 0.002, threads=1, fn=clock.sleeper(0.002, record(1))),
+             case("dense", 0.001, shape=2, baseline=True, fn=clock.sleeper(0.001, record(2)), threads=2)]
     rows = {(r["provider"], r["N"]): r for r in
             run_cases(cases, CPU, Settings(warmup_ms=1, rep_ms=15, rounds=3), progress=lambda _: None).rows}
     assert torch.get_num_threads() == before  # restored after each group
-    assert set(seen) == {2}
-    assert rows["fast", 1]["speedup_vs_dense"] == pytest.approx(2.0, rel=0.3)
+    assert set(seen[1]) == {1} and set(seen[2]) == {2}
+    assert rows["fast", 1]["speedup_vs_dense"] == pytest.approx(2.0, rel=1e-9)
     assert rows["fast", 1]["threads"] == 1 and "interleaved over 3 rounds" in rows["fast", 1]["timing_method"]
-    # sleeping costs no CPU time: the thread's CPU time per call is far below the wall time
-    assert rows["dense", 1]["cpu_ms"] < rows["dense", 1]["median_ms"] / 4
-    assert rows["fast", 1]["cpu_speedup_vs_dense"] is not None
+    # the thread's CPU time per call is read apart from the wall time: here a quarter of it
+    assert rows["dense", 1]["cpu_ms"] == pytest.approx(rows["dense", 1]["median_ms"] / 4, rel=1e-9)
+    assert rows["fast", 1]["cpu_speedup_vs_dense"] == pytest.approx(2.0, rel=1e-9)

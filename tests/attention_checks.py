@@ -12,6 +12,7 @@ import leanops
 import torch
 from helpers import assert_2x_rule, poisoned_memory
 from leanops import ops
+from leanops._layout import varlen_seq
 from leanops.ops import attention as A
 
 FLOOR = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7, torch.float32: 1e-5}
@@ -92,10 +93,7 @@ def run_varlen(backend, lens_q, lens_k, hq, hkv, d, dtype, causal, dv=None):
         dq, dk, dvv = torch.autograd.grad(out, (qq, kk, vv), do)
     parts = {n: ([], []) for n in ("o", "dq", "dk", "dv")}
     for rq, rk in A._varlen_slices(cu_q, cu_k):
-        def seq(x, rows):
-            return x[rows].transpose(0, 1).unsqueeze(0)
-
-        (o64, _, g64), (ob, gb) = dense_refs(seq(q, rq), seq(k, rk), seq(v, rk), seq(do, rq),
+        (o64, _, g64), (ob, gb) = dense_refs(varlen_seq(q, rq), varlen_seq(k, rk), varlen_seq(v, rk), varlen_seq(do, rq),
                                              None, scale, -1, wr, 0.0)
         for n, r, rb in zip(("o", "dq", "dk", "dv"), (o64, *g64), (ob, *gb), strict=True):
             parts[n][0].append(r[0].transpose(0, 1))

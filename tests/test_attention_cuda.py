@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import assert_2x_rule, poisoned_memory
+from leanops._layout import varlen_seq
 from leanops.ops import attention as A
 from leanops.ops import decode_attention as D
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -346,7 +347,7 @@ def test_varlen_backward(no_autotune, causal):
     wl, wr = A.normalize_window(causal, None)
     want = {n: ([], []) for n in ("out", "dq", "dk", "dv")}
     for rq, rk in A._varlen_slices(cu, cu):
-        sq_, sk_, sv_, sdo = (A._seq(t, r) for t, r in ((q, rq), (k, rk), (v, rk), (do, rq)))
+        sq_, sk_, sv_, sdo = (varlen_seq(t, r) for t, r in ((q, rq), (k, rk), (v, rk), (do, rq)))
         d64 = [t.double() for t in (sq_, sk_, sv_, sdo)]
         o64, l64 = A.reference_attention(*d64[:3], None, scale, wl, wr, 0.0, dtype=torch.float64)
         g64 = A.reference_attention_bwd(d64[3], *d64[:3], o64, l64, None, scale, wl, wr, 0.0,
@@ -443,7 +444,7 @@ def test_sanitize_small(no_autotune, case):
         for rq, rk in A._varlen_slices(cu, cu):
             if rq.stop == rq.start:
                 continue
-            want = run_general(*(A._seq(x, r) for x, r in ((q, rq), (k, rk), (v, rk))),
+            want = run_general(*(varlen_seq(x, r) for x, r in ((q, rq), (k, rk), (v, rk))),
                                causal=True, window=(7, 0), grad=False)[0]
             torch.testing.assert_close(out[rq], want[0].transpose(0, 1), rtol=0, atol=0)
         assert all(torch.isfinite(g).all() for g in grads)

@@ -1,6 +1,7 @@
-"""Leaf helper shared by layers that must not import each other (leanops.ops, whose reference
-and fake kernels allocate an op's output, and leanops.triton, whose launchers do too): the memory
-layout of an output that follows an input's. Nothing here imports another leanops module."""
+"""Leaf helpers shared by layers that must not import each other (leanops.ops, whose reference
+and fake kernels allocate an op's output, leanops.triton, whose launchers do too, and
+leanops.quant): the memory layout of an output that follows an input's, and one sequence of a
+packed varlen tensor. Nothing here imports another leanops module."""
 
 from __future__ import annotations
 
@@ -25,3 +26,9 @@ def empty_like_layout(t: torch.Tensor, size, dtype: torch.dtype | None = None) -
 
     order = sorted(range(last), key=key) + [last]
     return torch.empty_permuted(tuple(size), order, dtype=dtype or t.dtype, device=t.device)
+
+
+def varlen_seq(x: torch.Tensor, rows) -> torch.Tensor:
+    """Rows `rows` (a slice: one sequence) of a packed varlen x [T, H, D] as [1, H, S, D] (a
+    view)."""
+    return x[rows].transpose(0, 1).unsqueeze(0)

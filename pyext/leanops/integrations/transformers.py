@@ -111,7 +111,8 @@ def leanops_int8_attention_forward(
 
     Arguments:
         module: the calling attention layer (its `is_causal` and `training` are read).
-        query: [B, Hq, Sq, D]; key, value: [B, Hkv, Sk, D] (float16, bfloat16 or float32).
+        query: [B, Hq, Sq, D]; key: [B, Hkv, Sk, D]; value: [B, Hkv, Sk, Dv] (float16, bfloat16
+            or float32).
         attention_mask: None, or the 4-D boolean/additive mask of transformers' SDPA mask
             builder (padding, sliding windows): the kernels' bias path.
         dropout: must be 0 in training (else SDPA runs, with a one-time warning); default 0.
@@ -120,7 +121,7 @@ def leanops_int8_attention_forward(
         softcap: None, or > 0 (Gemma 2's attn_logit_softcapping).
         kwargs: position_bias or output_attentions=True make SDPA run instead (one warning).
 
-    Returns: (attn_output [B, Sq, Hq, D], None).
+    Returns: (attn_output [B, Sq, Hq, Dv], None).
 
     Raises: ValueError for a fallback reason combined with softcap, or bad tensors (as the op).
     """

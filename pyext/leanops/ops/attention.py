@@ -78,7 +78,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from leanops._layout import empty_like_layout
+from leanops._layout import empty_like_layout, varlen_seq
 from leanops.dispatch import OpBackends, forced_backend
 from leanops.ops._checks import FLOAT_DTYPES, check_same_device, check_tensor
 from leanops.ops._library import register
@@ -337,11 +337,6 @@ def _varlen_slices(cu_q, cu_k):
         yield slice(cq[b], cq[b + 1]), slice(ck[b], ck[b + 1])
 
 
-def _seq(x, rows):
-    """[T, H, D] rows -> [1, H, S, D] (a view)."""
-    return x[rows].transpose(0, 1).unsqueeze(0)
-
-
 def _fwd_with(attend, q, k, v, bias, cu_q, cu_k, scale, wl, wr, softcap):
     """attention_fwd's (out, lse) from attend(q, k, v, bias, scale, wl, wr, softcap) -> (o, lse)
     on dense [B, H, S, D] inputs: once, or per sequence of a varlen batch."""
@@ -352,7 +347,7 @@ def _fwd_with(attend, q, k, v, bias, cu_q, cu_k, scale, wl, wr, softcap):
         return out, lse.contiguous()
     lse = torch.empty(_lse_shape(q, True), dtype=torch.float32, device=q.device)
     for rq, rk in _varlen_slices(cu_q, cu_k):
-        o, l_ = attend(_seq(q, rq), _seq(k, rk), _seq(v, rk), None, scale, wl, wr, softcap)
+        o, l_ = attend(varlen_seq(q, rq), varlen_seq(k, rk), varlen_seq(v, rk), None, scale, wl, wr, softcap)
         out[rq] = o[0].transpose(0, 1)
         lse[:, rq] = l_[0]
     return out, lse
@@ -371,7 +366,7 @@ def _bwd_with(attend_bwd, grad_out, q, k, v, out, lse, bias, cu_q, cu_k, scale, 
     dv.zero_()
     for rq, rk in _varlen_slices(cu_q, cu_k):
         g = attend_bwd(
-            _seq(grad_out, rq), _seq(q, rq), _seq(k, rk), _seq(v, rk), _seq(out, rq),
+            varlen_seq(grad_out, rq), varlen_seq(q, rq), varlen_seq(k, rk), varlen_seq(v, rk), varlen_seq(out, rq),
             lse[:, rq].unsqueeze(0), None, scale, wl, wr, softcap,
         )
         dq[rq] = g[0][0].transpose(0, 1)

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import torch
 
-from leanops._layout import empty_like_layout
+from leanops._layout import empty_like_layout, varlen_seq
 from leanops.dispatch import OpBackends
 from leanops.ops._library import register
 from leanops.ops.attention import (
@@ -50,7 +50,6 @@ from leanops.ops.attention import (
     _lse_shape,
     _mask_to_bias,
     _safe_lse,
-    _seq,
     _softcap_value,
     _varlen_slices,
     check_attention_bwd,
@@ -96,7 +95,7 @@ def reference_attention_int8(q, k, v, bias, cu_q, cu_k, scale, wl, wr, softcap, 
     out = torch.zeros(out_shape(q, v), dtype=dtype, device=q.device)
     lse = torch.empty(_lse_shape(q, True), dtype=dtype, device=q.device)
     for rq, rk in _varlen_slices(cu_q, cu_k):
-        o, l_ = reference_attention(_seq(qd, rq), _seq(kd, rk), _seq(v, rk), None, scale, wl, wr,
+        o, l_ = reference_attention(varlen_seq(qd, rq), varlen_seq(kd, rk), varlen_seq(v, rk), None, scale, wl, wr,
                                     softcap, dtype)
         out[rq] = o[0].transpose(0, 1)
         lse[:, rq] = l_[0]
@@ -167,8 +166,8 @@ def reference_attention_int8_bwd(grad_out, q, k, v, out, lse, bias, cu_q, cu_k, 
     dv = torch.zeros(v.shape, dtype=dtype, device=q.device)
     for b, (rq, rk) in enumerate(_varlen_slices(cu_q, cu_k)):
         g = _bwd_math(
-            _seq(grad_out, rq), _seq(dod, rq), _seq(qd, rq), _seq(kd, rk), balance[b : b + 1],
-            _seq(v, rk), _seq(out, rq), lse[:, rq].unsqueeze(0), None, scale, wl, wr, softcap,
+            varlen_seq(grad_out, rq), varlen_seq(dod, rq), varlen_seq(qd, rq), varlen_seq(kd, rk), balance[b : b + 1],
+            varlen_seq(v, rk), varlen_seq(out, rq), lse[:, rq].unsqueeze(0), None, scale, wl, wr, softcap,
             dtype,
         )
         dq[rq] = g[0][0].transpose(0, 1)

@@ -12,6 +12,7 @@ from typing import NamedTuple
 
 import torch
 
+from leanops._layout import varlen_seq
 from leanops.quant.common import (
     ValueChecks,
     check_float_matrix,
@@ -262,11 +263,6 @@ def _per_block(x: torch.Tensor, shift=None, mul=None) -> tuple[torch.Tensor, tor
     return codes.view(b, h, nb * QK_BLOCK, d)[:, :, :s].contiguous(), scale.contiguous()
 
 
-def _seq_view(x, rows):
-    """[T, H, D] rows -> [1, H, S, D]."""
-    return x[rows].transpose(0, 1).unsqueeze(0)
-
-
 def _quantize(x, cu, shift=None, mul=None):
     """_per_block for dense x, or per sequence of a varlen x into the slot layout."""
     if cu is None:
@@ -280,7 +276,7 @@ def _quantize(x, cu, shift=None, mul=None):
         rows = slice(bounds[b], bounds[b + 1])
         if rows.stop == rows.start:
             continue
-        c, sc = _per_block(_seq_view(x, rows), *(None if t is None else t[b : b + 1]
+        c, sc = _per_block(varlen_seq(x, rows), *(None if t is None else t[b : b + 1]
                                                    for t in (shift, mul)))
         codes[rows] = c[0].transpose(0, 1)
         scale[:, slot : slot + sc.shape[-1]] = sc[0]

@@ -570,7 +570,7 @@ def run_tier(name: str, out: Path, steps: tuple | None = None, limit_s: float = 
                           files=[f for f in step.outputs if (out / f).exists()])
             console.note(f"{step.name}: rc={rc}{' (timed out)' if timed_out else ''} in "
                          f"{record['seconds']} s, {record['triton_compiles']} Triton compiles")
-            if step is LOAD_STEP or step.name == "load":
+            if step.name == "load":
                 failed_load = rc != 0
         status["steps"].append(record)
         status["elapsed_s"] = round(time.monotonic() - start, 1)

@@ -15,9 +15,10 @@ if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
 
 import leanops  # noqa: E402,F401
 import pytest  # noqa: E402
+from leanops._env import triton_interpreter_active  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
-INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+INTERPRETER = triton_interpreter_active()
 
 
 def pytest_collection_modifyitems(config, items):

@@ -14,6 +14,13 @@ UINT8 = (torch.uint8,)
 CUDA_GEMM_MAX_M = 65535 * 128
 
 
+def cuda_gemm_m_unsupported(m: int) -> str | None:
+    """Why the CUDA C++ GEMMs cannot take M = m rows (a cuda_supports reason), or None."""
+    if m > CUDA_GEMM_MAX_M:
+        return f"the CUDA kernel takes M up to {CUDA_GEMM_MAX_M}, got M = {m}"
+    return None
+
+
 def _names(dtypes) -> str:
     return ", ".join(str(d).replace("torch.", "") for d in dtypes)
 

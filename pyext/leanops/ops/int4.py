@@ -16,12 +16,12 @@ import torch
 from leanops.dispatch import OpBackends
 from leanops.ops._autograd import register_weight_only_autograd
 from leanops.ops._checks import (
-    CUDA_GEMM_MAX_M,
     FLOAT_DTYPES,
     UINT8,
     check_group_quant_args,
     check_same_device,
     check_tensor,
+    cuda_gemm_m_unsupported,
 )
 from leanops.ops._library import register
 from leanops.ops._reference import linear_reference
@@ -59,8 +59,8 @@ def _int4_weight_mm_cuda_supports(x, w_packed, scales, zeros, group_size, bias=N
         return f"the CUDA kernel takes float16/bfloat16 x, got {x.dtype}"
     if scales.dtype != x.dtype:
         return f"the CUDA kernel needs scales in x's dtype ({x.dtype}), got {scales.dtype}"
-    if x.shape[0] > CUDA_GEMM_MAX_M:  # gridDim.y = ceil(M / 128) row tiles of the large config
-        return f"the CUDA kernel takes M up to {CUDA_GEMM_MAX_M}, got M = {x.shape[0]}"
+    if (why := cuda_gemm_m_unsupported(x.shape[0])) is not None:
+        return why
     if w_packed.data_ptr() % 16 != 0:  # cp.async copies 16-byte units; a fresh tensor is aligned
         return "the CUDA kernel needs w_packed's data 16-byte aligned (it is a view at an odd offset)"
     return None

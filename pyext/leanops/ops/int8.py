@@ -20,11 +20,11 @@ import torch
 from leanops.dispatch import OpBackends, forced_backend
 from leanops.ops._autograd import register_weight_only_autograd
 from leanops.ops._checks import (
-    CUDA_GEMM_MAX_M,
     FLOAT_DTYPES,
     check_out_dtype,
     check_same_device,
     check_tensor,
+    cuda_gemm_m_unsupported,
 )
 from leanops.ops._library import register
 from leanops.ops._reference import linear_reference
@@ -145,8 +145,8 @@ def _int8_mm_cuda_supports(a, b, a_scale, b_scale, bias=None, out_dtype=None):
         return f"the CUDA kernel needs K to be a multiple of 16, got K = {k}"
     if k > INT8_MM_CUDA_MAX_K:
         return f"the CUDA kernel's int32 accumulation is bounded to K <= {INT8_MM_CUDA_MAX_K}, got K = {k}"
-    if a.shape[0] > CUDA_GEMM_MAX_M:  # gridDim.y = ceil(M / 128) row tiles of the large config
-        return f"the CUDA kernel takes M up to {CUDA_GEMM_MAX_M}, got M = {a.shape[0]}"
+    if (why := cuda_gemm_m_unsupported(a.shape[0])) is not None:
+        return why
     if b.data_ptr() % 16 != 0:  # cp.async copies 16-byte units; a fresh tensor is aligned
         return "the CUDA kernel needs b's data 16-byte aligned (it is a view at an odd offset)"
     return None

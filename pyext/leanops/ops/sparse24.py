@@ -37,12 +37,12 @@ import torch
 from leanops.dispatch import OpBackends
 from leanops.ops._autograd import register_weight_only_autograd
 from leanops.ops._checks import (
-    CUDA_GEMM_MAX_M,
     FLOAT_DTYPES,
     UINT8,
     check_group_quant_args,
     check_same_device,
     check_tensor,
+    cuda_gemm_m_unsupported,
 )
 from leanops.ops._library import register
 from leanops.ops._reference import linear_reference
@@ -111,8 +111,8 @@ def _cuda_unsupported(x, n, name, operand):
         return f"the CUDA kernel needs K a positive multiple of {_CUDA_K_MULTIPLE}, got K = {k}"
     if k > 1 << 30 or n > 1 << 30:
         return f"the CUDA kernel takes K and N up to 2^30, got K = {k}, N = {n}"
-    if x.shape[0] > CUDA_GEMM_MAX_M:
-        return f"the CUDA kernel takes M up to {CUDA_GEMM_MAX_M}, got M = {x.shape[0]}"
+    if (why := cuda_gemm_m_unsupported(x.shape[0])) is not None:
+        return why
     return None
 
 

@@ -29,9 +29,8 @@ from leanops._env import triton_interpreter_active
 # Environment
 
 
-def interpreter() -> bool:
-    """True when Triton runs in its CPU interpreter (TRITON_INTERPRET=1): no autotuning there."""
-    return triton_interpreter_active()
+# True when Triton runs in its CPU interpreter (TRITON_INTERPRET=1): no autotuning there.
+interpreter = triton_interpreter_active
 
 
 def device_guard(t: torch.Tensor):

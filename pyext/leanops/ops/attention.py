@@ -670,33 +670,40 @@ def _attention_bwd_fake(grad_out, q, k, v, out, lse, bias, cu_q, cu_k, max_q, ma
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-def _fwd_setup(ctx, inputs, output):
-    q, k, v, bias, cu_q, cu_k, max_q, max_k, scale, wl, wr, softcap = inputs
-    if bias is not None and bias.requires_grad:
-        raise NotImplementedError(
-            "leanops.attention: attn_mask/bias requires grad, but leanops attention does not "
-            "compute a bias gradient; detach it (masks, ALiBi) or use "
-            "F.scaled_dot_product_attention for a learned bias"
+def register_attention_autograd(op: str, bwd_op: str, public: str) -> None:
+    """The autograd of leanops::<op>, an attention forward with inputs (q, k, v, bias, cu_q,
+    cu_k, *args) and outputs (out, lse): leanops::<bwd_op>(grad_out, q, k, v, out, lse, bias,
+    cu_q, cu_k, *args) gives (dq, dk, dv). A bias that requires grad is refused (`public` names
+    the caller in the error); lse is an auxiliary output for the backward (and for users merging
+    partial attentions), not differentiated, as in flash-attention."""
+
+    def setup(ctx, inputs, output):
+        q, k, v, bias, cu_q, cu_k = inputs[:6]
+        if bias is not None and bias.requires_grad:
+            raise NotImplementedError(
+                f"{public}: attn_mask/bias requires grad, but leanops attention does not compute "
+                "a bias gradient; detach it (masks, ALiBi) or use F.scaled_dot_product_attention "
+                "for a learned bias"
+            )
+        out, lse = output
+        ctx.save_for_backward(q, k, v, out, lse, bias, cu_q, cu_k)
+        ctx.args = tuple(inputs[6:])
+        ctx.set_materialize_grads(False)
+
+    def backward(ctx, grad_out, grad_lse):
+        rest = (None,) * (3 + len(ctx.args))  # bias, cu_q, cu_k and the other arguments
+        if grad_out is None:
+            return (None, None, None) + rest
+        q, k, v, out, lse, bias, cu_q, cu_k = ctx.saved_tensors
+        dq, dk, dv = getattr(torch.ops.leanops, bwd_op).default(
+            grad_out.contiguous(), q, k, v, out, lse, bias, cu_q, cu_k, *ctx.args
         )
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, bias, cu_q, cu_k)
-    ctx.args = (max_q, max_k, scale, wl, wr, softcap)
-    ctx.set_materialize_grads(False)
+        return (dq, dk, dv) + rest
+
+    torch.library.register_autograd(f"leanops::{op}", backward, setup_context=setup)
 
 
-def _fwd_backward(ctx, grad_out, grad_lse):
-    # lse is an auxiliary output for the backward (and for users merging partial attentions);
-    # it is not differentiated, as in flash-attention.
-    if grad_out is None:
-        return (None,) * 12
-    q, k, v, out, lse, bias, cu_q, cu_k = ctx.saved_tensors
-    dq, dk, dv = torch.ops.leanops.attention_bwd.default(
-        grad_out.contiguous(), q, k, v, out, lse, bias, cu_q, cu_k, *ctx.args
-    )
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None
-
-
-torch.library.register_autograd("leanops::attention_fwd", _fwd_backward, setup_context=_fwd_setup)
+register_attention_autograd("attention_fwd", "attention_bwd", "leanops.attention")
 
 
 def attention_fwd(q, k, v, bias=None, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0,

@@ -58,6 +58,7 @@ from leanops.ops.attention import (
     out_shape,
     reference_attention,
     reference_scores,
+    register_attention_autograd,
     resolve_scale,
     sdpa_inputs,
     sdpa_output,
@@ -247,31 +248,7 @@ def _attention_int8_bwd_fake(grad_out, q, k, v, out, lse, bias, cu_q, cu_k, max_
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-def _setup(ctx, inputs, output):
-    q, k, v, bias, cu_q, cu_k, max_q, max_k, scale, wl, wr, softcap, smooth_k = inputs
-    if bias is not None and bias.requires_grad:
-        raise NotImplementedError(
-            "leanops.attention_int8: attn_mask/bias requires grad, but leanops attention does "
-            "not compute a bias gradient; detach it (masks, ALiBi)"
-        )
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, bias, cu_q, cu_k)
-    ctx.args = (max_q, max_k, scale, wl, wr, softcap, smooth_k)
-    ctx.set_materialize_grads(False)
-
-
-def _backward(ctx, grad_out, grad_lse):
-    # lse is not differentiated (as in attention_fwd).
-    if grad_out is None:
-        return (None,) * 13
-    q, k, v, out, lse, bias, cu_q, cu_k = ctx.saved_tensors
-    dq, dk, dv = torch.ops.leanops.attention_int8_bwd.default(
-        grad_out.contiguous(), q, k, v, out, lse, bias, cu_q, cu_k, *ctx.args
-    )
-    return (dq, dk, dv) + (None,) * 10
-
-
-torch.library.register_autograd("leanops::attention_int8", _backward, setup_context=_setup)
+register_attention_autograd("attention_int8", "attention_int8_bwd", "leanops.attention_int8")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import leanops
 import pytest
 import torch
 import torch.nn.functional as F
-from gemm_checks import assert_2x_rule, assert_matches_dense, strided_views
+from gemm_checks import assert_2x_rule, assert_matches_dense, reference, strided_views
 from helpers import poisoned_memory
 from leanops import dispatch, ops
 from leanops.ops import int4 as int4_ops
@@ -45,11 +45,6 @@ def isa(request):
 def on_cpu(fn, *args):
     """fn(*args) forced onto the cpu backend, outputs over poisoned memory (NaN where unwritten)."""
     with poisoned_memory(), leanops.use_backend("cpu"):
-        return fn(*args)
-
-
-def reference(fn, *args):
-    with leanops.use_backend("reference"):
         return fn(*args)
 
 
